@@ -1,0 +1,369 @@
+"""The message bus: Kafka through kafka-python, with at-least-once stage workers.
+
+A stage worker runs one readable loop (DESIGN §6, after quix-streams):
+
+    poll a batch → handle each message (retry / dead-letter) → publish all
+    outputs and wait for their acks → commit the batch
+
+Offsets are committed only after every output of a batch is acknowledged by
+the broker, so a crash at any point redelivers the message instead of losing
+it. Handlers are written to be idempotent (deterministic ids and keys), which
+turns redelivery into a harmless rewrite of the same bytes.
+
+A message that keeps failing is retried `max_attempts` times with exponential
+backoff, then published to the dead-letter topic with its error and committed,
+so one poison message never blocks a partition. Input that can never succeed
+(it does not decode, or fails validation) raises `InvalidInput` and goes to
+the DLQ on the first attempt.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TypeVar
+
+from google.protobuf.message import DecodeError, Message
+from google.protobuf.timestamp_pb2 import Timestamp
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import NewTopic
+from kafka.errors import TopicAlreadyExistsError
+from kafka.consumer.fetcher import ConsumerRecord
+from kafka.structs import OffsetAndMetadata
+
+from freemask.shared.config import BusConfig
+from freemask.shared.errors import InvalidInput
+from freemask.shared.metrics import ServiceMetrics
+from freemask.v1 import dead_letter_pb2
+
+log = logging.getLogger(__name__)
+
+SCHEMA_HEADER = "schema"
+TRACE_HEADER = "trace-id"
+_PUBLISH_TIMEOUT_S = 30.0
+
+
+class Topics:
+    """Topic names (DESIGN §2). Versioned: an incompatible message change gets a new topic."""
+
+    GENERATE = "freemask.generate.v1"
+    SINGLES = "freemask.singles.v1"
+    COMPOSE = "freemask.compose.v1"
+    PLACE = "freemask.place.v1"
+    HARMONIZE = "freemask.harmonize.v1"
+    COMPOSED = "freemask.composed.v1"
+    SCORED = "freemask.scored.v1"
+    ACCEPTED = "freemask.samples.accepted.v1"
+    DLQ = "freemask.dlq.v1"
+
+    ALL = (GENERATE, SINGLES, COMPOSE, PLACE, HARMONIZE, COMPOSED, SCORED, ACCEPTED, DLQ)
+
+
+M = TypeVar("M", bound=Message)
+
+
+@dataclass(frozen=True)
+class InboundMessage:
+    topic: str
+    partition: int
+    offset: int
+    key: str | None
+    value: bytes
+    headers: dict[str, bytes]
+
+    @property
+    def trace_id(self) -> str:
+        raw = self.headers.get(TRACE_HEADER)
+        return raw.decode("ascii", "replace") if raw else ""
+
+    def decode(self, message_type: type[M]) -> M:
+        """Parse the value as `message_type`, refusing a message of another declared schema."""
+        expected = message_type.DESCRIPTOR.full_name
+        declared = self.headers.get(SCHEMA_HEADER)
+        if declared is not None and declared.decode("ascii", "replace") != expected:
+            raise InvalidInput(
+                f"topic {self.topic} carries {declared.decode('ascii', 'replace')!r}; expected {expected!r}"
+            )
+        try:
+            return message_type.FromString(self.value)
+        except DecodeError as err:
+            raise InvalidInput(f"value is not a valid {expected}: {err}") from None
+
+
+@dataclass(frozen=True)
+class OutboundMessage:
+    topic: str
+    key: str
+    message: Message
+    trace_id: str = ""
+
+
+Handler = Callable[[InboundMessage], Sequence[OutboundMessage]]
+
+
+def _security_options(config: BusConfig) -> dict[str, object]:
+    options: dict[str, object] = {"security_protocol": config.security_protocol}
+    if config.sasl_mechanism:
+        options["sasl_mechanism"] = config.sasl_mechanism
+        if config.sasl_username is not None:
+            options["sasl_plain_username"] = config.sasl_username.get_secret_value()
+        if config.sasl_password is not None:
+            options["sasl_plain_password"] = config.sasl_password.get_secret_value()
+    return options
+
+
+def make_producer(config: BusConfig) -> KafkaProducer:
+    return KafkaProducer(
+        bootstrap_servers=config.bootstrap_servers,
+        client_id=config.client_id,
+        acks="all",
+        linger_ms=2,
+        max_request_size=config.max_message_bytes,
+        retries=5,
+        **_security_options(config),
+    )
+
+
+def make_consumer(config: BusConfig, group: str, topics: Iterable[str]) -> KafkaConsumer:
+    consumer = KafkaConsumer(
+        bootstrap_servers=config.bootstrap_servers,
+        client_id=config.client_id,
+        group_id=f"{config.group_prefix}.{group}",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        session_timeout_ms=config.session_timeout_ms,
+        heartbeat_interval_ms=config.heartbeat_interval_ms,
+        max_poll_records=config.max_poll_records,
+        fetch_max_wait_ms=config.poll_timeout_ms,
+        **_security_options(config),
+    )
+    consumer.subscribe(list(topics))
+    return consumer
+
+
+def ensure_topics(config: BusConfig, topics: Iterable[str] = Topics.ALL) -> None:
+    """Create missing topics; existing ones are left as they are."""
+    admin = KafkaAdminClient(
+        bootstrap_servers=config.bootstrap_servers, client_id=config.client_id, **_security_options(config)
+    )
+    try:
+        existing = set(admin.list_topics())
+        missing = [t for t in topics if t not in existing]
+        if missing:
+            try:
+                admin.create_topics([NewTopic(t, config.partitions, 1) for t in missing])
+            except TopicAlreadyExistsError:
+                pass  # another process created them between our list and create
+    finally:
+        admin.close()
+
+
+class Publisher:
+    """Sends protobuf messages with schema and trace headers, and waits for the broker's ack."""
+
+    def __init__(self, producer: KafkaProducer) -> None:
+        self._producer = producer
+
+    def publish(self, outputs: Sequence[OutboundMessage]) -> None:
+        """Send all, then wait for every ack; a message without a trace id starts a new trace."""
+        futures = [
+            self._producer.send(
+                out.topic,
+                key=out.key.encode("utf-8"),
+                value=out.message.SerializeToString(),
+                headers=[
+                    (SCHEMA_HEADER, out.message.DESCRIPTOR.full_name.encode("ascii")),
+                    (TRACE_HEADER, (out.trace_id or uuid.uuid4().hex).encode("ascii")),
+                ],
+            )
+            for out in outputs
+        ]
+        for future in futures:
+            future.get(timeout=_PUBLISH_TIMEOUT_S)  # raises if the broker did not take it
+
+    def close(self) -> None:
+        self._producer.close(timeout=5)
+
+
+@dataclass
+class WorkerStats:
+    processed: int = 0
+    dead_lettered: int = 0
+    retries: int = 0
+
+
+@dataclass
+class StageWorker:
+    """Consumes one topic, runs `handler` per message, publishes its outputs, commits."""
+
+    stage: str
+    topic: str
+    handler: Handler
+    config: BusConfig
+    metrics: ServiceMetrics
+    consumer_factory: Callable[[], KafkaConsumer] | None = None
+    publisher: Publisher | None = None
+    stats: WorkerStats = field(default_factory=WorkerStats)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def stop(self) -> None:
+        """Ask the loop to finish the message in hand, commit, and return."""
+        self._stop.set()
+
+    def run(self, max_messages: int | None = None, timeout_s: float | None = None) -> WorkerStats:
+        """Process until stopped, `max_messages` handled, or `timeout_s` elapsed."""
+        consumer = (self.consumer_factory or self._default_consumer)()
+        publisher = self.publisher or Publisher(make_producer(self.config))
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        try:
+            while not self._stop.is_set():
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                if max_messages is not None and self.stats.processed >= max_messages:
+                    break
+                batch = consumer.poll(timeout_ms=self.config.poll_timeout_ms, max_records=self._budget(max_messages))
+                self._settle_batch(batch, consumer, publisher)
+                self._record_lag(consumer)
+        finally:
+            consumer.close(autocommit=False)
+            if self.publisher is None:
+                publisher.close()
+        return self.stats
+
+    def _settle_batch(self, batch: dict, consumer: KafkaConsumer, publisher: Publisher) -> None:
+        """Handle a polled batch, publish all its outputs, then commit it.
+
+        Each produce and each commit is a durable write on the broker, so they are
+        done once per batch rather than once per message. If the publish fails the
+        commit does not happen, and the batch is redelivered after the restart.
+        """
+        outputs: list[OutboundMessage] = []
+        settled: dict[TopicPartition, OffsetAndMetadata] = {}
+        for partition, records in batch.items():
+            for record in records:
+                if self._stop.is_set():
+                    break  # uncommitted: the next owner of the partition gets it again
+                result = self._handle(_inbound(record))
+                if result is None:
+                    break
+                outputs.extend(result)
+                settled[partition] = OffsetAndMetadata(record.offset + 1, "", -1)
+        if not settled:
+            return
+        publisher.publish(outputs)
+        consumer.commit(settled)
+
+    def _budget(self, max_messages: int | None) -> int:
+        if max_messages is None:
+            return self.config.max_poll_records
+        return max(1, min(self.config.max_poll_records, max_messages - self.stats.processed))
+
+    def _default_consumer(self) -> KafkaConsumer:
+        return make_consumer(self.config, self.stage, [self.topic])
+
+    def _handle(self, message: InboundMessage) -> list[OutboundMessage] | None:
+        """The outputs of one message, or its dead letter; None if stopping mid-retry."""
+        first_failure: Timestamp | None = None
+        error: BaseException | None = None
+        for attempt in range(1, self.config.max_attempts + 1):
+            started = time.perf_counter()
+            try:
+                outputs = self.handler(message)
+            except InvalidInput as err:
+                error = err
+                first_failure = first_failure or _now()
+                break
+            except Exception as err:  # noqa: BLE001 - any failure is retried, then dead-lettered
+                error = err
+                first_failure = first_failure or _now()
+                log.warning(
+                    "stage message failed",
+                    extra={"stage": self.stage, "offset": message.offset, "attempt": attempt, "error": str(err)},
+                )
+                if attempt < self.config.max_attempts:
+                    self.stats.retries += 1
+                    self.metrics.messages.labels(self.metrics.service, self.topic, "retried").inc()
+                    if self._stop.wait(self._backoff(attempt)):
+                        return None  # stopping: leave it uncommitted for redelivery
+                continue
+            self.metrics.message_latency.labels(self.metrics.service, self.topic).observe(
+                time.perf_counter() - started
+            )
+            self.metrics.messages.labels(self.metrics.service, self.topic, "ok").inc()
+            self.stats.processed += 1
+            return [replace(out, trace_id=out.trace_id or message.trace_id) for out in outputs]
+        return [self._dead_letter(message, error, attempt, first_failure)]
+
+    def _backoff(self, attempt: int) -> float:
+        return min(self.config.retry_backoff_max_s, self.config.retry_backoff_s * 2 ** (attempt - 1))
+
+    def _dead_letter(
+        self,
+        message: InboundMessage,
+        error: BaseException | None,
+        attempts: int,
+        first_failure: Timestamp | None,
+    ) -> OutboundMessage:
+        letter = dead_letter_pb2.DeadLetter(
+            original_topic=message.topic,
+            partition=message.partition,
+            offset=message.offset,
+            key=(message.key or "").encode("utf-8"),
+            value=message.value,
+            headers=message.headers,
+            stage=self.stage,
+            error=str(error)[:4000],
+            error_type=type(error).__name__,
+            attempts=attempts,
+        )
+        if first_failure is not None:
+            letter.first_failure_time.CopyFrom(first_failure)
+        letter.last_failure_time.CopyFrom(_now())
+        log.error(
+            "message dead-lettered",
+            extra={"stage": self.stage, "topic": message.topic, "offset": message.offset, "error": str(error)},
+        )
+        self.metrics.messages.labels(self.metrics.service, self.topic, "dead_lettered").inc()
+        self.metrics.dead_letters.labels(self.metrics.service, self.topic).inc()
+        self.stats.dead_lettered += 1
+        self.stats.processed += 1
+        # Published with the batch: if that publish fails, nothing is committed and
+        # the message is redelivered rather than lost.
+        return OutboundMessage(Topics.DLQ, message.key or f"offset-{message.offset}", letter, message.trace_id)
+
+    def _record_lag(self, consumer: KafkaConsumer) -> None:
+        for partition in consumer.assignment():
+            highwater = consumer.highwater(partition)
+            if highwater is None:
+                continue
+            position = consumer.position(partition)
+            self.metrics.lag.labels(self.metrics.service, partition.topic, str(partition.partition)).set(
+                max(0, highwater - position)
+            )
+
+
+def _inbound(record: ConsumerRecord) -> InboundMessage:
+    return InboundMessage(
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        key=record.key.decode("utf-8", "replace") if record.key is not None else None,
+        value=record.value or b"",
+        headers={name: value for name, value in (record.headers or [])},
+    )
+
+
+def _now() -> Timestamp:
+    stamp = Timestamp()
+    stamp.GetCurrentTime()
+    return stamp
+
+
+__all__ = [
+    "Handler", "InboundMessage", "OutboundMessage", "Publisher", "StageWorker", "Topics",
+    "TopicPartition", "ensure_topics", "make_consumer", "make_producer",
+]

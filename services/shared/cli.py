@@ -1,0 +1,144 @@
+"""The `freemask` command.
+
+    freemask stack up|down|status|env   the embedded default stack (SeaweedFS, Tansu, tritonserver)
+    freemask serve <service>            one service: gRPC + health + metrics + its stage worker
+    freemask run                        the main job on the embedded stack (what `make run` does)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+
+from freemask.shared.config import SERVICE_NAMES, ConfigError, FreemaskConfig, load_config
+from freemask.shared.grpc_runtime import check_health
+from freemask.shared.processes import ServerProcess, ServerStartError, start_server, stop_pid, tail
+from freemask.shared.stack import EmbeddedStack, stack_for
+
+_SERVICE_START_TIMEOUT_S = 60.0
+
+
+def _print(message: str) -> None:
+    print(message, flush=True)
+
+
+def _stack_command(stack: EmbeddedStack, action: str) -> int:
+    if action == "up":
+        stack.up(progress=_print)
+        _print("point clients at it with:  eval \"$(freemask stack env)\"")
+    elif action == "down":
+        stack.down(progress=_print)
+    elif action == "status":
+        parts = stack.status()
+        for part in parts:
+            state = f"running (pid {part.pid})" if part.running else "stopped"
+            _print(f"{part.name:<13} {state:<22} {part.endpoint}")
+        return 0 if all(part.running for part in parts) else 3
+    elif action == "env":
+        for name, value in stack.client_env().items():
+            _print(f"export {name}={value}")
+    return 0
+
+
+def start_services(
+    config: FreemaskConfig, env: dict[str, str], log_dir: Path, names: Sequence[str] = SERVICE_NAMES
+) -> list[ServerProcess]:
+    """Start each service as its own process and wait until every one answers health."""
+    processes: list[ServerProcess] = []
+    try:
+        for name in names:
+            command = [sys.executable, "-m", "freemask.shared.cli", "serve", name]
+            processes.append(start_server(name, command, log_dir / f"{name}.log", env=env))
+        host = config.server.host
+        with tqdm(total=len(names), desc="services healthy", unit="svc") as bar:
+            pending = dict(zip(names, processes))
+            deadline = time.monotonic() + _SERVICE_START_TIMEOUT_S
+            while pending:
+                for name, process in list(pending.items()):
+                    if not process.alive():
+                        raise ServerStartError(f"service {name} exited during start-up\n{tail(process.log_path)}")
+                    if check_health(f"{host}:{config.server.ports[name].grpc_port}", timeout_s=0.5):
+                        del pending[name]
+                        bar.update(1)
+                if pending and time.monotonic() > deadline:
+                    raise ServerStartError(f"services not healthy after {_SERVICE_START_TIMEOUT_S:.0f} s: {sorted(pending)}")
+                time.sleep(0.2)
+    except BaseException:
+        stop_services(processes)
+        raise
+    return processes
+
+
+def stop_services(processes: Sequence[ServerProcess]) -> None:
+    for process in processes:
+        stop_pid(process.pid, timeout_s=30.0)
+
+
+def _run_command(config: FreemaskConfig, config_path: Path | None) -> int:
+    stack = stack_for(config)
+    started_stack = not all(part.running for part in stack.status())
+    _print("== embedded stack")
+    stack.up(progress=_print)
+    services: list[ServerProcess] = []
+    try:
+        env = {**os.environ, **stack.client_env()}
+        run_config = load_config(config_path, environ=env)
+        from freemask.shared.bus import ensure_topics
+
+        ensure_topics(run_config.bus)
+        _print("== services")
+        services = start_services(run_config, env, stack.data_dir / "logs")
+        for name in SERVICE_NAMES:
+            ports = run_config.server.ports[name]
+            _print(f"{name:<15} grpc {run_config.server.host}:{ports.grpc_port}  metrics :{ports.metrics_port}/metrics")
+        _print("== main job")
+        _print("the platform is up and every service answers health; the pipeline stages that make data")
+        _print("arrive with issues #4-#10, and this job will run them end to end.")
+    finally:
+        _print("== shutting down")
+        stop_services(services)
+        if started_stack:
+            stack.down(progress=_print)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="freemask", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--config", type=Path, help="YAML config (default: $FREEMASK_CONFIG, then packaged defaults)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    stack = commands.add_parser("stack", help="manage the embedded default stack")
+    stack.add_argument("action", choices=("up", "down", "status", "env"))
+    serve = commands.add_parser("serve", help="run one service until SIGTERM")
+    serve.add_argument("service", choices=SERVICE_NAMES)
+    commands.add_parser("run", help="run the main job on the embedded stack")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as err:
+        print(f"freemask: {err}", file=sys.stderr)
+        return 2
+    try:
+        if args.command == "stack":
+            return _stack_command(stack_for(config), args.action)
+        if args.command == "serve":
+            from freemask.shared.runner import serve
+
+            return serve(args.service, config)
+        return _run_command(config, args.config)
+    except ServerStartError as err:
+        print(f"freemask: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""One typed configuration for every service, loaded from YAML and overridden by env.
+
+Precedence, lowest first: the defaults below, then the packaged
+`default.yaml` (classes, backgrounds, prompt templates), then a YAML file the
+operator names, then `FREEMASK_*` environment variables. Nested keys are joined
+by a double underscore: `FREEMASK_STORE__ENDPOINT=minio:9000` sets
+`store.endpoint`. Values are converted to the field's type
+(`FREEMASK_BUS__MAX_ATTEMPTS=5`, `FREEMASK_STORE__SECURE=true`); lists are
+written as YAML flow lists (`FREEMASK_WORLD__CLASSES='[cat, dog]'`).
+
+Secrets (store and bus credentials) are `SecretStr`: they never appear in a
+repr, a log line or a dumped config. They come from env or from a file named by
+`*_file` (how Kubernetes mounts a Secret), never from the YAML in the repo.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+ENV_PREFIX = "FREEMASK_"
+ENV_NESTING = "__"
+PACKAGED_DEFAULTS = Path(__file__).with_name("default.yaml")
+
+SERVICE_NAMES = ("attention_mask", "thesaurus", "placement", "harmonization", "scoring", "coordinator")
+ServiceName = Literal["attention_mask", "thesaurus", "placement", "harmonization", "scoring", "coordinator"]
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message lists every problem at once."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _read_secret(value: SecretStr | None, file: Path | None, what: str) -> SecretStr | None:
+    if file is None:
+        return value
+    try:
+        return SecretStr(file.read_text().strip())
+    except OSError as err:
+        raise ValueError(f"{what}: cannot read secret file {file}: {err.strerror}") from None
+
+
+class StoreConfig(_Frozen):
+    """The S3 API (SeaweedFS embedded, MinIO or any S3 in production)."""
+
+    endpoint: str = "127.0.0.1:8333"
+    bucket: str = Field("freemask", pattern=r"^[a-z0-9][a-z0-9.-]{2,62}$")
+    prefix: str = Field("", pattern=r"^([a-z0-9-]+/)*$", description="key prefix inside the bucket, '' or 'a/b/'")
+    region: str = "us-east-1"
+    secure: bool = False
+    access_key: SecretStr | None = None
+    secret_key: SecretStr | None = None
+    access_key_file: Path | None = None
+    secret_key_file: Path | None = None
+    # Objects above this size are uploaded in parts, so no caller holds two copies.
+    multipart_threshold_bytes: int = Field(16 * 1024 * 1024, ge=5 * 1024 * 1024)
+
+    @model_validator(mode="after")
+    def _load_secret_files(self) -> StoreConfig:
+        object.__setattr__(self, "access_key", _read_secret(self.access_key, self.access_key_file, "store.access_key"))
+        object.__setattr__(self, "secret_key", _read_secret(self.secret_key, self.secret_key_file, "store.secret_key"))
+        return self
+
+
+class BusConfig(_Frozen):
+    """Kafka (Tansu embedded). Timeouts are tuned for fast group joins; see DESIGN §3."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    client_id: str = "freemask"
+    group_prefix: str = "freemask"
+    # kafka-python's default 45 s session makes a group join take ~23 s on Tansu.
+    session_timeout_ms: int = Field(6000, ge=1000)
+    heartbeat_interval_ms: int = Field(300, ge=100)
+    max_poll_records: int = Field(16, ge=1)
+    poll_timeout_ms: int = Field(200, ge=10)
+    max_attempts: int = Field(3, ge=1, description="tries of one message before it goes to the DLQ")
+    retry_backoff_s: float = Field(0.2, ge=0.0)
+    retry_backoff_max_s: float = Field(5.0, ge=0.0)
+    max_message_bytes: int = Field(1024 * 1024, ge=1024)
+    partitions: int = Field(3, ge=1, description="partitions per topic when the platform creates topics")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: SecretStr | None = None
+    sasl_password: SecretStr | None = None
+    sasl_password_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _load_secret_files(self) -> BusConfig:
+        object.__setattr__(
+            self, "sasl_password", _read_secret(self.sasl_password, self.sasl_password_file, "bus.sasl_password")
+        )
+        return self
+
+
+class TritonConfig(_Frozen):
+    url: str = "127.0.0.1:8001"
+    model_name: str = "fopa"
+    timeout_s: float = Field(10.0, gt=0)
+
+
+class ServicePorts(_Frozen):
+    grpc_port: int = Field(ge=1, le=65535)
+    metrics_port: int = Field(ge=1, le=65535)
+
+
+def _default_ports() -> dict[str, ServicePorts]:
+    return {
+        name: ServicePorts(grpc_port=50051 + i, metrics_port=9400 + i) for i, name in enumerate(SERVICE_NAMES)
+    }
+
+
+class ServerConfig(_Frozen):
+    """What every gRPC server shares."""
+
+    host: str = "127.0.0.1"
+    max_workers: int = Field(4, ge=1)
+    # The transport limit sits above the validation limits, so that an oversized
+    # field is answered INVALID_ARGUMENT by our validator with a clear message
+    # instead of a bare RESOURCE_EXHAUSTED from the transport.
+    max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    grace_period_s: float = Field(10.0, ge=0)
+    ports: dict[str, ServicePorts] = Field(default_factory=_default_ports)
+
+    @model_validator(mode="after")
+    def _every_service_has_ports(self) -> ServerConfig:
+        missing = [name for name in SERVICE_NAMES if name not in self.ports]
+        unknown = [name for name in self.ports if name not in SERVICE_NAMES]
+        problems = [f"no ports for service {name!r}" for name in missing]
+        problems += [f"ports given for unknown service {name!r}" for name in unknown]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class LimitsConfig(_Frozen):
+    """Bounds on untrusted input, enforced at every gRPC and Kafka entry point."""
+
+    max_prompt_chars: int = Field(512, ge=1)
+    max_image_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    max_image_side_px: int = Field(4096, ge=8)
+    max_batch: int = Field(64, ge=1)
+
+
+class WorldConfig(_Frozen):
+    """The vocabulary: which classes and backgrounds exist, and how prompts are worded."""
+
+    classes: tuple[str, ...]
+    backgrounds: tuple[str, ...]
+    prompt_templates: tuple[str, ...]
+
+    @model_validator(mode="after")
+    def _templates_name_their_slots(self) -> WorldConfig:
+        bad = [t for t in self.prompt_templates if "{cls}" not in t or "{background}" not in t]
+        if bad:
+            raise ValueError(f"prompt templates must contain {{cls}} and {{background}}: {bad}")
+        return self
+
+
+class StackConfig(_Frozen):
+    """The embedded default stack (`freemask stack up`): where it keeps data and listens."""
+
+    data_dir: Path = Path(".stack")
+    s3_port: int = 8333
+    # SeaweedFS opens a dozen ports; they are laid out from this base so that
+    # two stacks (a test's private one, say) never collide.
+    seaweed_port_base: int = 18300
+    kafka_port: int = 9092
+    triton_http_port: int = 8000
+    triton_grpc_port: int = 8001
+    triton_metrics_port: int = 8002
+    model_repository: Path | None = None
+    kafka_storage_bucket: str = "tansu"
+    start_timeout_s: float = Field(60.0, gt=0)
+
+
+class FreemaskConfig(_Frozen):
+    store: StoreConfig = StoreConfig()
+    bus: BusConfig = BusConfig()
+    triton: TritonConfig = TritonConfig()
+    server: ServerConfig = ServerConfig()
+    limits: LimitsConfig = LimitsConfig()
+    world: WorldConfig
+    stack: StackConfig = StackConfig()
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [part.lower() for part in name[len(ENV_PREFIX) :].split(ENV_NESTING)]
+        if not all(path):
+            raise ConfigError(f"{name}: empty key segment (use a double underscore only between names)")
+        node = overrides
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{name}: {part} is both a value and a section")
+        node[path[-1]] = _parse_env_scalar(raw)
+    return overrides
+
+
+def _parse_env_scalar(raw: str) -> Any:
+    # Scalars stay strings: pydantic converts "5" or "true" where the field is typed
+    # so, and a secret such as "0123" keeps its exact text. Only a YAML flow list or
+    # mapping ("[cat, dog]") is parsed.
+    if raw.lstrip().startswith(("[", "{")):
+        try:
+            return yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"cannot parse {raw!r} as a YAML list or mapping: {err}") from None
+    return raw
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def load_config(path: Path | str | None = None, environ: Mapping[str, str] | None = None) -> FreemaskConfig:
+    """Build the config; raises ConfigError listing every problem, never a partial config."""
+    environ = os.environ if environ is None else environ
+    layers = [_read_yaml(PACKAGED_DEFAULTS)]
+    config_path = path or environ.get(f"{ENV_PREFIX}CONFIG")
+    if config_path:
+        layers.append(_read_yaml(Path(config_path)))
+    layers.append({k: v for k, v in _env_overrides(environ).items() if k != "config"})
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged = _deep_merge(merged, layer)
+    try:
+        return FreemaskConfig.model_validate(merged)
+    except ValidationError as err:
+        problems = "\n".join(
+            f"  {'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in err.errors()
+        )
+        raise ConfigError(f"invalid configuration ({err.error_count()} problems):\n{problems}") from None

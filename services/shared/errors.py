@@ -1,0 +1,20 @@
+"""Errors that cross the boundary between a service's core and its adapters.
+
+The core raises these; the gRPC adapter maps them to status codes and the Kafka
+stage worker decides from them whether a message is retried or dead-lettered.
+"""
+
+from __future__ import annotations
+
+
+class InvalidInput(ValueError):
+    """Input we will never accept (bad bytes, bad ids, wrong shapes). gRPC: INVALID_ARGUMENT;
+    Kafka: dead-lettered on the first attempt, since retrying cannot help."""
+
+
+class NotFound(LookupError):
+    """The thing asked for does not exist. gRPC: NOT_FOUND."""
+
+
+class Unavailable(RuntimeError):
+    """A dependency (store, broker, Triton) is down; retrying later may succeed. gRPC: UNAVAILABLE."""

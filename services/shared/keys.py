@@ -1,0 +1,95 @@
+"""Identifiers and object-store keys: the only place that builds or checks them.
+
+Ids arrive from gRPC callers and Kafka messages, and become parts of store keys,
+so they are validated strictly (`[a-z0-9-]{1,64}`): no `/`, no `..`, nothing
+that could climb out of the run's prefix. Keys are built from validated parts,
+and a key received from outside is checked before it is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+from freemask.shared.errors import InvalidInput
+
+ID_PATTERN = re.compile(r"[a-z0-9-]{1,64}")
+# A key is '/'-separated segments of lower-case letters, digits, '-', '_' and '.',
+# where no segment is empty, '.' or '..'.
+_KEY_SEGMENT = re.compile(r"[a-z0-9_][a-z0-9_.-]{0,127}")
+MAX_KEY_CHARS = 512
+
+SAMPLE_FILES = ("image.png", "label.png", "softmap.npz", "meta.json")
+
+
+class InvalidIdError(InvalidInput):
+    """An id or key failed validation; the message says which and why."""
+
+
+def validate_id(value: str, what: str = "id") -> str:
+    if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
+        shown = value if isinstance(value, str) and len(value) <= 80 else f"{str(value)[:80]}…"
+        raise InvalidIdError(f"{what} {shown!r} is not a valid id: use 1-64 characters from [a-z0-9-]")
+    return value
+
+
+def validate_key(key: str, what: str = "key") -> str:
+    if not isinstance(key, str) or not key:
+        raise InvalidIdError(f"{what} is empty")
+    if len(key) > MAX_KEY_CHARS:
+        raise InvalidIdError(f"{what} is {len(key)} characters long; the limit is {MAX_KEY_CHARS}")
+    if key.startswith("/"):
+        raise InvalidIdError(f"{what} {key!r} is absolute; keys are relative to the store prefix")
+    for segment in key.split("/"):
+        if segment in ("", ".", "..") or not _KEY_SEGMENT.fullmatch(segment):
+            raise InvalidIdError(
+                f"{what} {key!r} has an invalid segment {segment!r}: segments use [a-z0-9_.-], "
+                "are not empty, '.' or '..'"
+            )
+    return key
+
+
+def validate_round(round_index: int) -> int:
+    if not isinstance(round_index, int) or isinstance(round_index, bool) or not 0 <= round_index < 10_000:
+        raise InvalidIdError(f"round {round_index!r} must be an integer in [0, 10000)")
+    return round_index
+
+
+def run_prefix(run_id: str) -> str:
+    return f"runs/{validate_id(run_id, 'run id')}/"
+
+
+def sample_prefix(run_id: str, round_index: int, sample_id: str) -> str:
+    return (
+        f"{run_prefix(run_id)}rounds/{validate_round(round_index)}/samples/{validate_id(sample_id, 'sample id')}/"
+    )
+
+
+def sample_key(run_id: str, round_index: int, sample_id: str, filename: str) -> str:
+    if filename not in SAMPLE_FILES:
+        raise InvalidIdError(f"sample file {filename!r} is not one of {', '.join(SAMPLE_FILES)}")
+    return sample_prefix(run_id, round_index, sample_id) + filename
+
+
+def model_prefix(name: str, version: str) -> str:
+    return f"models/{validate_id(name, 'model name')}/{validate_id(version, 'model version')}/"
+
+
+def thesaurus_prefix(version: str) -> str:
+    return f"thesaurus/{validate_id(version, 'thesaurus version')}/"
+
+
+def key_within(key: str, prefix: str, what: str = "key") -> str:
+    """Check that a key received from outside lies under the prefix it must belong to."""
+    validate_key(key, what)
+    if not key.startswith(prefix):
+        raise InvalidIdError(f"{what} {key!r} lies outside {prefix!r}")
+    return key
+
+
+def derive_sample_id(run_id: str, round_index: int, index: int, kind: str = "s") -> str:
+    """Deterministic sample id: a redelivered or regenerated request maps to the same keys."""
+    validate_id(run_id, "run id")
+    validate_round(round_index)
+    digest = hashlib.sha256(f"{run_id}/{round_index}/{kind}/{index}".encode()).hexdigest()[:12]
+    return f"{kind}-{round_index}-{index}-{digest}"

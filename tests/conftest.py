@@ -1,0 +1,98 @@
+"""Fixtures shared by the whole suite.
+
+`stack` starts one embedded stack (SeaweedFS, Tansu, tritonserver) for the test
+session, on free loopback ports and in a temporary directory, and stops it by
+PID at the end. Tests that restart a server start a private stack of their own
+(`private_stack`), so they never disturb the shared one.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from freemask.shared.config import FreemaskConfig, StackConfig, load_config
+from freemask.shared.processes import pid_alive
+from freemask.shared.stack import EmbeddedStack
+
+_SEAWEED_PORTS = 12
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port_block(count: int, start: int = 20000, stop: int = 60000) -> int:
+    """The first port of `count` consecutive free ports (SeaweedFS wants a block)."""
+    rng = __import__("random").Random(os.getpid())
+    for _ in range(200):
+        base = rng.randrange(start, stop - count)
+        if all(_port_free(base + i) for i in range(count)):
+            return base
+    raise RuntimeError("no block of free ports found")
+
+
+def make_stack_config(data_dir: Path) -> StackConfig:
+    base = _free_port_block(_SEAWEED_PORTS + 5)
+    return StackConfig(
+        data_dir=data_dir,
+        s3_port=base,
+        kafka_port=base + 1,
+        triton_http_port=base + 2,
+        triton_grpc_port=base + 3,
+        triton_metrics_port=base + 4,
+        seaweed_port_base=base + 5,
+    )
+
+
+def config_for(stack: EmbeddedStack, **env: str) -> FreemaskConfig:
+    """A full config pointing at `stack`, with extra FREEMASK_* overrides."""
+    return load_config(environ={**stack.client_env(), **env})
+
+
+class PrivateStack:
+    """A stack a test owns; stopped (and checked to be gone) when the test ends."""
+
+    def __init__(self, root: Path) -> None:
+        self.stack = EmbeddedStack(make_stack_config(root / "stack"))
+        self._pids: set[int] = set()
+
+    def up(self, parts: tuple[str, ...] = ("seaweedfs", "tansu")) -> EmbeddedStack:
+        self.stack.up(parts)
+        self._pids.update(self.stack.running_pids())
+        return self.stack
+
+    def close(self) -> None:
+        self._pids.update(self.stack.running_pids())
+        self.stack.down()
+        left = [pid for pid in self._pids if pid_alive(pid)]
+        assert not left, f"servers still running after stack down: {left}"
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
+    owner = PrivateStack(tmp_path_factory.mktemp("shared-stack"))
+    owner.up(("seaweedfs", "tansu", "tritonserver"))
+    yield owner.stack
+    owner.close()
+
+
+@pytest.fixture
+def private_stack(tmp_path: Path) -> Iterator[PrivateStack]:
+    owner = PrivateStack(tmp_path)
+    yield owner
+    owner.close()
+
+
+@pytest.fixture(scope="session")
+def stack_config(stack: EmbeddedStack) -> FreemaskConfig:
+    return config_for(stack)

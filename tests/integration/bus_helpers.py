@@ -1,0 +1,53 @@
+"""Small helpers for the bus tests: unique topics, producing, draining a topic."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable
+
+from kafka import KafkaConsumer
+
+from freemask.shared.bus import OutboundMessage, Publisher, ensure_topics, make_producer
+from freemask.shared.config import BusConfig
+from freemask.v1 import generate_pb2
+
+
+def unique_topics(config: BusConfig, *names: str) -> list[str]:
+    suffix = uuid.uuid4().hex[:8]
+    topics = [f"test.{name}.{suffix}" for name in names]
+    ensure_topics(config, topics)
+    return topics
+
+
+def request(sample_id: str) -> generate_pb2.GenerateRequest:
+    return generate_pb2.GenerateRequest(
+        run_id="run-1", sample_id=sample_id, class_name="dog", background_name="grass", prompt="a dog", seed=7
+    )
+
+
+def produce(config: BusConfig, topic: str, ids: Iterable[str], batch: int = 500) -> None:
+    publisher = Publisher(make_producer(config))
+    try:
+        ids = list(ids)
+        for start in range(0, len(ids), batch):
+            publisher.publish([OutboundMessage(topic, i, request(i)) for i in ids[start : start + batch]])
+    finally:
+        publisher.close()
+
+
+def drain(config: BusConfig, topic: str, expected: int, timeout_s: float = 60.0) -> list[tuple[str, bytes, dict]]:
+    """Read a topic from the start (no group) until `expected` records or the timeout."""
+    consumer = KafkaConsumer(
+        topic, bootstrap_servers=config.bootstrap_servers, auto_offset_reset="earliest", enable_auto_commit=False,
+        group_id=None, consumer_timeout_ms=int(timeout_s * 1000),
+    )
+    records: list[tuple[str, bytes, dict]] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(records) < expected and time.monotonic() < deadline:
+            for batch in consumer.poll(timeout_ms=500).values():
+                records.extend((r.key.decode(), r.value, dict(r.headers)) for r in batch)
+    finally:
+        consumer.close()
+    return records
