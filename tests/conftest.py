@@ -8,8 +8,6 @@ PID at the end. Tests that restart a server start a private stack of their own
 
 from __future__ import annotations
 
-import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,30 +17,13 @@ from freemask.shared.config import FreemaskConfig, StackConfig, load_config
 from freemask.shared.processes import pid_alive
 from freemask.shared.stack import EmbeddedStack
 
+from ports import reserve_ports
+
 _SEAWEED_PORTS = 12
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _free_port_block(count: int, start: int = 20000, stop: int = 60000) -> int:
-    """The first port of `count` consecutive free ports (SeaweedFS wants a block)."""
-    rng = __import__("random").Random(os.getpid())
-    for _ in range(200):
-        base = rng.randrange(start, stop - count)
-        if all(_port_free(base + i) for i in range(count)):
-            return base
-    raise RuntimeError("no block of free ports found")
-
-
 def make_stack_config(data_dir: Path) -> StackConfig:
-    base = _free_port_block(_SEAWEED_PORTS + 5)
+    base = reserve_ports(_SEAWEED_PORTS + 5)[0]
     return StackConfig(
         data_dir=data_dir,
         s3_port=base,

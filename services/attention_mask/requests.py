@@ -7,6 +7,7 @@ at once (Kafka), before anything is generated or written.
 from __future__ import annotations
 
 import math
+import re
 
 from freemask.shared.config import LimitsConfig, WorldConfig
 from freemask.shared.errors import InvalidInput
@@ -14,6 +15,7 @@ from freemask.shared.keys import validate_id, validate_round
 from freemask.v1 import generate_pb2
 
 MAX_INFERENCE_STEPS = 1000
+MAX_GUIDANCE_SCALE = 30.0
 # The UNet downsamples by 8 (latent) and then by 2 per level; multiples of 8 keep
 # every attention resolution an integer.
 SIDE_MULTIPLE = 8
@@ -51,6 +53,13 @@ def validate_generate_request(
         len(prompt) <= limits.max_prompt_chars,
         f"prompt has {len(prompt)} characters; the limit is {limits.max_prompt_chars}",
     )
+    # The mask is read from the cross-attention of the class's own tokens, so the
+    # prompt must name the class (a plural counts).
+    if request.class_name in world.classes and prompt.strip() and len(prompt) <= limits.max_prompt_chars:
+        check(
+            re.search(rf"\b{re.escape(request.class_name)}(e?s)?\b", prompt, re.IGNORECASE) is not None,
+            f"prompt does not name the class {request.class_name!r}",
+        )
     if request.HasField("num_inference_steps"):
         check(
             1 <= request.num_inference_steps <= MAX_INFERENCE_STEPS,
@@ -58,8 +67,8 @@ def validate_generate_request(
         )
     if request.HasField("guidance_scale"):
         check(
-            math.isfinite(request.guidance_scale) and 0.0 <= request.guidance_scale <= 50.0,
-            f"guidance_scale {request.guidance_scale} is outside [0, 50]",
+            math.isfinite(request.guidance_scale) and 0.0 <= request.guidance_scale <= MAX_GUIDANCE_SCALE,
+            f"guidance_scale {request.guidance_scale} is outside [0, {MAX_GUIDANCE_SCALE:g}]",
         )
     if request.HasField("image_size"):
         for side_name in ("width", "height"):

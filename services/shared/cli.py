@@ -88,6 +88,8 @@ def _run_command(config: FreemaskConfig, config_path: Path | None) -> int:
     services: list[ServerProcess] = []
     try:
         env = {**os.environ, **stack.client_env()}
+        if config_path is not None:
+            env["FREEMASK_CONFIG"] = str(config_path.resolve())  # the services read the same file
         run_config = load_config(config_path, environ=env)
         from freemask.shared.bus import ensure_topics
 

@@ -6,7 +6,8 @@ operator names, then `FREEMASK_*` environment variables. Nested keys are joined
 by a double underscore: `FREEMASK_STORE__ENDPOINT=minio:9000` sets
 `store.endpoint`. Values are converted to the field's type
 (`FREEMASK_BUS__MAX_ATTEMPTS=5`, `FREEMASK_STORE__SECURE=true`); lists are
-written as YAML flow lists (`FREEMASK_WORLD__CLASSES='[cat, dog]'`).
+written as YAML flow lists (`FREEMASK_WORLD__CLASSES='[cat, dog]'`). Variables
+whose first segment names no config section are ignored.
 
 Secrets (store and bus credentials) are `SecretStr`: they never appear in a
 repr, a log line or a dumped config. They come from env or from a file named by
@@ -18,10 +19,10 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 ENV_PREFIX = "FREEMASK_"
 ENV_NESTING = "__"
@@ -111,10 +112,8 @@ class ServicePorts(_Frozen):
     metrics_port: int = Field(ge=1, le=65535)
 
 
-def _default_ports() -> dict[str, ServicePorts]:
-    return {
-        name: ServicePorts(grpc_port=50051 + i, metrics_port=9400 + i) for i, name in enumerate(SERVICE_NAMES)
-    }
+def _default_ports() -> dict[str, dict[str, int]]:
+    return {name: {"grpc_port": 50051 + i, "metrics_port": 9400 + i} for i, name in enumerate(SERVICE_NAMES)}
 
 
 class ServerConfig(_Frozen):
@@ -127,17 +126,18 @@ class ServerConfig(_Frozen):
     # instead of a bare RESOURCE_EXHAUSTED from the transport.
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     grace_period_s: float = Field(10.0, ge=0)
-    ports: dict[str, ServicePorts] = Field(default_factory=_default_ports)
+    ports: dict[ServiceName, ServicePorts] = Field(default_factory=_default_ports, validate_default=True)
 
-    @model_validator(mode="after")
-    def _every_service_has_ports(self) -> ServerConfig:
-        missing = [name for name in SERVICE_NAMES if name not in self.ports]
-        unknown = [name for name in self.ports if name not in SERVICE_NAMES]
-        problems = [f"no ports for service {name!r}" for name in missing]
-        problems += [f"ports given for unknown service {name!r}" for name in unknown]
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
+    @field_validator("ports", mode="before")
+    @classmethod
+    def _over_default_ports(cls, given: object) -> object:
+        """Overriding one port of one service keeps every other default."""
+        if not isinstance(given, Mapping):
+            return given
+        merged = _default_ports()
+        for name, ports in given.items():
+            merged[name] = {**merged.get(name, {}), **ports} if isinstance(ports, Mapping) else ports
+        return merged
 
 
 class LimitsConfig(_Frozen):
@@ -208,6 +208,11 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         if not name.startswith(ENV_PREFIX):
             continue
         path = [part.lower() for part in name[len(ENV_PREFIX) :].split(ENV_NESTING)]
+        # Only names that start with a config section are settings: Kubernetes
+        # injects FREEMASK_SERVICE_HOST, FREEMASK_PORT_... for a Service named
+        # "freemask", and those must not break start-up.
+        if path[0] not in FreemaskConfig.model_fields:
+            continue
         if not all(path):
             raise ConfigError(f"{name}: empty key segment (use a double underscore only between names)")
         node = overrides
@@ -215,20 +220,37 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"{name}: {part} is both a value and a section")
-        node[path[-1]] = _parse_env_scalar(raw)
+        node[path[-1]] = _parse_env_value(name, raw, _expects_container(path))
     return overrides
 
 
-def _parse_env_scalar(raw: str) -> Any:
+def _expects_container(path: list[str]) -> bool:
+    """Whether the field at `path` holds a list, tuple or mapping (else a scalar or secret)."""
+    model: Any = FreemaskConfig
+    for depth, part in enumerate(path):
+        fields = getattr(model, "model_fields", None)
+        if fields is None or part not in fields:
+            # inside a mapping such as server.ports.<service>: step over the key
+            if depth and get_origin(model) is dict:
+                model = get_args(model)[1]
+                if part in getattr(model, "model_fields", {}):
+                    model = model.model_fields[part].annotation
+                    continue
+            return False
+        model = fields[part].annotation
+    return get_origin(model) in (tuple, list, dict)
+
+
+def _parse_env_value(name: str, raw: str, container: bool) -> Any:
     # Scalars stay strings: pydantic converts "5" or "true" where the field is typed
-    # so, and a secret such as "0123" keeps its exact text. Only a YAML flow list or
-    # mapping ("[cat, dog]") is parsed.
-    if raw.lstrip().startswith(("[", "{")):
-        try:
-            return yaml.safe_load(raw)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"cannot parse {raw!r} as a YAML list or mapping: {err}") from None
-    return raw
+    # so, and a secret such as "0123" or "[x" keeps its exact text. Lists and
+    # mappings are written as YAML flow collections: FREEMASK_WORLD__CLASSES='[cat, dog]'.
+    if not container:
+        return raw
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise ConfigError(f"{name}: not a YAML flow list or mapping, e.g. '[cat, dog]'") from None
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -260,4 +282,5 @@ def load_config(path: Path | str | None = None, environ: Mapping[str, str] | Non
         problems = "\n".join(
             f"  {'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in err.errors()
         )
-        raise ConfigError(f"invalid configuration ({err.error_count()} problems):\n{problems}") from None
+        count = err.error_count()
+        raise ConfigError(f"invalid configuration ({count} problem{'s' if count > 1 else ''}):\n{problems}") from None

@@ -18,6 +18,7 @@ ID_PATTERN = re.compile(r"[a-z0-9-]{1,64}")
 # where no segment is empty, '.' or '..'.
 _KEY_SEGMENT = re.compile(r"[a-z0-9_][a-z0-9_.-]{0,127}")
 MAX_KEY_CHARS = 512
+MAX_SAMPLE_INDEX = 10**9
 
 SAMPLE_FILES = ("image.png", "label.png", "softmap.npz", "meta.json")
 
@@ -81,6 +82,9 @@ def thesaurus_prefix(version: str) -> str:
 
 def key_within(key: str, prefix: str, what: str = "key") -> str:
     """Check that a key received from outside lies under the prefix it must belong to."""
+    if not prefix.endswith("/"):
+        raise ValueError(f"prefix {prefix!r} must end with '/' (a bare prefix would admit siblings)")
+    validate_key(prefix.rstrip("/"), "prefix")
     validate_key(key, what)
     if not key.startswith(prefix):
         raise InvalidIdError(f"{what} {key!r} lies outside {prefix!r}")
@@ -91,5 +95,8 @@ def derive_sample_id(run_id: str, round_index: int, index: int, kind: str = "s")
     """Deterministic sample id: a redelivered or regenerated request maps to the same keys."""
     validate_id(run_id, "run id")
     validate_round(round_index)
+    validate_id(kind, "sample kind")
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < MAX_SAMPLE_INDEX:
+        raise InvalidIdError(f"sample index {index!r} must be an integer in [0, {MAX_SAMPLE_INDEX})")
     digest = hashlib.sha256(f"{run_id}/{round_index}/{kind}/{index}".encode()).hexdigest()[:12]
-    return f"{kind}-{round_index}-{index}-{digest}"
+    return validate_id(f"{kind}-{round_index}-{index}-{digest}", "derived sample id")

@@ -1,9 +1,10 @@
 """Structured JSON logs to stdout that never print credentials.
 
-Every record becomes one JSON object. A redaction filter masks anything that
-looks like a secret (values of keys named *secret*, *password*, *token*,
-*access_key*; URLs with user:password@), and `SecretStr` values are masked by
-pydantic before they get here.
+Every record becomes one JSON object. Redaction masks anything that looks like
+a secret: `extra` fields named like one (*secret*, *password*, *token*,
+*access_key*, *credential*), `name=value` and `"name": value` pairs with such
+names inside any text, and the password of `scheme://user:password@host` URLs.
+`SecretStr` values are already masked by pydantic before they get here.
 """
 
 from __future__ import annotations
@@ -18,13 +19,27 @@ from typing import Any
 _SECRET_ASSIGNMENT = re.compile(
     r"(?i)((?:secret|password|passwd|token|access[_-]?key)[a-z_]*[\"']?\s*[:=]\s*[\"']?)([^\s\"',}]+)"
 )
-_URL_CREDENTIALS = re.compile(r"(\w+://)([^/\s:@]+):([^/\s@]+)@")
+_URL_CREDENTIALS = re.compile(r"(\w+://)([^/\s:@]+):(\S+)@")
+_SECRET_NAME = re.compile(r"(?i)secret|password|passwd|token|access[_-]?key|credential")
 _STANDARD_ATTRS = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
 
 def redact(text: str) -> str:
     text = _URL_CREDENTIALS.sub(r"\1\2:***@", text)
     return _SECRET_ASSIGNMENT.sub(r"\1***", text)
+
+
+def _redact_field(name: str, value: Any) -> Any:
+    """An `extra` value as JSON-ready data, with secrets masked at any depth."""
+    if _SECRET_NAME.search(name):
+        return "***"
+    if isinstance(value, (bool, int, float)) or value is None:
+        return value
+    if isinstance(value, dict):
+        return {str(k): _redact_field(str(k), v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_redact_field("", item) for item in value]
+    return redact(str(value))
 
 
 class JsonFormatter(logging.Formatter):
@@ -41,8 +56,9 @@ class JsonFormatter(logging.Formatter):
             "msg": redact(record.getMessage()),
         }
         for key, value in record.__dict__.items():
-            if key not in _STANDARD_ATTRS and not key.startswith("_"):
-                entry[key] = redact(str(value)) if isinstance(value, str) else value
+            if key in _STANDARD_ATTRS or key.startswith("_"):
+                continue
+            entry[key] = _redact_field(key, value)
         if record.exc_info:
             entry["exc"] = redact(self.formatException(record.exc_info))
         return json.dumps(entry, default=str)

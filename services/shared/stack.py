@@ -30,7 +30,7 @@ from kafka import KafkaAdminClient
 from freemask.shared.config import FreemaskConfig, StackConfig, StoreConfig
 from freemask.shared.processes import ServerProcess, pid_alive, port_open, start_server, stop_pid, wait_until_ready
 from freemask.shared.store import ObjectStore
-from freemask.shared.triton_server import start_tritonserver
+from freemask.shared.triton_server import release_shared_memory, start_tritonserver
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,8 @@ class EmbeddedStack:
             if self._owns(known["pid"], known["binary"]):
                 stop_pid(known["pid"])
                 progress(f"{name}: stopped (pid {known['pid']})")
+                if name == "tritonserver" and not pid_alive(known["pid"]):
+                    release_shared_memory(self.config.triton_grpc_port)
             else:
                 progress(f"{name}: was not running")
             self._write_state(state)

@@ -14,8 +14,10 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from freemask.shared.processes import ServerProcess, ServerStartError, free_port, pid_alive, stop_pid
+from freemask.shared.processes import ServerProcess, ServerStartError, pid_alive, stop_pid
 from freemask.shared.triton_server import start_tritonserver
+
+from ports import reserve_ports
 
 pytestmark = pytest.mark.stack
 
@@ -30,13 +32,6 @@ class Triton:
     server: ServerProcess
     grpc_url: str
     ports: tuple[int, int, int]
-
-
-def _distinct_free_ports(count: int) -> tuple[int, ...]:
-    ports: set[int] = set()
-    while len(ports) < count:
-        ports.add(free_port())
-    return tuple(sorted(ports))
 
 
 def _children(pid: int) -> list[int]:
@@ -54,7 +49,7 @@ def _children(pid: int) -> list[int]:
 @pytest.fixture(scope="module")
 def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Triton]:
     workdir = tmp_path_factory.mktemp("triton")
-    http_port, grpc_port, metrics_port = _distinct_free_ports(3)
+    http_port, grpc_port, metrics_port = reserve_ports(3)
     server = start_tritonserver(
         MODEL_REPOSITORY,
         workdir,
@@ -209,7 +204,7 @@ def test_a_model_that_fails_to_load_gives_a_clear_error(tmp_path: Path) -> None:
         start_tritonserver(
             repository,
             tmp_path / "work",
-            *_distinct_free_ports(3),
+            *reserve_ports(3),
             log_path=tmp_path / "tritonserver.log",
             timeout_s=60,
         )

@@ -1,0 +1,73 @@
+"""`freemask stack up|status|down` and `freemask run`, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from freemask.shared.processes import pid_alive
+
+from conftest import make_stack_config
+from ports import reserve_ports
+
+pytestmark = pytest.mark.stack
+
+
+def write_config(tmp_path: Path) -> Path:
+    stack = make_stack_config(tmp_path / "stack").model_dump(mode="json")
+    names = ("attention_mask", "thesaurus", "placement", "harmonization", "scoring", "coordinator")
+    numbers = iter(reserve_ports(2 * len(names)))
+    ports = {name: {"grpc_port": next(numbers), "metrics_port": next(numbers)} for name in names}
+    path = tmp_path / "freemask.yaml"
+    path.write_text(yaml.safe_dump({"stack": stack, "server": {"ports": ports}}))
+    return path
+
+
+def freemask(config: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FREEMASK_")}
+    return subprocess.run(
+        [sys.executable, "-m", "freemask.shared.cli", "--config", str(config), *args],
+        capture_output=True, text=True, timeout=timeout, env=env,
+    )
+
+
+def test_stack_up_status_down_leaves_nothing_behind(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    try:
+        up = freemask(config, "stack", "up")
+        assert up.returncode == 0, up.stdout + up.stderr
+        for part in ("seaweedfs", "tansu", "tritonserver"):
+            assert f"{part}: ready on" in up.stdout
+        status = freemask(config, "stack", "status")
+        assert status.returncode == 0 and status.stdout.count("running (pid") == 3, status.stdout
+        again = freemask(config, "stack", "up")
+        assert again.stdout.count("already running") == 3, "a second up must not start duplicates"
+        pids = [entry["pid"] for entry in json.loads((tmp_path / "stack" / "stack.json").read_text()).values()]
+        env_lines = freemask(config, "stack", "env").stdout
+        assert "FREEMASK_STORE__SECRET_KEY_FILE=" in env_lines and "SECRET_KEY=" not in env_lines.replace("_FILE=", "")
+    finally:
+        down = freemask(config, "stack", "down")
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert not [pid for pid in pids if pid_alive(pid)], "stack down left servers running"
+    status = freemask(config, "stack", "status")
+    assert status.returncode == 3 and status.stdout.count("stopped") == 3
+
+
+def test_run_brings_everything_up_and_shuts_it_down(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    result = freemask(config, "run")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "every service answers health" in result.stdout
+    for service in ("attention_mask", "thesaurus", "placement", "harmonization", "scoring", "coordinator"):
+        assert f"{service} " in result.stdout
+    state = json.loads((tmp_path / "stack" / "stack.json").read_text())
+    assert state == {}, "run stops the stack it started"
+    for log in (tmp_path / "stack" / "logs").glob("*.log"):
+        if log.stem in ("attention_mask", "coordinator"):
+            assert '"msg": "stopped"' in log.read_text(), f"{log.stem} did not shut down gracefully"
