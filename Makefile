@@ -19,6 +19,10 @@ run: $(INSTALLED) $(PROTO_STAMP)
 test: $(INSTALLED) $(PROTO_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+## bench: measure (timings live here, never in pass/fail tests); writes tests/benchmarks/results/
+bench: $(INSTALLED) $(PROTO_STAMP)
+	$(PY) tests/benchmarks/bench_platform.py
+
 ## protos: generate the Python code for protos/ (never committed, never edited)
 protos: $(PROTO_STAMP)
 

@@ -20,6 +20,7 @@ the DLQ on the first attempt.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 import uuid
@@ -45,6 +46,8 @@ log = logging.getLogger(__name__)
 SCHEMA_HEADER = "schema"
 TRACE_HEADER = "trace-id"
 _PUBLISH_TIMEOUT_S = 30.0
+# Header values come from outside; only a sane id is propagated into our headers and logs.
+_TRACE_ID = re.compile(r"[0-9A-Za-z-]{1,64}")
 
 
 class Topics:
@@ -77,8 +80,10 @@ class InboundMessage:
 
     @property
     def trace_id(self) -> str:
-        raw = self.headers.get(TRACE_HEADER)
-        return raw.decode("ascii", "replace") if raw else ""
+        """The caller's trace id if it is well-formed, else '' (a new trace starts)."""
+        raw = self.headers.get(TRACE_HEADER, b"")
+        text = raw.decode("ascii", "replace")
+        return text if _TRACE_ID.fullmatch(text) else ""
 
     def decode(self, message_type: type[M]) -> M:
         """Parse the value as `message_type`, refusing a message of another declared schema."""
@@ -205,8 +210,6 @@ class StageWorker:
     handler: Handler
     config: BusConfig
     metrics: ServiceMetrics
-    consumer_factory: Callable[[], KafkaConsumer] | None = None
-    publisher: Publisher | None = None
     stats: WorkerStats = field(default_factory=WorkerStats)
     _stop: threading.Event = field(default_factory=threading.Event)
 
@@ -216,8 +219,8 @@ class StageWorker:
 
     def run(self, max_messages: int | None = None, timeout_s: float | None = None) -> WorkerStats:
         """Process until stopped, `max_messages` handled, or `timeout_s` elapsed."""
-        consumer = (self.consumer_factory or self._default_consumer)()
-        publisher = self.publisher or Publisher(make_producer(self.config))
+        consumer = make_consumer(self.config, self.stage, [self.topic])
+        publisher = Publisher(make_producer(self.config))
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         try:
             while not self._stop.is_set():
@@ -230,8 +233,7 @@ class StageWorker:
                 self._record_lag(consumer)
         finally:
             consumer.close(autocommit=False)
-            if self.publisher is None:
-                publisher.close()
+            publisher.close()
         return self.stats
 
     def _settle_batch(self, batch: dict, consumer: KafkaConsumer, publisher: Publisher) -> None:
@@ -261,9 +263,6 @@ class StageWorker:
         if max_messages is None:
             return self.config.max_poll_records
         return max(1, min(self.config.max_poll_records, max_messages - self.stats.processed))
-
-    def _default_consumer(self) -> KafkaConsumer:
-        return make_consumer(self.config, self.stage, [self.topic])
 
     def _handle(self, message: InboundMessage) -> list[OutboundMessage] | None:
         """The outputs of one message, or its dead letter; None if stopping mid-retry."""
@@ -361,9 +360,3 @@ def _now() -> Timestamp:
     stamp = Timestamp()
     stamp.GetCurrentTime()
     return stamp
-
-
-__all__ = [
-    "Handler", "InboundMessage", "OutboundMessage", "Publisher", "StageWorker", "Topics",
-    "TopicPartition", "ensure_topics", "make_consumer", "make_producer",
-]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from freemask.shared.bus import ensure_topics
 from freemask.shared.config import SERVICE_NAMES, ConfigError, FreemaskConfig, load_config
 from freemask.shared.grpc_runtime import check_health
 from freemask.shared.processes import ServerProcess, ServerStartError, start_server, stop_pid, tail
@@ -57,7 +58,7 @@ def start_services(
             processes.append(start_server(name, command, log_dir / f"{name}.log", env=env))
         host = config.server.host
         with tqdm(total=len(names), desc="services healthy", unit="svc") as bar:
-            pending = dict(zip(names, processes))
+            pending = dict(zip(names, processes, strict=True))
             deadline = time.monotonic() + _SERVICE_START_TIMEOUT_S
             while pending:
                 for name, process in list(pending.items()):
@@ -67,7 +68,9 @@ def start_services(
                         del pending[name]
                         bar.update(1)
                 if pending and time.monotonic() > deadline:
-                    raise ServerStartError(f"services not healthy after {_SERVICE_START_TIMEOUT_S:.0f} s: {sorted(pending)}")
+                    raise ServerStartError(
+                        f"services not healthy after {_SERVICE_START_TIMEOUT_S:.0f} s: {sorted(pending)}"
+                    )
                 time.sleep(0.2)
     except BaseException:
         stop_services(processes)
@@ -91,8 +94,6 @@ def _run_command(config: FreemaskConfig, config_path: Path | None) -> int:
         if config_path is not None:
             env["FREEMASK_CONFIG"] = str(config_path.resolve())  # the services read the same file
         run_config = load_config(config_path, environ=env)
-        from freemask.shared.bus import ensure_topics
-
         ensure_topics(run_config.bus)
         _print("== services")
         services = start_services(run_config, env, stack.data_dir / "logs")
@@ -111,7 +112,9 @@ def _run_command(config: FreemaskConfig, config_path: Path | None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="freemask", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="freemask", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--config", type=Path, help="YAML config (default: $FREEMASK_CONFIG, then packaged defaults)")
     commands = parser.add_subparsers(dest="command", required=True)
     stack = commands.add_parser("stack", help="manage the embedded default stack")

@@ -77,8 +77,9 @@ class BusConfig(_Frozen):
     bootstrap_servers: str = "127.0.0.1:9092"
     client_id: str = "freemask"
     group_prefix: str = "freemask"
-    # kafka-python's default 45 s session makes a group join take ~23 s on Tansu.
-    session_timeout_ms: int = Field(6000, ge=1000)
+    # Tansu holds a group join for about half the session timeout: kafka-python's
+    # default 45 s session makes the first message take ~23 s (make bench).
+    session_timeout_ms: int = Field(3000, ge=1000)
     heartbeat_interval_ms: int = Field(300, ge=100)
     max_poll_records: int = Field(16, ge=1)
     poll_timeout_ms: int = Field(200, ge=10)

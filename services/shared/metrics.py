@@ -7,6 +7,7 @@ can build as many as they like without collisions.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -48,9 +49,16 @@ class ServiceMetrics:
             "freemask_gpu_memory_bytes", "GPU memory allocated by this process", labels + ["device"], registry=r
         )
 
-    def serve(self, host: str, port: int) -> None:
-        """Expose /metrics on host:port (a daemon thread that dies with the process)."""
-        start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, host: str, port: int) -> Callable[[], None]:
+        """Expose /metrics on host:port; returns the function that stops it."""
+        server, thread = start_http_server(port, addr=host, registry=self.registry)
+
+        def stop() -> None:
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=5)
+
+        return stop
 
     def sample_gpu_memory(self) -> None:
         try:

@@ -77,27 +77,30 @@ class ServiceProcess:
     def run(self, ready: threading.Event | None = None) -> None:
         metrics = ServiceMetrics(self.name)
         ports = self.config.server.ports[self.name]
-        metrics.serve(self.config.server.host, ports.metrics_port)
-        parts = load_builder(self.name)(ServiceContext(self.name, self.config, metrics))
-        server = start_server(self.config.server, ports.grpc_port, parts.grpc_services, metrics)
-        log.info("serving", extra={"grpc": f"{self.config.server.host}:{server.port}",
-                                   "metrics": f"{self.config.server.host}:{ports.metrics_port}"})
-        worker_thread = None
-        worker = None
-        if parts.stage is not None:
-            worker = StageWorker(self.name, parts.stage.topic, parts.stage.handler, self.config.bus, metrics)
-            worker_thread = threading.Thread(target=self._supervise, args=(worker,), name="stage", daemon=True)
-            worker_thread.start()
-        if ready is not None:
-            ready.set()
-        while not self.stopping.wait(5.0):
-            metrics.sample_gpu_memory()
-        log.info("shutting down")
-        server.set_serving(False)
-        if worker is not None and worker_thread is not None:
-            worker.stop()
-            worker_thread.join()
-        server.stop(self.config.server.grace_period_s)
+        stop_metrics = metrics.serve(self.config.server.host, ports.metrics_port)
+        try:
+            parts = load_builder(self.name)(ServiceContext(self.name, self.config, metrics))
+            server = start_server(self.config.server, ports.grpc_port, parts.grpc_services, metrics)
+            log.info("serving", extra={"grpc": f"{self.config.server.host}:{server.port}",
+                                       "metrics": f"{self.config.server.host}:{ports.metrics_port}"})
+            worker = None
+            worker_thread = None
+            if parts.stage is not None:
+                worker = StageWorker(self.name, parts.stage.topic, parts.stage.handler, self.config.bus, metrics)
+                worker_thread = threading.Thread(target=self._supervise, args=(worker,), name="stage", daemon=True)
+                worker_thread.start()
+            if ready is not None:
+                ready.set()
+            while not self.stopping.wait(5.0):
+                metrics.sample_gpu_memory()
+            log.info("shutting down")
+            server.set_serving(False)
+            if worker is not None and worker_thread is not None:
+                worker.stop()
+                worker_thread.join()
+            server.stop(self.config.server.grace_period_s)
+        finally:
+            stop_metrics()
         log.info("stopped")
 
     def _supervise(self, worker: StageWorker) -> None:

@@ -69,7 +69,11 @@ class EmbeddedStack:
         return f"{HOST}:{self.config.triton_grpc_port}"
 
     def endpoints(self) -> dict[str, str]:
-        return {"seaweedfs": f"http://{self.s3_endpoint}", "tansu": self.kafka_bootstrap, "tritonserver": self.triton_grpc}
+        return {
+            "seaweedfs": f"http://{self.s3_endpoint}",
+            "tansu": self.kafka_bootstrap,
+            "tritonserver": self.triton_grpc,
+        }
 
     def client_env(self) -> dict[str, str]:
         """The FREEMASK_* settings that point a service at this stack."""
@@ -161,13 +165,14 @@ class EmbeddedStack:
             *(f"{flag}={port}" for flag, port in ports.items()), "-webdav=false", "-admin.ui=false",
         ]
         server = start_server("seaweedfs", command, self._log("seaweedfs"), env=self._s3_server_env())
-        store = ObjectStore(self.store_config())
+        data_store = ObjectStore(self.store_config())
+        broker_store = ObjectStore(self.store_config().model_copy(update={"bucket": self.config.kafka_storage_bucket}))
 
         def buckets_ready() -> bool:
             if not port_open(HOST, self.config.s3_port):
                 return False
-            store.ensure_bucket()
-            ObjectStore(self.store_config().model_copy(update={"bucket": self.config.kafka_storage_bucket})).ensure_bucket()
+            data_store.ensure_bucket()
+            broker_store.ensure_bucket()  # Tansu keeps its records and offsets here
             return True
 
         wait_until_ready(server, buckets_ready, self.config.start_timeout_s, poll_s=0.25)
@@ -225,11 +230,12 @@ class EmbeddedStack:
 
     def _ensure_credentials(self) -> None:
         self._secrets_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        for path, make in zip(self._credential_files(), (lambda: "freemask", lambda: secrets.token_urlsafe(24))):
+        access_file, secret_file = self._credential_files()
+        for path, value in ((access_file, "freemask"), (secret_file, None)):
             if not path.exists():
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 with os.fdopen(fd, "w") as handle:
-                    handle.write(make())
+                    handle.write(value or secrets.token_urlsafe(24))
 
     def _s3_server_env(self) -> dict[str, str]:
         access_file, secret_file = self._credential_files()

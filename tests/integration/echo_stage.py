@@ -24,7 +24,7 @@ def main() -> None:
         time.sleep(float(delay_s))
         return [OutboundMessage(out_topic, request.sample_id, request)]
 
-    config = BusConfig(bootstrap_servers=bootstrap, group_prefix=group, session_timeout_ms=2000)
+    config = BusConfig(bootstrap_servers=bootstrap, group_prefix=group)
     worker = StageWorker("echo", in_topic, copy, config, ServiceMetrics("echo"))
     signal.signal(signal.SIGTERM, lambda *_: worker.stop())
     print("worker started", flush=True)

@@ -154,3 +154,31 @@ def _dlq_for(config, source: str, expected: int = 0) -> list[dead_letter_pb2.Dea
     records = drain(config, Topics.DLQ, expected, timeout_s=20 if expected else 2)
     letters = [dead_letter_pb2.DeadLetter.FromString(value) for _, value, _ in records]
     return [letter for letter in letters if letter.original_topic == source]
+
+
+def test_sigterm_finishes_the_batch_in_hand_and_commits(stack_config: FreemaskConfig, tmp_path: Path) -> None:
+    config = stack_config.bus
+    source, sink = unique_topics(config, "in", "out")
+    ids = [f"s-{i}" for i in range(200)]
+    produce(config, source, ids)
+    group = f"term-{source}"
+    command = [sys.executable, str(ECHO_STAGE), config.bootstrap_servers, source, sink, group, "0.02"]
+
+    first = subprocess.Popen(command, stdout=open(tmp_path / "first.log", "wb"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while len(drain(config, sink, 20, timeout_s=1)) < 20 and time.monotonic() < deadline:
+        pass
+    first.terminate()  # SIGTERM: finish the message in hand, publish, commit, exit
+    assert first.wait(timeout=20) == 0
+    done = len(drain(config, sink, len(ids), timeout_s=2))
+    assert 0 < done < len(ids), "SIGTERM must land mid-stream"
+
+    second = subprocess.Popen(command, stdout=open(tmp_path / "second.log", "wb"), stderr=subprocess.STDOUT)
+    try:
+        out = drain(config, sink, len(ids), timeout_s=90)
+    finally:
+        second.terminate()
+        second.wait(timeout=20)
+    keys = [key for key, _, _ in out]
+    # a graceful stop commits everything it published: each message exactly once
+    assert sorted(keys) == sorted(ids)

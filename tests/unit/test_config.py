@@ -52,7 +52,7 @@ def test_yaml_file_overrides_defaults_and_keeps_the_rest(tmp_path: Path) -> None
     assert cfg.bus.max_attempts == 7
     # untouched keys of the same section, and the packaged world, survive the merge
     assert cfg.store.bucket == "freemask"
-    assert cfg.bus.session_timeout_ms == 6000
+    assert cfg.bus.session_timeout_ms == 3000
     assert "dog" in cfg.world.classes
 
 
