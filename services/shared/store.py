@@ -23,17 +23,18 @@ from minio import Minio
 from minio.error import S3Error
 
 from freemask.shared.config import StoreConfig
+from freemask.shared.errors import NotFound, Unavailable
 from freemask.shared.keys import validate_key
 
 _STREAM_CHUNK = 1024 * 1024
 
 
-class StoreError(RuntimeError):
+class StoreError(Unavailable):
     """The store could not complete an operation; the message names key and cause."""
 
 
-class ObjectNotFound(StoreError, KeyError):
-    pass
+class ObjectNotFound(NotFound):
+    """No object at that key (gRPC: NOT_FOUND; never retried as an outage)."""
 
 
 @dataclass(frozen=True)
@@ -165,7 +166,7 @@ class ObjectStore:
             return False
 
     @staticmethod
-    def _translate(err: S3Error, key: str) -> StoreError:
+    def _translate(err: S3Error, key: str) -> StoreError | ObjectNotFound:
         if err.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
             return ObjectNotFound(f"no object at {key!r}")
         return StoreError(f"{key!r}: {err.code}: {err.message}")

@@ -40,13 +40,14 @@ def draw_dog(rng: Rng, a: float, look: Look) -> list[Part]:
     parts.append(Part(Capsule(0.12 * a, body_y - 0.05, 0.035, rng.uniform(0.08, 0.2), 0.035), fur))  # tail up
     parts.append(Part(Ellipse(0.42 * a, body_y, 0.32 * a, rng.uniform(0.15, 0.19)), fur))
     parts.append(Part(Capsule(0.66 * a, body_y - 0.05, hx - 0.02, hy + 0.05, 0.1), fur))  # neck
-    if rng.random() < 0.5:  # pointed ears (shepherd) reach the top of the box
+    pointed_ears = rng.random() < 0.5
+    if pointed_ears:  # a shepherd's ears reach the top of the box
         parts.append(Part(Polygon(((hx - 0.12, hy - 0.04), (hx - 0.02, hy - 0.1), (hx - 0.1, 0.0))), ear))
     parts.append(Part(circle(hx, hy, hr), fur))
     parts.append(Part(Ellipse(a - 0.085, hy + 0.07, 0.085, 0.065), snout))
     parts.append(Part(circle(a - 0.02, hy + 0.04, 0.028), EYE))  # nose
     parts.append(Part(circle(hx + 0.03, hy - 0.03, 0.022), EYE))
-    if not any(isinstance(p.shape, Polygon) for p in parts):  # floppy ear hanging by the cheek
+    if not pointed_ears:  # a floppy ear hanging by the cheek
         parts.append(Part(Ellipse(hx - 0.06, hy + 0.04, 0.05, 0.11, -20.0), ear))
         parts.append(Part(Ellipse(hx - 0.02, 0.035, 0.06, 0.035), fur))  # crown, so the head touches the top
     if rng.random() < 0.35:
