@@ -58,13 +58,13 @@ def draw_dog(rng: Rng, a: float, look: Look) -> list[Part]:
 def draw_cat(rng: Rng, a: float, look: Look) -> list[Part]:
     fur, mark, eye = look["fur"], look["mark"], look["eye"]
     parts: list[Part] = []
-    if a < 1.15:  # sitting, seen from the side, tail curled round the paws
-        hx, hy, hr = 0.62 * a, 0.3, min(0.16, 0.3 * a)
-        parts.append(Part(Ellipse(0.42 * a, 0.68, 0.4 * a, 0.3), fur))
-        parts.append(Part(Ellipse(0.33 * a, 0.82, 0.33 * a, 0.17), fur))
-        _legs(parts, (0.6 * a, 0.68 * a), 0.55, 0.035, fur, rng)
-        parts.append(Part(Capsule(0.3 * a, 0.965, a - 0.04, 0.955, 0.035), darker(fur, 0.85)))
-        parts.append(Part(Capsule(a - 0.04, 0.955, a - 0.035, 0.8, 0.035), darker(fur, 0.85)))
+    if a < 1.15:  # sitting in profile: a pear-shaped body, the tail curled round the paws
+        hx, hy, hr = a - 0.2, 0.3, 0.17
+        parts.append(Part(Ellipse(0.4 * a, 0.72, 0.4 * a, 0.26), fur))  # haunch
+        parts.append(Part(Ellipse(hx - 0.1, 0.55, 0.14, 0.25, 15.0), fur))  # chest
+        _legs(parts, (hx - 0.06, hx), 0.55, 0.04, fur, rng)
+        parts.append(Part(Capsule(0.04, 0.955, 0.55 * a, 0.955, 0.04), darker(fur, 0.85)))
+        parts.append(Part(Capsule(0.04, 0.955, 0.045, 0.8, 0.04), darker(fur, 0.85)))
     else:  # standing or walking, the tail raised in a hook
         hx, hy, hr = a - 0.16, 0.32, 0.14
         body_y = rng.uniform(0.5, 0.56)
@@ -175,7 +175,7 @@ def draw_bird(rng: Rng, a: float, look: Look) -> list[Part]:
     parts: list[Part] = []
     if a >= 1.15:  # flying, both wings raised
         by = rng.uniform(0.66, 0.72)
-        lift = rng.uniform(0.0, 0.1)
+        lift = rng.uniform(0.0, 0.04)
         parts.append(Part(Polygon(((0.38 * a, by - 0.05), (0.58 * a, by - 0.05), (0.22 * a, lift))), darker(wing, 0.8)))
         parts.append(Part(Polygon(((0.22 * a, by), (0.0, by + 0.12), (0.02, 1.0), (0.25 * a, by + 0.1))), wing))  # tail
         parts.append(Part(Ellipse(0.48 * a, by, 0.3 * a, 0.13), body))

@@ -13,15 +13,13 @@ from types import MappingProxyType
 import numpy as np
 
 from freemask.world.animals import draw_bird, draw_cat, draw_cow, draw_dog, draw_horse, draw_sheep
-from freemask.shared.errors import InvalidInput
 from freemask.world.looks import Look, choose_look
-from freemask.world.names import DRAWABLE_CLASSES, check_class, check_image_size
+from freemask.world.names import DRAWABLE_CLASSES, Box, check_box, check_class, check_image_size
 from freemask.world.person import draw_person
 from freemask.world.raster import Layer, Part, rasterise
 from freemask.world.vehicles import draw_aeroplane, draw_boat, draw_bus, draw_car, draw_train
 
 Drawer = Callable[[np.random.Generator, float, Look], list[Part]]
-Box = tuple[float, float, float, float]
 
 DRAWERS: Mapping[str, Drawer] = MappingProxyType({
     "aeroplane": draw_aeroplane,
@@ -43,21 +41,6 @@ assert tuple(DRAWERS) == DRAWABLE_CLASSES, "names.DRAWABLE_CLASSES and the drawe
 def object_look(cls: str, seed: int) -> Look:
     """The colour an object of this seed will have, without drawing it (for captions)."""
     return choose_look(check_class(cls), np.random.default_rng(seed))
-
-
-def check_box(box: Box, image_size: int) -> Box:
-    """A box is (x0, y0, x1, y1) in pixels, non-empty and inside the image."""
-    try:
-        x0, y0, x1, y1 = (float(v) for v in box)
-    except (TypeError, ValueError):
-        raise InvalidInput(f"box must be four numbers (x0, y0, x1, y1), got {box!r}") from None
-    if not all(np.isfinite((x0, y0, x1, y1))):
-        raise InvalidInput(f"box {box!r} has a non-finite coordinate")
-    if not (x0 < x1 and y0 < y1):
-        raise InvalidInput(f"box {box!r} is empty: need x0 < x1 and y0 < y1")
-    if x0 < 0 or y0 < 0 or x1 > image_size or y1 > image_size:
-        raise InvalidInput(f"box {box!r} lies outside the {image_size}x{image_size} image")
-    return (x0, y0, x1, y1)
 
 
 def supersampling_for(image_size: int) -> int:

@@ -15,6 +15,7 @@ from types import MappingProxyType
 import numpy as np
 
 from freemask.world.raster import Colour
+from freemask.world.sampling import cumulative, weighted_index
 
 
 @dataclass(frozen=True)
@@ -146,17 +147,28 @@ HAIR: tuple[Colour, ...] = ((0.08, 0.06, 0.05), (0.3, 0.18, 0.08), (0.75, 0.6, 0
 
 
 def jitter(rng: np.random.Generator, colour: Colour, amount: float = 0.05) -> Colour:
-    """A slightly different shade of the same colour, so no two objects are identical."""
-    shift = rng.normal(0.0, amount, 3) + rng.normal(0.0, amount)  # per channel plus overall brightness
+    """A slightly different shade of the same colour, so no two objects are identical.
+
+    Mostly a change of brightness; the hue moves little, so a white sheep never turns pink.
+    """
+    shift = rng.normal(0.0, amount * 0.35, 3) + rng.normal(0.0, amount)
     c = np.clip(np.asarray(colour) + shift, 0.0, 1.0)
     return (float(c[0]), float(c[1]), float(c[2]))
 
 
+_SWATCH_CDF: Mapping[str, np.ndarray] = MappingProxyType(
+    {cls: cumulative([s.weight for s in swatches]) for cls, swatches in PALETTES.items()}
+)
+
+
+def choose_swatch(cls: str, rng: np.random.Generator) -> Swatch:
+    """The palette entry, by weight: all a caption needs to know about colour."""
+    return PALETTES[cls][weighted_index(rng, _SWATCH_CDF[cls])]
+
+
 def choose_look(cls: str, rng: np.random.Generator) -> Look:
     """Pick a swatch by weight and jitter it. Must be the first use of an object's rng."""
-    swatches = PALETTES[cls]
-    weights = np.array([s.weight for s in swatches], dtype=float)
-    swatch = swatches[int(rng.choice(len(swatches), p=weights / weights.sum()))]
+    swatch = choose_swatch(cls, rng)
     colours = {role: jitter(rng, rgb) for role, rgb in swatch.colours.items()}
     return Look(swatch.name, swatch.salient, MappingProxyType(colours))
 

@@ -6,6 +6,7 @@ vocabulary) can use the same checks and messages without import cycles.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 from freemask.shared.errors import InvalidInput
@@ -19,6 +20,8 @@ DRAWABLE_CLASSES: tuple[str, ...] = (
     "aeroplane", "bird", "boat", "bus", "car", "cat", "cow", "dog", "horse", "person", "sheep", "train",
 )
 DRAWABLE_BACKGROUNDS: tuple[str, ...] = ("sky", "sea", "road", "grass", "field", "room", "rail")
+
+Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels
 
 MIN_IMAGE_SIZE = 16
 MAX_IMAGE_SIZE = 4096
@@ -45,3 +48,18 @@ def check_background(name: str, known: Iterable[str] = DRAWABLE_BACKGROUNDS) -> 
     if name not in known:
         raise InvalidInput(f"unknown background {str(name)[:64]!r}; known backgrounds: {', '.join(known)}")
     return name
+
+
+def check_box(box: Box, image_size: int) -> Box:
+    """A box is (x0, y0, x1, y1) in pixels, non-empty and inside the image."""
+    try:
+        x0, y0, x1, y1 = (float(v) for v in box)
+    except (TypeError, ValueError):
+        raise InvalidInput(f"box must be four numbers (x0, y0, x1, y1), got {box!r}") from None
+    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+        raise InvalidInput(f"box {box!r} has a non-finite coordinate")
+    if not (x0 < x1 and y0 < y1):
+        raise InvalidInput(f"box {box!r} is empty: need x0 < x1 and y0 < y1")
+    if x0 < 0 or y0 < 0 or x1 > image_size or y1 > image_size:
+        raise InvalidInput(f"box {box!r} lies outside the {image_size}x{image_size} image")
+    return (x0, y0, x1, y1)

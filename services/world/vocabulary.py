@@ -34,6 +34,9 @@ class World:
     backgrounds: tuple[str, ...] = DRAWABLE_BACKGROUNDS
 
     def __post_init__(self) -> None:
+        # Lists from YAML become tuples, so the value stays immutable and hashable.
+        object.__setattr__(self, "classes", tuple(self.classes))
+        object.__setattr__(self, "backgrounds", tuple(self.backgrounds))
         problems = [f"class {c!r} cannot be drawn" for c in self.classes if c not in DRAWABLE_CLASSES]
         problems += [f"background {b!r} cannot be drawn" for b in self.backgrounds if b not in DRAWABLE_BACKGROUNDS]
         if not self.classes:

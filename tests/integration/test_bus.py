@@ -12,7 +12,7 @@ import pytest
 from freemask.shared.bus import (
     InboundMessage, OutboundMessage, Publisher, StageWorker, Topics, ensure_topics, make_consumer, make_producer,
 )
-from freemask.shared.config import FreemaskConfig
+from freemask.shared.config import BusConfig, FreemaskConfig
 from freemask.shared.metrics import ServiceMetrics
 from freemask.shared.processes import stop_pid
 from freemask.v1 import dead_letter_pb2, generate_pb2
@@ -62,26 +62,34 @@ def test_ten_thousand_messages_pass_through_a_stage_with_none_lost(stack_config:
     assert all(headers["schema"] == b"freemask.v1.GenerateRequest" and headers["trace-id"] for _, _, headers in out)
 
 
+def start_echo_worker(config: BusConfig, source: str, sink: str, delay_s: float, log: Path) -> subprocess.Popen:
+    """The echo stage in its own process, in consumer group `echo-{source}`."""
+    command = [sys.executable, str(ECHO_STAGE), config.bootstrap_servers, source, sink, f"echo-{source}", str(delay_s)]
+    return subprocess.Popen(command, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+
+
+def wait_for_outputs(config: BusConfig, sink: str, count: int, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while len(drain(config, sink, count, timeout_s=1)) < count and time.monotonic() < deadline:
+        pass
+
+
 def test_killed_consumer_resumes_from_its_committed_offset(stack_config: FreemaskConfig, tmp_path: Path) -> None:
     config = stack_config.bus
     source, sink = unique_topics(config, "in", "out")
     ids = [f"s-{i}" for i in range(300)]
     produce(config, source, ids)
-    group = f"kill-{source}"
-    command = [sys.executable, str(ECHO_STAGE), config.bootstrap_servers, source, sink, group, "0.01"]
 
-    first = subprocess.Popen(command, stdout=open(tmp_path / "first.log", "wb"), stderr=subprocess.STDOUT)
+    first = start_echo_worker(config, source, sink, 0.01, tmp_path / "first.log")
     try:
-        deadline = time.monotonic() + 60
-        while len(drain(config, sink, 50, timeout_s=1)) < 50 and time.monotonic() < deadline:
-            pass
+        wait_for_outputs(config, sink, 50)
     finally:
         first.kill()  # SIGKILL: no chance to commit or close
         first.wait()
     done_before_kill = len(drain(config, sink, len(ids), timeout_s=2))
     assert 0 < done_before_kill < len(ids), "the kill must land mid-stream"
 
-    second = subprocess.Popen(command, stdout=open(tmp_path / "second.log", "wb"), stderr=subprocess.STDOUT)
+    second = start_echo_worker(config, source, sink, 0.01, tmp_path / "second.log")
     try:
         out = drain(config, sink, len(ids), timeout_s=90)
         # let the second worker finish what it has in hand before reading the totals
@@ -161,19 +169,15 @@ def test_sigterm_finishes_the_batch_in_hand_and_commits(stack_config: FreemaskCo
     source, sink = unique_topics(config, "in", "out")
     ids = [f"s-{i}" for i in range(200)]
     produce(config, source, ids)
-    group = f"term-{source}"
-    command = [sys.executable, str(ECHO_STAGE), config.bootstrap_servers, source, sink, group, "0.02"]
 
-    first = subprocess.Popen(command, stdout=open(tmp_path / "first.log", "wb"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while len(drain(config, sink, 20, timeout_s=1)) < 20 and time.monotonic() < deadline:
-        pass
+    first = start_echo_worker(config, source, sink, 0.02, tmp_path / "first.log")
+    wait_for_outputs(config, sink, 20)
     first.terminate()  # SIGTERM: finish the message in hand, publish, commit, exit
     assert first.wait(timeout=20) == 0
     done = len(drain(config, sink, len(ids), timeout_s=2))
     assert 0 < done < len(ids), "SIGTERM must land mid-stream"
 
-    second = subprocess.Popen(command, stdout=open(tmp_path / "second.log", "wb"), stderr=subprocess.STDOUT)
+    second = start_echo_worker(config, source, sink, 0.02, tmp_path / "second.log")
     try:
         out = drain(config, sink, len(ids), timeout_s=90)
     finally:
