@@ -1,0 +1,86 @@
+"""Decoding untrusted image bytes, and encoding images deterministically.
+
+Every image that arrives from a caller or from the store goes through
+`decode_image` or `decode_label_map`. Size limits are checked on the byte
+length first and on the header's width and height before any pixel is
+decoded, so a decompression bomb (a tiny file declaring 20000×20000 pixels)
+is refused without allocating it. Failures raise `InvalidInput` with a message
+that says what was wrong.
+
+`encode_png` writes the same bytes for the same pixels every time, so a
+redelivered message rewrites identical objects in the store.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from freemask.shared.config import LimitsConfig
+from freemask.shared.errors import InvalidInput
+
+ACCEPTED_FORMATS = ("PNG", "JPEG")
+
+
+def _open_checked(data: bytes, limits: LimitsConfig, what: str) -> Image.Image:
+    if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) == 0:
+        raise InvalidInput(f"{what} is empty")
+    if len(data) > limits.max_image_bytes:
+        raise InvalidInput(f"{what} is {len(data)} bytes; the limit is {limits.max_image_bytes}")
+    try:
+        with warnings.catch_warnings():
+            # PIL warns (or raises) on huge images only after its own global
+            # threshold; our per-call limit below is the one that applies.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        raise InvalidInput(
+            f"{what} declares far more pixels than allowed; each side must be in [1, {limits.max_image_side_px}]"
+        ) from None
+    except (UnidentifiedImageError, OSError, ValueError):
+        raise InvalidInput(f"{what} is not a PNG or JPEG image") from None
+    if image.format not in ACCEPTED_FORMATS:
+        raise InvalidInput(f"{what} is {image.format}; accepted formats are {', '.join(ACCEPTED_FORMATS)}")
+    width, height = image.size
+    side = limits.max_image_side_px
+    if width > side or height > side or width < 1 or height < 1:
+        raise InvalidInput(f"{what} is {width}×{height} px; each side must be in [1, {side}]")
+    return image
+
+
+def _load(image: Image.Image, mode: str, what: str) -> np.ndarray:
+    try:
+        image.load()
+        return np.asarray(image.convert(mode))
+    except (OSError, ValueError, SyntaxError):  # truncated or corrupt pixel data
+        raise InvalidInput(f"{what} is truncated or corrupt") from None
+
+
+def decode_image(data: bytes, limits: LimitsConfig, what: str = "image") -> np.ndarray:
+    """RGB pixels, uint8 H×W×3."""
+    return _load(_open_checked(data, limits, what), "RGB", what)
+
+
+def decode_mask(data: bytes, limits: LimitsConfig, what: str = "mask") -> np.ndarray:
+    """A single-channel map (label map or binary mask), uint8 H×W; PNG only, since JPEG would blur labels."""
+    image = _open_checked(data, limits, what)
+    if image.format != "PNG":
+        raise InvalidInput(f"{what} must be a PNG (lossless); got {image.format}")
+    if image.mode not in ("L", "P", "1"):
+        raise InvalidInput(f"{what} has mode {image.mode}; a label map is single-channel (L or P)")
+    if image.mode == "P":
+        _load(image, "P", what)
+        return np.asarray(image)  # palette indices are the labels; convert("L") would map colours
+    return _load(image, "L", what)
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    """Deterministic PNG bytes for uint8 H×W (labels) or H×W×3 (RGB) pixels."""
+    if pixels.dtype != np.uint8 or pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[2] != 3):
+        raise InvalidInput(f"cannot encode pixels of dtype {pixels.dtype} and shape {pixels.shape} as PNG")
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", optimize=False, compress_level=6)
+    return buffer.getvalue()

@@ -1,0 +1,87 @@
+"""Untrusted image bytes: refused with a clear reason, or decoded exactly."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from freemask.shared.config import LimitsConfig
+from freemask.shared.errors import InvalidInput
+from freemask.shared.images import decode_image, decode_mask, encode_png
+
+LIMITS = LimitsConfig(max_image_bytes=64 * 1024, max_image_side_px=512)
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    return encode_png(pixels)
+
+
+def with_declared_size(png: bytes, width: int, height: int) -> bytes:
+    """The same PNG with its IHDR claiming another size (a decompression-bomb header)."""
+    ihdr_start = 8 + 8  # signature, then the IHDR chunk's length and type
+    body = struct.pack(">II", width, height) + png[ihdr_start + 8 : ihdr_start + 13]
+    crc = struct.pack(">I", zlib.crc32(b"IHDR" + body) & 0xFFFFFFFF)
+    return png[:ihdr_start] + body + crc + png[ihdr_start + 17 :]
+
+
+def test_rgb_round_trip_is_exact_and_encoding_is_deterministic() -> None:
+    pixels = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    data = png_bytes(pixels)
+    assert png_bytes(pixels) == data, "the same pixels must give the same bytes"
+    assert np.array_equal(decode_image(data, LIMITS), pixels)
+
+
+def test_label_maps_keep_their_values_including_palette_indices() -> None:
+    labels = np.array([[0, 1, 255], [12, 3, 0]], dtype=np.uint8)
+    assert np.array_equal(decode_mask(png_bytes(labels), LIMITS), labels)
+    palette = Image.fromarray(labels, mode="L").convert("P")
+    palette.putpalette([v for i in range(256) for v in (i * 7 % 256, i, 255 - i)])
+    buffer = io.BytesIO()
+    palette.save(buffer, format="PNG")
+    assert np.array_equal(decode_mask(buffer.getvalue(), LIMITS), np.asarray(palette))
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", "is empty"),
+        (b"GIF89a not really", "not a PNG or JPEG image"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "not a PNG or JPEG image"),
+        (b"x" * (64 * 1024 + 1), "bytes; the limit is 65536"),
+    ],
+)
+def test_bytes_that_are_not_an_acceptable_image(data: bytes, reason: str) -> None:
+    with pytest.raises(InvalidInput, match=reason):
+        decode_image(data, LIMITS)
+
+
+@pytest.mark.parametrize(("width", "height"), [(20000, 20000), (600, 8), (8, 4000)])
+def test_a_header_declaring_too_many_pixels_is_refused_before_decoding(width: int, height: int) -> None:
+    bomb = with_declared_size(png_bytes(np.zeros((8, 8, 3), np.uint8)), width, height)
+    with pytest.raises(InvalidInput, match=r"each side must be in \[1, 512\]"):
+        decode_image(bomb, LIMITS)
+
+
+def test_truncated_pixel_data_is_refused() -> None:
+    data = png_bytes(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    with pytest.raises(InvalidInput, match="truncated or corrupt"):
+        decode_image(data[: len(data) // 2], LIMITS)
+
+
+def test_masks_must_be_lossless_and_single_channel() -> None:
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(buffer, format="JPEG")
+    with pytest.raises(InvalidInput, match="must be a PNG"):
+        decode_mask(buffer.getvalue(), LIMITS)
+    with pytest.raises(InvalidInput, match="mode RGB"):
+        decode_mask(png_bytes(np.zeros((8, 8, 3), np.uint8)), LIMITS)
+
+
+def test_encode_refuses_what_is_not_uint8_pixels() -> None:
+    with pytest.raises(InvalidInput, match="cannot encode"):
+        encode_png(np.zeros((4, 4), np.float32))
