@@ -228,15 +228,12 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
 def _expects_container(path: list[str]) -> bool:
     """Whether the field at `path` holds a list, tuple or mapping (else a scalar or secret)."""
     model: Any = FreemaskConfig
-    for depth, part in enumerate(path):
+    for part in path:
+        if get_origin(model) is dict:  # `part` is a key of a mapping such as server.ports
+            model = get_args(model)[1]
+            continue
         fields = getattr(model, "model_fields", None)
-        if fields is None or part not in fields:
-            # inside a mapping such as server.ports.<service>: step over the key
-            if depth and get_origin(model) is dict:
-                model = get_args(model)[1]
-                if part in getattr(model, "model_fields", {}):
-                    model = model.model_fields[part].annotation
-                    continue
+        if not fields or part not in fields:
             return False
         model = fields[part].annotation
     return get_origin(model) in (tuple, list, dict)
