@@ -1,0 +1,259 @@
+"""From a soft cross-attention map to a binary mask: affinity random walk and eq. 23.
+
+1. **Random walk (AffinityNet).** An affinity ``W`` between feature-grid positions (here the
+   UNet's mean self-attention; a learned AffinityNet head gives the same shape) becomes a
+   transition matrix ``T = D⁻¹ W^{∘β}`` (element-wise power β sharpens it, ``D`` normalises
+   rows); the map is propagated ``vec(M') = Tᵗ vec(M)``. Propagation fills an object whose
+   parts attend to each other and starves background that merely sits next to it.
+2. **Threshold search (eq. 23).** Instead of one fixed threshold, each candidate τ of a grid
+   binarises the soft map, and the τ whose mask agrees best (IoU) with the propagated map is
+   kept. The propagated map is binarised at its own mean by default (an object covering a
+   fraction p of an otherwise empty image has mean ≈ p, so the mean sits between the two
+   plateaus) or at a configured level.
+3. **Clean-up.** Connected components smaller than a fraction of the image are dropped;
+   the largest component is always kept, so clean-up alone never empties a mask.
+
+All functions are pure and work on one sample (``(H, W)`` maps); the service loops over a batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from freemask.attention_mask.aggregate import Resolution, normalize_unit
+from freemask.shared.errors import InvalidInput
+
+DEFAULT_THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * step, 2) for step in range(1, 20))  # 0.05 … 0.95
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """Knobs of the refinement; the defaults are starting points for the benchmark to tune.
+
+    ``beta`` and ``iterations`` are AffinityNet's β and t (its paper used β=8, t=256 on
+    learned affinities in [0, 1]; self-attention rows are already probabilities, so a
+    milder β and a few steps are enough). ``symmetrize`` averages W with Wᵀ, as AffinityNet's
+    affinities are symmetric by construction. ``reference_threshold`` is the level at which
+    the propagated map is binarised (``None``: its mean). ``min_component_fraction`` is the
+    smallest blob kept, as a fraction of the image area.
+    """
+
+    beta: float = 2.0
+    iterations: int = 4
+    symmetrize: bool = True
+    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
+    reference_threshold: float | None = None
+    min_component_fraction: float = 0.01
+
+
+@dataclass(frozen=True)
+class RefinedMask:
+    """The outcome for one sample: what the service stores and records in the metadata."""
+
+    mask: torch.Tensor  # (H, W) bool, after small-blob removal
+    threshold: float  # the τ chosen by eq. 23
+    iou: float  # IoU of the chosen τ's mask with the binarised propagated map
+    refined_map: torch.Tensor  # (H, W) float in [0, 1]: the propagated soft map
+
+
+def transition_matrix(affinity: torch.Tensor, beta: float = 2.0, symmetrize: bool = True) -> torch.Tensor:
+    """AffinityNet's ``T = D⁻¹ W^{∘β}`` from an ``(N, N)`` non-negative affinity.
+
+    W is scaled by its maximum before the power so that β ≫ 1 does not underflow float32
+    (the scale cancels in the row normalisation). A row with no affinity left becomes a
+    self-loop, so such a position keeps its value instead of turning into NaN.
+    """
+    if affinity.ndim != 2 or affinity.shape[0] != affinity.shape[1]:
+        raise InvalidInput(f"affinity must be a square (N, N) matrix, got shape {tuple(affinity.shape)}")
+    if beta <= 0:
+        raise InvalidInput(f"beta must be positive, got {beta}")
+    weights = affinity.float().clamp_min(0.0)
+    if symmetrize:
+        weights = 0.5 * (weights + weights.T)
+    peak = weights.max()
+    if peak > 0:
+        weights = weights / peak
+    weights = weights.pow(beta)
+    row_sums = weights.sum(dim=1, keepdim=True)
+    empty = row_sums.squeeze(1) <= 0
+    if bool(empty.any()):
+        weights = weights.clone()
+        weights[empty, empty] = 1.0
+        row_sums = weights.sum(dim=1, keepdim=True)
+    return weights / row_sums
+
+
+def random_walk(values: torch.Tensor, transition: torch.Tensor, iterations: int) -> torch.Tensor:
+    """``Tᵗ · vec(values)``: ``values`` is ``(h, w)`` and ``transition`` ``(h·w, h·w)``.
+
+    Iterating the vector costs ``t·N²`` instead of the ``log t · N³`` of a matrix power,
+    which wins for the few steps used here.
+    """
+    if iterations < 0:
+        raise InvalidInput(f"iterations must be non-negative, got {iterations}")
+    if values.ndim != 2 or transition.shape != (values.numel(), values.numel()):
+        raise InvalidInput(
+            f"a ({values.numel()}, {values.numel()}) transition is needed for a map of shape "
+            f"{tuple(values.shape)}, got {tuple(transition.shape)}"
+        )
+    vector = values.reshape(-1, 1).float()
+    for _ in range(iterations):
+        vector = transition @ vector
+    return vector.reshape(values.shape)
+
+
+def propagate(
+    soft_map: torch.Tensor,
+    affinity: torch.Tensor,
+    affinity_size: Resolution,
+    beta: float = 2.0,
+    iterations: int = 4,
+    symmetrize: bool = True,
+) -> torch.Tensor:
+    """The refined soft map: ``soft_map`` (H, W) walked on an affinity over an ``affinity_size`` grid.
+
+    The map is brought to the affinity's grid (area averaging, so no value is skipped),
+    walked, brought back bilinearly and normalised to [0, 1].
+    """
+    if soft_map.ndim != 2:
+        raise InvalidInput(f"soft map must be (H, W), got shape {tuple(soft_map.shape)}")
+    height, width = affinity_size
+    if affinity.shape != (height * width, height * width):
+        raise InvalidInput(
+            f"affinity of shape {tuple(affinity.shape)} does not describe a {height}×{width} grid"
+        )
+    output_size = tuple(soft_map.shape)
+    coarse = soft_map.float()
+    if coarse.shape != (height, width):
+        coarse = F.interpolate(coarse[None, None], size=(height, width), mode="area")[0, 0]
+    walked = random_walk(coarse, transition_matrix(affinity, beta, symmetrize), iterations)
+    if walked.shape != output_size:
+        walked = F.interpolate(walked[None, None], size=output_size, mode="bilinear", align_corners=False)[0, 0]
+    return normalize_unit(walked[None])[0]
+
+
+def mask_iou(first: torch.Tensor, second: torch.Tensor) -> float:
+    """IoU of two boolean masks; two empty masks agree perfectly (1.0)."""
+    if first.shape != second.shape:
+        raise InvalidInput(f"masks of shapes {tuple(first.shape)} and {tuple(second.shape)} cannot be compared")
+    union = int((first | second).sum())
+    if union == 0:
+        return 1.0
+    return int((first & second).sum()) / union
+
+
+def threshold_search(
+    soft_map: torch.Tensor,
+    refined_map: torch.Tensor,
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    reference_threshold: float | None = None,
+) -> tuple[float, float]:
+    """Eq. 23: the τ whose ``soft_map ≥ τ`` best matches (IoU) the binarised ``refined_map``.
+
+    Returns ``(τ, IoU)``. Ties go to the smallest τ, the more inclusive mask: the
+    propagated map is the reference, and among equally good masks the one that loses
+    fewer object pixels makes fewer holes in the label.
+    """
+    if soft_map.shape != refined_map.shape or soft_map.ndim != 2:
+        raise InvalidInput(
+            f"soft and refined maps must both be (H, W) of one shape, got {tuple(soft_map.shape)} "
+            f"and {tuple(refined_map.shape)}"
+        )
+    if len(thresholds) == 0:
+        raise InvalidInput("the threshold grid is empty: give at least one candidate τ")
+    if any(not 0.0 <= tau <= 1.0 for tau in thresholds):
+        raise InvalidInput(f"thresholds must lie in [0, 1], got {list(thresholds)}")
+    level = float(refined_map.mean()) if reference_threshold is None else reference_threshold
+    reference = refined_map >= level
+    best_tau, best_iou = float(thresholds[0]), -1.0
+    for tau in sorted(thresholds):
+        iou = mask_iou(soft_map >= tau, reference)
+        if iou > best_iou:
+            best_tau, best_iou = float(tau), iou
+    return best_tau, best_iou
+
+
+def _row_runs(row: np.ndarray) -> list[tuple[int, int]]:
+    """Half-open ``[start, end)`` runs of True in one row."""
+    padded = np.concatenate(([0], row.astype(np.int8), [0]))
+    edges = np.flatnonzero(np.diff(padded))
+    return list(zip(edges[0::2].tolist(), edges[1::2].tolist()))
+
+
+def connected_components(mask: torch.Tensor, connectivity: int = 8) -> tuple[torch.Tensor, int]:
+    """Label the 4- or 8-connected components of a boolean ``(H, W)`` mask.
+
+    Run-based union–find in numpy (no scipy dependency): work is proportional to the number
+    of horizontal runs, not pixels. Returns ``(labels, count)`` with labels ``1..count`` and
+    0 for background.
+    """
+    if mask.ndim != 2:
+        raise InvalidInput(f"mask must be (H, W), got shape {tuple(mask.shape)}")
+    if connectivity not in (4, 8):
+        raise InvalidInput(f"connectivity must be 4 or 8, got {connectivity}")
+    grid = mask.detach().cpu().numpy().astype(bool)
+    reach = 1 if connectivity == 8 else 0
+    parent: list[int] = []
+
+    def find(node: int) -> int:
+        while parent[node] != node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    runs_by_row: list[list[tuple[int, int, int]]] = []
+    previous: list[tuple[int, int, int]] = []
+    for row in grid:
+        current = []
+        for start, end in _row_runs(row):
+            run_id = len(parent)
+            parent.append(run_id)
+            for above_start, above_end, above_id in previous:
+                if above_start < end + reach and start < above_end + reach:
+                    root_a, root_b = find(run_id), find(above_id)
+                    if root_a != root_b:
+                        parent[max(root_a, root_b)] = min(root_a, root_b)
+            current.append((start, end, run_id))
+        runs_by_row.append(current)
+        previous = current
+
+    labels = np.zeros(grid.shape, dtype=np.int64)
+    label_of_root: dict[int, int] = {}
+    for y, runs in enumerate(runs_by_row):
+        for start, end, run_id in runs:
+            root = find(run_id)
+            labels[y, start:end] = label_of_root.setdefault(root, len(label_of_root) + 1)
+    return torch.from_numpy(labels), len(label_of_root)
+
+
+def remove_small_components(mask: torch.Tensor, min_fraction: float, connectivity: int = 8) -> torch.Tensor:
+    """Drop components smaller than ``min_fraction`` of the image; never the largest one."""
+    if not 0.0 <= min_fraction < 1.0:
+        raise InvalidInput(f"min_fraction must be in [0, 1), got {min_fraction}")
+    labels, count = connected_components(mask, connectivity)
+    if count <= 1 or min_fraction == 0.0:
+        return mask.clone()
+    sizes = torch.bincount(labels.flatten(), minlength=count + 1)
+    sizes[0] = 0
+    keep = sizes >= min_fraction * mask.numel()
+    keep[int(sizes.argmax())] = True
+    keep[0] = False
+    return keep[labels].to(mask.device)
+
+
+def refine(soft_map: torch.Tensor, affinity: torch.Tensor, affinity_size: Resolution,
+           config: RefineConfig = RefineConfig()) -> RefinedMask:
+    """Propagate, search τ (eq. 23), binarise the soft map at τ and clean it up.
+
+    ``soft_map`` is one sample's fused [0, 1] map (H, W); ``affinity`` its ``(h·w, h·w)``
+    self-attention (``AttentionStore.self_attention_means()[(h, w)][i]``).
+    """
+    refined = propagate(soft_map, affinity, affinity_size, config.beta, config.iterations, config.symmetrize)
+    tau, iou = threshold_search(soft_map, refined, config.thresholds, config.reference_threshold)
+    mask = remove_small_components(soft_map >= tau, config.min_component_fraction)
+    return RefinedMask(mask=mask, threshold=tau, iou=iou, refined_map=refined)
