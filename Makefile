@@ -9,7 +9,7 @@ PROTO_OUT := services/v1
 PROTO_STAMP := $(PROTO_OUT)/.generated
 PYTEST_ARGS ?=
 
-.PHONY: run test protos bench clean stack-up stack-down
+.PHONY: run test protos bench models clean stack-up stack-down
 
 ## run: install, bring up the embedded stack and every service, run the main job, shut down
 run: $(INSTALLED) $(PROTO_STAMP)
@@ -22,6 +22,11 @@ test: $(INSTALLED) $(PROTO_STAMP)
 ## bench: measure (timings live here, never in pass/fail tests); writes tests/benchmarks/results/
 bench: $(INSTALLED) $(PROTO_STAMP)
 	$(PY) tests/benchmarks/bench_platform.py
+	$(PY) tests/benchmarks/bench_generator.py
+
+## models: retrain the shipped small models from scratch on 2 CPU cores (seeded, logged next to the weights)
+models: $(INSTALLED) $(PROTO_STAMP)
+	$(PY) -m freemask.attention_mask.generator.train --out services/attention_mask/weights/generator --minutes 40 --seed 0
 
 ## protos: generate the Python code for protos/ (never committed, never edited)
 protos: $(PROTO_STAMP)

@@ -51,3 +51,25 @@ def drain(config: BusConfig, topic: str, expected: int, timeout_s: float = 60.0)
     finally:
         consumer.close()
     return records
+
+
+def drain_keys(config: BusConfig, topic: str, wanted: Iterable[str], timeout_s: float = 90.0) -> list[str]:
+    """Every key on the topic, read from the start until each wanted key has appeared.
+
+    Counting records is not enough where duplicates are possible: N records may
+    hold N-k distinct keys while the rest are still on their way.
+    """
+    wanted = set(wanted)
+    consumer = KafkaConsumer(
+        topic, bootstrap_servers=config.bootstrap_servers, auto_offset_reset="earliest", enable_auto_commit=False,
+        group_id=None,
+    )
+    keys: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not wanted <= set(keys) and time.monotonic() < deadline:
+            for batch in consumer.poll(timeout_ms=500).values():
+                keys.extend(r.key.decode() for r in batch)
+    finally:
+        consumer.close()
+    return keys

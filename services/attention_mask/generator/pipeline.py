@@ -14,6 +14,7 @@ pipeline from a local folder with no network.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -23,7 +24,6 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline, UNet2DConditionModel
-from diffusers.schedulers import KarrasDiffusionSchedulers  # noqa: F401  (documents the accepted family)
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
@@ -62,7 +62,24 @@ class FreeMaskTextToImagePipeline(DiffusionPipeline):
                               vae=vae)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
 
-    # ---- saving -------------------------------------------------------------------------------------------
+    # ---- saving and loading -------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(  # type: ignore[override]
+            cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
+        """Load a local generator folder; no flag needed when its pipeline.py is exactly our shim.
+
+        diffusers treats any pipeline.py as remote code and asks for
+        trust_remote_code=True. Ours only imports this installed module, so
+        it is trusted when it matches byte for byte; anything else still
+        needs the caller's explicit consent.
+        """
+        shim = os.path.join(os.fspath(pretrained_model_name_or_path), "pipeline.py")
+        if "trust_remote_code" not in kwargs and os.path.isfile(shim):
+            with open(shim, encoding="utf-8") as f:
+                if f.read() == PIPELINE_SHIM:
+                    kwargs["trust_remote_code"] = True
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:  # type: ignore[override]
         """Save as usual, then point model_index.json at the `pipeline.py` shim so loading needs no hub."""
         super().save_pretrained(save_directory, safe_serialization=True, **kwargs)
@@ -70,13 +87,26 @@ class FreeMaskTextToImagePipeline(DiffusionPipeline):
         with open(index_path, encoding="utf-8") as f:
             index = json.load(f)
         index["_class_name"] = ["pipeline", type(self).__name__]
+        if index.get("tokenizer") == ["transformers", "TokenizersBackend"]:
+            # transformers 5 names its fast tokenizer TokenizersBackend; PreTrainedTokenizerFast is the
+            # alias that transformers 4 also knows, so the folder opens with either.
+            index["tokenizer"] = ["transformers", "PreTrainedTokenizerFast"]
         with open(index_path, "w", encoding="utf-8") as f:
             json.dump(index, f, indent=2, sort_keys=True)
             f.write("\n")
         with open(os.path.join(save_directory, "pipeline.py"), "w", encoding="utf-8") as f:
             f.write(PIPELINE_SHIM)
+        # safetensors files arrive owner-only (0600); images run as a non-root uid that must read them.
+        for root, _, files in os.walk(save_directory):
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o644)
 
     # ---- steps --------------------------------------------------------------------------------------------
+    # A small, briefly trained epsilon model leaves high-frequency residue with deterministic DDIM
+    # (eta=0); the ancestral form (eta=1) re-injects noise each step and washes it out (seen on the
+    # shipped model). SD users pass eta=0.0 as usual.
+    default_eta: float = 1.0
+
     @property
     def default_size(self) -> int:
         return int(self.unet.config.sample_size) * self.vae_scale_factor
@@ -101,7 +131,10 @@ class FreeMaskTextToImagePipeline(DiffusionPipeline):
             negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
             if len(negatives) not in (1, len(prompts)) or not all(isinstance(n, str) for n in negatives):
                 raise ValueError("negative_prompt must be a string or one string per prompt")
-        multiple = 8 * self.vae_scale_factor if self.vae is not None else 2 ** (len(self.unet.config.block_out_channels) - 1)
+        # SD's UNet pads odd latent sizes itself, so a VAE model only needs whole latents (multiples of 8 px);
+        # the pixel model needs sizes its down-sampling stages divide exactly.
+        stages = len(self.unet.config.block_out_channels) - 1
+        multiple = self.vae_scale_factor if self.vae is not None else 2**stages
         for name, value in (("height", height), ("width", width)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % multiple:
                 raise ValueError(f"{name} must be a positive multiple of {multiple}, got {value!r}")
@@ -178,7 +211,7 @@ class FreeMaskTextToImagePipeline(DiffusionPipeline):
     # ---- the call -----------------------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(self, prompt: str | Sequence[str], height: int | None = None, width: int | None = None,
-                 num_inference_steps: int = 50, guidance_scale: float = 3.0,
+                 num_inference_steps: int = 50, guidance_scale: float = 3.0, eta: float | None = None,
                  negative_prompt: str | Sequence[str] | None = None, num_images_per_prompt: int = 1,
                  generator: torch.Generator | list[torch.Generator] | None = None,
                  seed: int | Sequence[int] | None = None, latents: torch.Tensor | None = None,
@@ -191,7 +224,9 @@ class FreeMaskTextToImagePipeline(DiffusionPipeline):
         `callback_on_step_end(pipe, step, timestep, {"latents": ...})` runs
         after each step (e.g. to collect attention maps per step); returning
         a dict with "latents" replaces them. `output_type` is "np" (uint8
-        NHWC), "pil" or "pt" (float NCHW in [0, 1]).
+        NHWC), "pil" or "pt" (float NCHW in [0, 1]). `eta` is DDIM's noise
+        level (0 deterministic-ODE, 1 ancestral like DDPM); None takes the
+        pipeline's default, `default_eta`, ignored by schedulers without eta.
         """
         # 1. Check inputs; default size from the UNet
         height = self.default_size if height is None else height
@@ -212,9 +247,12 @@ class FreeMaskTextToImagePipeline(DiffusionPipeline):
         if neg_embeds is not None:
             embeds = torch.cat([neg_embeds, embeds])
 
-        # 3. Timesteps
+        # 3. Timesteps and per-step options
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
+        step_kwargs: dict[str, Any] = {}
+        if "eta" in inspect.signature(self.scheduler.step).parameters:
+            step_kwargs["eta"] = self.default_eta if eta is None else float(eta)
 
         # 4. Starting noise
         latents = self.prepare_latents(batch_size, height, width, embeds.dtype, device, generator, latents)
@@ -228,7 +266,11 @@ class FreeMaskTextToImagePipeline(DiffusionPipeline):
             if do_cfg:
                 uncond, cond = noise.chunk(2)
                 noise = uncond + guidance_scale * (cond - uncond)
-            latents = self.scheduler.step(noise, t, latents, generator=generator, return_dict=False)[0]
+            if "eta" in step_kwargs and i == len(timesteps) - 1:
+                # DDIM's last step adds at most ~1 grey level of noise, but from t=999 straight to t=0
+                # (one step) its variance rounds below zero and gives NaN: end deterministically.
+                step_kwargs["eta"] = 0.0
+            latents = self.scheduler.step(noise, t, latents, generator=generator, return_dict=False, **step_kwargs)[0]
             if callback_on_step_end is not None:
                 out = callback_on_step_end(self, i, t, {"latents": latents}) or {}
                 latents = out.get("latents", latents)

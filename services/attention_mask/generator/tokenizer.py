@@ -69,7 +69,7 @@ def token_words(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[tuple[i
     out: list[tuple[int, str]] = []
     word_ids = enc.word_ids()
     spans: dict[int, tuple[int, int]] = {}
-    for pos, (wid, (start, end)) in enumerate(zip(word_ids, enc["offset_mapping"])):
+    for wid, (start, end) in zip(word_ids, enc["offset_mapping"]):
         if wid is None or start == end:
             continue
         s, e = spans.get(wid, (start, end))

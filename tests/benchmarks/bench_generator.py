@@ -1,0 +1,235 @@
+"""Generator benchmark: is the shipped small generator drawing the class and background it was asked for?
+
+    .venv/bin/python tests/benchmarks/bench_generator.py [--weights DIR] [--per-class 16]
+
+A small CNN is trained here, in the same run, on rendered single-object world
+scenes to name the object's class and the background. It then labels images
+the shipped generator draws from "a photo of a {class} {place}" prompts:
+recognisability of class c is the fraction of c's images it labels c;
+background accuracy is the fraction whose background it labels as prompted.
+Its own accuracy on held-out rendered validation scenes is reported beside
+them, because a generated image can be no more recognisable than the judge
+is accurate. Writes tests/benchmarks/results/generator.json and the sample
+grid generator_samples.png (one row per class).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from torch import nn
+
+from freemask.attention_mask.generator import WEIGHTS_DIR, FreeMaskTextToImagePipeline
+from freemask.world import (
+    DEFAULT_WORLD,
+    DRAWABLE_BACKGROUNDS,
+    DRAWABLE_CLASSES,
+    allowed_backgrounds,
+    dataset,
+    render_scene,
+    sample_scene_spec,
+)
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SEED = 0
+# The natural way the world's captions place an object on each background.
+PLACES = {"sky": "in the sky", "sea": "on the sea", "road": "on the road", "grass": "on the grass",
+          "field": "in a field", "room": "in a room", "rail": "on the railway"}
+
+
+JUDGE_SEED_TAG = 0x1D6E  # the judge's scenes are apart from the generator's training pool
+
+
+def _render_single(args: tuple[int, int, int, int]) -> tuple[np.ndarray, list[str], list[str]]:
+    seed, start, stop, image_size = args
+    images, classes, backgrounds = [], [], []
+    for i in range(start, stop):
+        scene = render_scene(sample_scene_spec(np.random.default_rng([JUDGE_SEED_TAG, seed, i]), DEFAULT_WORLD,
+                                               image_size, n_objects=1))
+        if len(scene.objects) != 1:
+            continue
+        images.append(scene.image)
+        classes.append(scene.objects[0].cls)
+        backgrounds.append(scene.background)
+    return np.stack(images), classes, backgrounds
+
+
+def render_pool_single(size: int, image_size: int, seed: int, workers: int = 2
+                       ) -> tuple[np.ndarray, list[str], list[str]]:
+    """Single-object scenes with their class and background, rendered on `workers` processes."""
+    bounds = np.linspace(0, size, workers * 4 + 1).astype(int)
+    jobs = [(seed, int(a), int(b), image_size) for a, b in zip(bounds[:-1], bounds[1:])]
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        parts = pool.map(_render_single, jobs)
+    return (np.concatenate([p[0] for p in parts]), [c for p in parts for c in p[1]],
+            [b for p in parts for b in p[2]])
+
+
+class Judge(nn.Module):
+    """A small CNN with two heads: object class and background."""
+
+    def __init__(self, n_classes: int, n_backgrounds: int) -> None:
+        super().__init__()
+
+        def block(i: int, o: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(),
+                                 nn.Conv2d(o, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(), nn.MaxPool2d(2))
+
+        self.features = nn.Sequential(block(3, 32), block(32, 64), block(64, 128), nn.AdaptiveAvgPool2d(1),
+                                      nn.Flatten(), nn.Dropout(0.2))
+        self.cls_head = nn.Linear(128, n_classes)
+        self.bg_head = nn.Linear(128, n_backgrounds)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.features(x)
+        return self.cls_head(h), self.bg_head(h)
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def train_judge(size: int, image_size: int, minutes: float, seed: int) -> tuple[Judge, dict[str, float]]:
+    images, classes, backgrounds = render_pool_single(size, image_size, seed)
+    x = to_tensor(images)
+    yc = torch.tensor([DRAWABLE_CLASSES.index(c) for c in classes])
+    yb = torch.tensor([DRAWABLE_BACKGROUNDS.index(b) for b in backgrounds])
+    torch.manual_seed(seed)
+    judge = Judge(len(DRAWABLE_CLASSES), len(DRAWABLE_BACKGROUNDS))
+    opt = torch.optim.AdamW(judge.parameters(), lr=2e-3, weight_decay=1e-3)
+    rng = np.random.default_rng(seed)
+    start = time.perf_counter()
+    steps = 0
+    judge.train()
+    while time.perf_counter() - start < minutes * 60:
+        idx = torch.from_numpy(rng.integers(0, len(x), 64))
+        xb = x[idx]
+        xb = torch.where(torch.from_numpy(rng.random(64) < 0.5)[:, None, None, None], xb.flip(-1), xb)
+        lc, lb = judge(xb)
+        loss = F.cross_entropy(lc, yc[idx]) + F.cross_entropy(lb, yb[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        steps += 1
+    judge.eval()
+    # Held-out check on the fixed validation split: single-object scenes only.
+    val = [dataset("val", i, image_size) for i in range(500)]
+    val = [s for s in val if len(s.objects) == 1]
+    pc, pb = predict(judge, np.stack([s.image for s in val]))
+    acc_c = float(np.mean([DRAWABLE_CLASSES[p] == s.objects[0].cls for p, s in zip(pc, val)]))
+    acc_b = float(np.mean([DRAWABLE_BACKGROUNDS[p] == s.background for p, s in zip(pb, val)]))
+    return judge, {"judge_val_class_accuracy": round(acc_c, 4), "judge_val_background_accuracy": round(acc_b, 4),
+                   "judge_val_scenes": len(val), "judge_steps": steps, "judge_train_images": size}
+
+
+@torch.no_grad()
+def predict(judge: Judge, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    outs = [judge(to_tensor(images[i:i + 256])) for i in range(0, len(images), 256)]
+    return (torch.cat([o[0] for o in outs]).argmax(1).numpy(), torch.cat([o[1] for o in outs]).argmax(1).numpy())
+
+
+def train_minutes(weights: Path) -> float | None:
+    log = (weights / "train_log.txt").read_text(encoding="utf-8") if (weights / "train_log.txt").exists() else ""
+    m = re.findall(r"done (\{.*\})", log)
+    return json.loads(m[-1])["train_minutes"] if m else None
+
+
+def prompts_for(per_class: int) -> list[tuple[str, str, str]]:
+    """(class, background, prompt), cycling each class over its plausible backgrounds."""
+    out = []
+    for cls in DRAWABLE_CLASSES:
+        bgs = allowed_backgrounds(cls)
+        for k in range(per_class):
+            bg = bgs[k % len(bgs)]
+            out.append((cls, bg, f"a photo of a {cls} {PLACES[bg]}"))
+    return out
+
+
+def save_grid(images: np.ndarray, jobs: list[tuple[str, str, str]], per_class: int, path: Path, cols: int = 8,
+              scale: int = 2) -> None:
+    size = images.shape[1] * scale
+    label_w = 70
+    grid = Image.new("RGB", (label_w + cols * size, len(DRAWABLE_CLASSES) * size), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, cls in enumerate(DRAWABLE_CLASSES):
+        draw.text((4, r * size + size // 2 - 5), cls, fill="black")
+        for c in range(min(cols, per_class)):
+            im = Image.fromarray(images[r * per_class + c]).resize((size, size), Image.NEAREST)
+            grid.paste(im, (label_w + c * size, r * size))
+    grid.save(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--weights", type=Path, default=WEIGHTS_DIR)
+    parser.add_argument("--per-class", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=50, help="DDIM steps per image")
+    parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument("--judge-images", type=int, default=8000)
+    parser.add_argument("--judge-minutes", type=float, default=3.0)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    started = time.perf_counter()
+    pipe = FreeMaskTextToImagePipeline.from_pretrained(args.weights)
+    pipe.set_progress_bar_config(disable=True)
+    size = pipe.default_size
+    judge, judge_stats = train_judge(args.judge_images, size, args.judge_minutes, SEED)
+    print(f"judge trained: {judge_stats}", file=sys.stderr)
+
+    jobs = prompts_for(args.per_class)
+    t0 = time.perf_counter()
+    images = np.concatenate([
+        pipe([p for _, _, p in jobs[i:i + 64]], num_inference_steps=args.steps, guidance_scale=args.guidance,
+             seed=[SEED * 100_000 + j for j in range(i, min(i + 64, len(jobs)))]).images
+        for i in range(0, len(jobs), 64)])
+    gen_s = time.perf_counter() - t0
+    pc, pb = predict(judge, images)
+    per_class = {cls: round(float(np.mean([DRAWABLE_CLASSES[p] == c for p, (c, _, _) in zip(pc, jobs) if c == cls])),
+                            4) for cls in DRAWABLE_CLASSES}
+    bg_acc = float(np.mean([DRAWABLE_BACKGROUNDS[p] == b for p, (_, b, _) in zip(pb, jobs)]))
+    args.out.mkdir(parents=True, exist_ok=True)
+    save_grid(images, jobs, args.per_class, args.out / "generator_samples.png")
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    unet_params = sum(p.numel() for p in pipe.unet.parameters())
+    enc_params = sum(p.numel() for p in pipe.text_encoder.parameters())
+    result = {
+        "recognisability_mean": round(float(np.mean(list(per_class.values()))), 4),
+        "per_class": per_class,
+        "background_accuracy": round(bg_acc, 4),
+        "train_minutes": train_minutes(args.weights),
+        **judge_stats,
+        "images_per_class": args.per_class,
+        "generation_seconds": round(gen_s, 1),
+        "bench_seconds": round(time.perf_counter() - started, 1),
+        "commit": commit,
+        "seed": SEED,
+        "config": {"weights": str(args.weights.relative_to(Path.cwd()) if args.weights.is_relative_to(Path.cwd())
+                                  else args.weights),
+                   "image_size": size, "num_inference_steps": args.steps, "guidance_scale": args.guidance,
+                   "eta": pipe.default_eta,
+                   "scheduler": type(pipe.scheduler).__name__, "prompt_template": "a photo of a {class} {place}",
+                   "places": PLACES, "unet_params": unet_params, "text_encoder_params": enc_params,
+                   "unet_config": {k: v for k, v in pipe.unet.config.items() if not k.startswith("_")
+                                   and k in ("sample_size", "block_out_channels", "down_block_types",
+                                             "up_block_types", "layers_per_block", "cross_attention_dim",
+                                             "attention_head_dim")}},
+    }
+    (args.out / "generator.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
