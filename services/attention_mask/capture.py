@@ -279,6 +279,14 @@ class CaptureAttnProcessor:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
 
+    def _conditional(
+        self, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The rows of the conditional prompts (all rows unless guidance doubles the batch)."""
+        rows = self.store.conditional_rows(query.shape[0])
+        mask = None if attention_mask is None else attention_mask[rows]
+        return query[rows], key[rows], mask
+
     def _capture_cross(
         self,
         attn: Any,
@@ -288,9 +296,7 @@ class CaptureAttnProcessor:
         resolution: Resolution,
     ) -> None:
         """Eq. 1 for the class tokens only: full-row softmax, then keep the wanted columns."""
-        rows = self.store.conditional_rows(query.shape[0])
-        query, key = query[rows], key[rows]
-        mask = None if attention_mask is None else attention_mask[rows]
+        query, key, mask = self._conditional(query, key, attention_mask)
         batch = query.shape[0]
         indices = self.store.gather_indices(batch, key.shape[-2], query.device)
         # The softmax must see every key (it normalises over the whole prompt); only
@@ -309,9 +315,7 @@ class CaptureAttnProcessor:
         resolution: Resolution,
     ) -> None:
         """Head-averaged self-attention, built one head at a time to bound the peak memory."""
-        rows = self.store.conditional_rows(query.shape[0])
-        query, key = query[rows], key[rows]
-        mask = None if attention_mask is None else attention_mask[rows]
+        query, key, mask = self._conditional(query, key, attention_mask)
         heads = query.shape[1]
         total: torch.Tensor | None = None
         for head in range(heads):
