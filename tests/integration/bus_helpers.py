@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from kafka import KafkaConsumer
 
@@ -36,21 +36,31 @@ def produce(config: BusConfig, topic: str, ids: Iterable[str], batch: int = 500)
         publisher.close()
 
 
-def drain(config: BusConfig, topic: str, expected: int, timeout_s: float = 60.0) -> list[tuple[str, bytes, dict]]:
-    """Read a topic from the start (no group) until `expected` records or the timeout."""
+Record = tuple[str, bytes, dict]
+
+
+def _read_from_start(
+    config: BusConfig, topic: str, enough: Callable[[list[Record]], bool], timeout_s: float
+) -> list[Record]:
+    """Read a topic from the start (no group) until `enough(records)` or the timeout."""
     consumer = KafkaConsumer(
         topic, bootstrap_servers=config.bootstrap_servers, auto_offset_reset="earliest", enable_auto_commit=False,
-        group_id=None, consumer_timeout_ms=int(timeout_s * 1000),
+        group_id=None,
     )
-    records: list[tuple[str, bytes, dict]] = []
+    records: list[Record] = []
     deadline = time.monotonic() + timeout_s
     try:
-        while len(records) < expected and time.monotonic() < deadline:
+        while not enough(records) and time.monotonic() < deadline:
             for batch in consumer.poll(timeout_ms=500).values():
                 records.extend((r.key.decode(), r.value, dict(r.headers)) for r in batch)
     finally:
         consumer.close()
     return records
+
+
+def drain(config: BusConfig, topic: str, expected: int, timeout_s: float = 60.0) -> list[Record]:
+    """Records from the start of the topic, until `expected` of them or the timeout."""
+    return _read_from_start(config, topic, lambda records: len(records) >= expected, timeout_s)
 
 
 def drain_keys(config: BusConfig, topic: str, wanted: Iterable[str], timeout_s: float = 90.0) -> list[str]:
@@ -60,16 +70,5 @@ def drain_keys(config: BusConfig, topic: str, wanted: Iterable[str], timeout_s: 
     hold N-k distinct keys while the rest are still on their way.
     """
     wanted = set(wanted)
-    consumer = KafkaConsumer(
-        topic, bootstrap_servers=config.bootstrap_servers, auto_offset_reset="earliest", enable_auto_commit=False,
-        group_id=None,
-    )
-    keys: list[str] = []
-    deadline = time.monotonic() + timeout_s
-    try:
-        while not wanted <= set(keys) and time.monotonic() < deadline:
-            for batch in consumer.poll(timeout_ms=500).values():
-                keys.extend(r.key.decode() for r in batch)
-    finally:
-        consumer.close()
-    return keys
+    records = _read_from_start(config, topic, lambda seen: wanted <= {key for key, _, _ in seen}, timeout_s)
+    return [key for key, _, _ in records]
