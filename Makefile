@@ -23,6 +23,7 @@ test: $(INSTALLED) $(PROTO_STAMP)
 bench: $(INSTALLED) $(PROTO_STAMP)
 	$(PY) tests/benchmarks/bench_platform.py
 	$(PY) tests/benchmarks/bench_generator.py
+	$(PY) tests/benchmarks/bench_attention_mask.py
 
 ## models: retrain the shipped small models from scratch on 2 CPU cores (seeded, logged next to the weights)
 models: $(INSTALLED) $(PROTO_STAMP)

@@ -1,24 +1,153 @@
-"""Wiring of the attention-mask service for `freemask serve attention_mask`."""
+"""Adapters of the attention-mask service: gRPC `AttentionMask` and the stage
+`freemask.generate.v1 → freemask.singles.v1`, both over `MaskGenerator`.
+
+Both write a sample's files under its deterministic keys, `meta.json` last, and
+only then answer or publish; a redelivered request rewrites the same bytes.
+"""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
+
+import numpy as np
+
+from freemask.attention_mask.generation import GeneratedObject, MaskGenerator, ObjectPrompt
 from freemask.attention_mask.requests import validate_generate_request
+from freemask.shared.bus import InboundMessage, OutboundMessage, Topics
 from freemask.shared.config import FreemaskConfig
-from freemask.shared.runner import ServiceContext, ServiceParts
-from freemask.v1 import attention_mask_pb2, generate_pb2
+from freemask.shared.errors import InvalidInput
+from freemask.shared.images import encode_npz, encode_png
+from freemask.shared.keys import sample_key
+from freemask.shared.runner import ServiceContext, ServiceParts, StageSpec
+from freemask.shared.store import ObjectStore
+from freemask.v1 import attention_mask_pb2, common_pb2, generate_pb2
+
+GENERATOR_MODEL_NAME = "generator"
+
+
+class SingleObjectWriter:
+    """Runs requests through the generator and stores each result as a sample."""
+
+    def __init__(self, config: FreemaskConfig, generator: MaskGenerator, store: ObjectStore) -> None:
+        self._config = config
+        self._generator = generator
+        self._store = store
+
+    def run(self, requests: Sequence[generate_pb2.GenerateRequest]) -> list[generate_pb2.SingleObject]:
+        """Validate all, generate in batched passes, store each; all-or-nothing on bad input."""
+        if not requests:
+            raise InvalidInput("no requests given")
+        if len(requests) > self._config.limits.max_batch:
+            raise InvalidInput(f"{len(requests)} requests exceed limits.max_batch={self._config.limits.max_batch}")
+        sample_ids = [r.sample_id for r in requests]
+        if len(set(sample_ids)) != len(sample_ids):
+            raise InvalidInput("sample ids in one batch must be distinct")
+        prompts = [self._prompt(r) for r in requests]
+        results = self._generator.generate(prompts)
+        for request, result in zip(requests, results):
+            result.require_mask(f"sample {request.sample_id!r} ({request.class_name}, seed {request.seed})")
+        return [self._store_sample(request, prompt, result) for request, prompt, result in
+                zip(requests, prompts, results)]
+
+    def _prompt(self, request: generate_pb2.GenerateRequest) -> ObjectPrompt:
+        validate_generate_request(request, self._config.world, self._config.limits)
+        size = request.image_size if request.HasField("image_size") else None
+        return self._generator.prompt_for(
+            request.prompt, request.class_name, request.seed,
+            num_inference_steps=request.num_inference_steps if request.HasField("num_inference_steps") else None,
+            guidance_scale=request.guidance_scale if request.HasField("guidance_scale") else None,
+            height=size.height if size else None, width=size.width if size else None,
+        )
+
+    def _store_sample(self, request: generate_pb2.GenerateRequest, prompt: ObjectPrompt,
+                      result: GeneratedObject) -> generate_pb2.SingleObject:
+        class_id = self._config.world.classes.index(request.class_name) + 1
+        keys = common_pb2.SampleKeys(**{
+            field: sample_key(request.run_id, request.round, request.sample_id, filename)
+            for field, filename in (("image_key", "image.png"), ("softmap_key", "softmap.npz"),
+                                    ("label_key", "label.png"), ("meta_key", "meta.json"))
+        })
+        label = np.where(result.mask, class_id, 0).astype(np.uint8)
+        x, y, width, height = result.mask_box
+        single = generate_pb2.SingleObject(
+            sample_id=request.sample_id, run_id=request.run_id, round=request.round, class_id=class_id,
+            class_name=request.class_name, background_name=request.background_name, prompt=request.prompt,
+            seed=request.seed, keys=keys, image_size=common_pb2.ImageSize(width=prompt.width, height=prompt.height),
+            threshold=result.threshold, mask_box=common_pb2.BoundingBox(x=x, y=y, width=width, height=height),
+            mask_area_pixels=int(result.mask.sum()),
+            generator=common_pb2.ModelVersion(name=GENERATOR_MODEL_NAME, version=self._generator.version),
+            num_inference_steps=prompt.num_inference_steps, guidance_scale=prompt.guidance_scale,
+        )
+        # meta.json goes last: a reader that finds it knows the other three are complete.
+        self._store.put_bytes(keys.image_key, encode_png(result.image), "image/png")
+        self._store.put_bytes(keys.softmap_key, encode_npz(softmap=result.soft_map), "application/octet-stream")
+        self._store.put_bytes(keys.label_key, encode_png(label), "image/png")
+        self._store.put_bytes(keys.meta_key, _meta_json(single, result, self._generator), "application/json")
+        return single
+
+
+def _meta_json(single: generate_pb2.SingleObject, result: GeneratedObject, generator: MaskGenerator) -> bytes:
+    """What the SingleObject says plus how the mask was found; no timings, so the bytes are reproducible."""
+    meta = {
+        "sample_id": single.sample_id, "run_id": single.run_id, "round": single.round,
+        "class_name": single.class_name, "class_id": single.class_id, "background_name": single.background_name,
+        "prompt": single.prompt, "seed": single.seed,
+        "num_inference_steps": single.num_inference_steps, "guidance_scale": round(single.guidance_scale, 6),
+        "generator": {"name": single.generator.name, "version": single.generator.version},
+        "image_size": {"width": single.image_size.width, "height": single.image_size.height},
+        "mask": {
+            "threshold": round(result.threshold, 6),
+            "threshold_iou": round(result.threshold_iou, 6),
+            "threshold_grid": list(generator.refine_config.thresholds),
+            "area_pixels": single.mask_area_pixels,
+            "box": {"x": single.mask_box.x, "y": single.mask_box.y, "width": single.mask_box.width,
+                    "height": single.mask_box.height},
+            "class_token_positions": list(result.token_positions),
+            "cross_attention_resolutions": [list(r) for r in result.cross_attention_resolutions],
+            "affinity_resolution": list(result.affinity_resolution),
+            "affinity_source": "self-attention",
+            "refine_beta": generator.refine_config.beta,
+            "refine_iterations": generator.refine_config.iterations,
+            "refine_reference_threshold": generator.refine_config.reference_threshold,
+            "min_component_fraction": generator.refine_config.min_component_fraction,
+        },
+    }
+    return (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
 class AttentionMaskApi:
-    """gRPC adapter. Requests are validated in full today; generation itself lands with issue #5."""
+    """gRPC servicer: the same path as the stage, answered instead of published."""
 
-    def __init__(self, config: FreemaskConfig) -> None:
-        self._config = config
+    def __init__(self, writer: SingleObjectWriter) -> None:
+        self._writer = writer
 
     def Generate(self, request: generate_pb2.GenerateRequest) -> attention_mask_pb2.GenerateResponse:
-        validate_generate_request(request, self._config.world, self._config.limits)
-        raise NotImplementedError("image generation is not implemented yet (issue #5)")
+        return attention_mask_pb2.GenerateResponse(single_object=self._writer.run([request])[0])
+
+    def GenerateBatch(self, request: attention_mask_pb2.GenerateBatchRequest
+                      ) -> attention_mask_pb2.GenerateBatchResponse:
+        return attention_mask_pb2.GenerateBatchResponse(single_objects=self._writer.run(list(request.requests)))
+
+
+class GenerateStage:
+    """Stage adapter: a GenerateRequest in, its SingleObject out on `freemask.singles.v1`."""
+
+    def __init__(self, writer: SingleObjectWriter) -> None:
+        self._writer = writer
+
+    def handle(self, message: InboundMessage) -> list[OutboundMessage]:
+        return self.handle_batch([message])[0]
+
+    def handle_batch(self, messages: Sequence[InboundMessage]) -> list[list[OutboundMessage]]:
+        requests = [m.decode(generate_pb2.GenerateRequest) for m in messages]
+        return [[OutboundMessage(Topics.SINGLES, single.sample_id, single)] for single in self._writer.run(requests)]
 
 
 def build(context: ServiceContext) -> ServiceParts:
+    generator = MaskGenerator.from_config(context.config.attention_mask)
+    writer = SingleObjectWriter(context.config, generator, context.store)
+    stage = GenerateStage(writer)
     descriptor = attention_mask_pb2.DESCRIPTOR.services_by_name["AttentionMask"]
-    return ServiceParts(grpc_services=[(descriptor, AttentionMaskApi(context.config))])
+    return ServiceParts(grpc_services=[(descriptor, AttentionMaskApi(writer))],
+                        stage=StageSpec(Topics.GENERATE, stage.handle, batch_handler=stage.handle_batch))

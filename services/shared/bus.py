@@ -37,7 +37,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from kafka.structs import OffsetAndMetadata
 
 from freemask.shared.config import BusConfig
-from freemask.shared.errors import InvalidInput
+from freemask.shared.errors import InvalidInput, Unusable
 from freemask.shared.metrics import ServiceMetrics
 from freemask.v1 import dead_letter_pb2
 
@@ -108,6 +108,9 @@ class OutboundMessage:
 
 
 Handler = Callable[[InboundMessage], Sequence[OutboundMessage]]
+# Outputs of several messages at once, one sequence per message in order; for stages
+# whose core is cheaper per item in a batch (a diffusion pass over many prompts).
+BatchHandler = Callable[[Sequence[InboundMessage]], Sequence[Sequence[OutboundMessage]]]
 
 
 def _security_options(config: BusConfig) -> dict[str, object]:
@@ -210,6 +213,7 @@ class StageWorker:
     handler: Handler
     config: BusConfig
     metrics: ServiceMetrics
+    batch_handler: BatchHandler | None = None
     stats: WorkerStats = field(default_factory=WorkerStats)
     _stop: threading.Event = field(default_factory=threading.Event)
 
@@ -245,19 +249,54 @@ class StageWorker:
         """
         outputs: list[OutboundMessage] = []
         settled: dict[TopicPartition, OffsetAndMetadata] = {}
-        for partition, records in batch.items():
-            for record in records:
-                if self._stop.is_set():
-                    break  # uncommitted: the next owner of the partition gets it again
-                result = self._handle(_inbound(record))
-                if result is None:
-                    break
-                outputs.extend(result)
-                settled[partition] = OffsetAndMetadata(record.offset + 1, "", -1)
+        batched = self._handle_together([(p, r) for p, records in batch.items() for r in records])
+        if batched is not None:
+            outputs, settled = batched
+        else:
+            for partition, records in batch.items():
+                for record in records:
+                    if self._stop.is_set():
+                        break  # uncommitted: the next owner of the partition gets it again
+                    result = self._handle(_inbound(record))
+                    if result is None:
+                        break
+                    outputs.extend(result)
+                    settled[partition] = OffsetAndMetadata(record.offset + 1, "", -1)
         if not settled:
             return
         publisher.publish(outputs)
         consumer.commit(settled)
+
+    def _handle_together(
+        self, records: list[tuple[TopicPartition, ConsumerRecord]]
+    ) -> tuple[list[OutboundMessage], dict[TopicPartition, OffsetAndMetadata]] | None:
+        """All records through the batch handler in one call; None to fall back to one at a time.
+
+        Any failure of the batch (one bad message among good ones, say) falls back to the
+        per-message path, which retries and dead-letters each message on its own.
+        """
+        if self.batch_handler is None or len(records) < 2 or self._stop.is_set():
+            return None
+        messages = [_inbound(record) for _, record in records]
+        started = time.perf_counter()
+        try:
+            results = self.batch_handler(messages)
+        except Exception as err:  # noqa: BLE001 - the per-message path sorts out which message failed
+            log.info("batch failed; handling its messages one by one",
+                     extra={"stage": self.stage, "messages": len(messages), "error": str(err)})
+            return None
+        if len(results) != len(messages):
+            raise RuntimeError(f"batch handler returned {len(results)} results for {len(messages)} messages")
+        per_message = (time.perf_counter() - started) / len(messages)
+        outputs: list[OutboundMessage] = []
+        settled: dict[TopicPartition, OffsetAndMetadata] = {}
+        for (partition, record), message, result in zip(records, messages, results):
+            self.metrics.message_latency.labels(self.metrics.service, self.topic).observe(per_message)
+            self.metrics.messages.labels(self.metrics.service, self.topic, "ok").inc()
+            self.stats.processed += 1
+            outputs.extend(replace(out, trace_id=out.trace_id or message.trace_id) for out in result)
+            settled[partition] = OffsetAndMetadata(record.offset + 1, "", -1)
+        return outputs, settled
 
     def _budget(self, max_messages: int | None) -> int:
         if max_messages is None:
@@ -272,7 +311,7 @@ class StageWorker:
             started = time.perf_counter()
             try:
                 outputs = self.handler(message)
-            except InvalidInput as err:
+            except (InvalidInput, Unusable) as err:  # the same input fails the same way again
                 error = err
                 first_failure = first_failure or _now()
                 break

@@ -11,16 +11,19 @@ import argparse
 import os
 import sys
 import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
 from tqdm import tqdm
 
-from freemask.shared.bus import ensure_topics
+from freemask.shared.bus import OutboundMessage, Publisher, Topics, ensure_topics, make_consumer, make_producer
 from freemask.shared.config import SERVICE_NAMES, ConfigError, FreemaskConfig, load_config
 from freemask.shared.grpc_runtime import check_health
+from freemask.shared.keys import derive_sample_id
 from freemask.shared.processes import ServerProcess, ServerStartError, start_server, stop_pid, tail
 from freemask.shared.stack import EmbeddedStack, stack_for
+from freemask.v1 import generate_pb2
 
 _SERVICE_START_TIMEOUT_S = 60.0
 
@@ -101,14 +104,59 @@ def _run_command(config: FreemaskConfig, config_path: Path | None) -> int:
             ports = run_config.server.ports[name]
             _print(f"{name:<15} grpc {run_config.server.host}:{ports.grpc_port}  metrics :{ports.metrics_port}/metrics")
         _print("== main job")
-        _print("the platform is up and every service answers health; the pipeline stages that make data")
-        _print("arrive with issues #4-#10, and this job will run them end to end.")
+        _generate_singles(run_config)
+        _print("stage 1 (attention masks) ran end to end over the bus; the stages after it arrive with")
+        _print("issues #6-#10, and this job will then run the whole pipeline.")
     finally:
         _print("== shutting down")
         stop_services(services)
         if started_stack:
             stack.down(progress=_print)
     return 0
+
+
+class StageIncomplete(RuntimeError):
+    """The main job's outputs did not all arrive."""
+
+
+def _generate_singles(config: FreemaskConfig, run_id: str = "make-run", timeout_s: float = 600.0) -> None:
+    """One GenerateRequest per configured class through `freemask.generate.v1`; wait for every SingleObject."""
+    from freemask.world import DRAWABLE_CLASSES, allowed_backgrounds  # the world's plausibility rules
+
+    requests = {}
+    for index, cls in enumerate(config.world.classes):
+        background = allowed_backgrounds(cls)[0] if cls in DRAWABLE_CLASSES else config.world.backgrounds[0]
+        request = generate_pb2.GenerateRequest(
+            run_id=run_id, round=0, sample_id=derive_sample_id(run_id, 0, index), class_name=cls,
+            background_name=background, seed=index,
+            prompt=config.world.prompt_templates[0].format(cls=cls, background=background))
+        requests[request.sample_id] = request
+    publisher = Publisher(make_producer(config.bus))
+    try:
+        publisher.publish([OutboundMessage(Topics.GENERATE, key, r) for key, r in requests.items()])
+    finally:
+        publisher.close()
+    consumer = make_consumer(config.bus, f"make-run-{uuid.uuid4().hex[:8]}", [Topics.SINGLES])
+    done: dict[str, generate_pb2.SingleObject] = {}
+    deadline = time.monotonic() + timeout_s
+    try:
+        with tqdm(total=len(requests), desc="single objects", unit="obj", file=sys.stdout) as bar:
+            while len(done) < len(requests) and time.monotonic() < deadline:
+                for records in consumer.poll(timeout_ms=500).values():
+                    for record in records:
+                        key = record.key.decode() if record.key else ""
+                        if key in requests and key not in done:
+                            done[key] = generate_pb2.SingleObject.FromString(record.value)
+                            bar.update(1)
+    finally:
+        consumer.close(autocommit=False)
+    for key, single in sorted(done.items(), key=lambda item: item[1].class_id):
+        _print(f"{single.class_name:<10} mask {single.mask_area_pixels:>4} px  tau {single.threshold:.2f}  "
+               f"{single.keys.label_key}")
+    missing = sorted(set(requests) - set(done))
+    if missing:
+        raise StageIncomplete(f"{len(missing)} of {len(requests)} samples did not arrive within {timeout_s:.0f} s "
+                           f"(see the DLQ and the attention_mask log): {', '.join(missing)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return serve(args.service, config)
         return _run_command(config, args.config)
-    except ServerStartError as err:
+    except (ServerStartError, StageIncomplete) as err:
         print(f"freemask: {err}", file=sys.stderr)
         return 1
 

@@ -165,6 +165,31 @@ class WorldConfig(_Frozen):
         return self
 
 
+class AttentionMaskConfig(_Frozen):
+    """Stage 1: which generator draws, and how its attention becomes a mask."""
+
+    # A diffusers directory (model_index.json + components): the shipped small
+    # generator when unset, or e.g. a Stable Diffusion 1.5 snapshot on a volume.
+    weights: Path | None = None
+    # ModelVersion.version recorded on every sample; unset = a digest of the weights.
+    weights_version: str | None = Field(None, pattern=r"^[a-z0-9.-]{1,64}(/[a-z0-9.-]{1,64})*$")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_inference_steps: int = Field(50, ge=1, le=1000)
+    guidance_scale: float = Field(3.0, ge=0.0, le=30.0)
+    max_batch: int = Field(16, ge=1, description="prompts per diffusion pass")
+    # The affinity comes from the largest self-attention grid whose side is at most
+    # this (16 for the small generator, 32 for SD 1.5 at 512 px): a 64x64 grid's
+    # 4096x4096 affinity per image costs more than it adds.
+    affinity_max_side: int = Field(32, ge=1)
+    # Random-walk sharpening β and length t, and the level at which the propagated map is
+    # binarised before eq. 23 compares each τ's mask with it (unset = the map's mean).
+    # Defaults: the best of a grid on train-split scenes (tests/benchmarks/bench_attention_mask.py).
+    refine_beta: float = Field(4.0, gt=0.0)
+    refine_iterations: int = Field(8, ge=0)
+    refine_reference_threshold: float | None = Field(0.7, gt=0.0, lt=1.0)
+    min_component_fraction: float = Field(0.01, ge=0.0, lt=1.0)
+
+
 class StackConfig(_Frozen):
     """The embedded default stack (`freemask stack up`): where it keeps data and listens."""
 
@@ -189,6 +214,7 @@ class FreemaskConfig(_Frozen):
     server: ServerConfig = ServerConfig()
     limits: LimitsConfig = LimitsConfig()
     world: WorldConfig
+    attention_mask: AttentionMaskConfig = AttentionMaskConfig()
     stack: StackConfig = StackConfig()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

@@ -18,3 +18,8 @@ class NotFound(LookupError):
 
 class Unavailable(RuntimeError):
     """A dependency (store, broker, Triton) is down; retrying later may succeed. gRPC: UNAVAILABLE."""
+
+
+class Unusable(RuntimeError):
+    """A valid request whose deterministic result cannot be used (e.g. an empty mask): retrying
+    gives the same result. gRPC: FAILED_PRECONDITION; Kafka: dead-lettered on the first attempt."""

@@ -27,7 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from freemask.shared.config import ServerConfig
-from freemask.shared.errors import InvalidInput, NotFound, Unavailable
+from freemask.shared.errors import InvalidInput, NotFound, Unavailable, Unusable
 from freemask.shared.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,7 @@ _ERROR_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (Unusable, grpc.StatusCode.FAILED_PRECONDITION),
     (NotImplementedError, grpc.StatusCode.UNIMPLEMENTED),
 )
 

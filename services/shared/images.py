@@ -7,7 +7,7 @@ decoded, so a decompression bomb (a tiny file declaring 20000×20000 pixels)
 is refused without allocating it. Failures raise `InvalidInput` with a message
 that says what was wrong.
 
-`encode_png` writes the same bytes for the same pixels every time, so a
+`encode_png` and `encode_npz` write the same bytes for the same pixels every time, so a
 redelivered message rewrites identical objects in the store.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import warnings
+import zipfile
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -83,4 +84,21 @@ def encode_png(pixels: np.ndarray) -> bytes:
         raise InvalidInput(f"cannot encode pixels of dtype {pixels.dtype} and shape {pixels.shape} as PNG")
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG", optimize=False, compress_level=6)
+    return buffer.getvalue()
+
+
+def encode_npz(**arrays: np.ndarray) -> bytes:
+    """Deterministic compressed .npz bytes (what `np.load` reads).
+
+    Members are written in name order with a fixed timestamp, so the bytes depend
+    on the arrays alone, whatever numpy's own `savez` does with zip metadata.
+    """
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, array in sorted(arrays.items()):
+            member = io.BytesIO()
+            np.lib.format.write_array(member, np.ascontiguousarray(array), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            archive.writestr(info, member.getvalue())
     return buffer.getvalue()

@@ -23,7 +23,7 @@ from functools import cached_property
 
 from google.protobuf.descriptor import ServiceDescriptor
 
-from freemask.shared.bus import Handler, StageWorker
+from freemask.shared.bus import BatchHandler, Handler, StageWorker
 from freemask.shared.config import SERVICE_NAMES, FreemaskConfig
 from freemask.shared.grpc_runtime import start_server
 from freemask.shared.logs import configure_logging
@@ -39,6 +39,7 @@ _WORKER_RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0)
 class StageSpec:
     topic: str
     handler: Handler
+    batch_handler: BatchHandler | None = None
 
 
 @dataclass
@@ -86,7 +87,8 @@ class ServiceProcess:
             worker = None
             worker_thread = None
             if parts.stage is not None:
-                worker = StageWorker(self.name, parts.stage.topic, parts.stage.handler, self.config.bus, metrics)
+                worker = StageWorker(self.name, parts.stage.topic, parts.stage.handler, self.config.bus, metrics,
+                                     batch_handler=parts.stage.batch_handler)
                 worker_thread = threading.Thread(target=self._supervise, args=(worker,), name="stage", daemon=True)
                 worker_thread.start()
             if ready is not None:

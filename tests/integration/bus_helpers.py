@@ -39,7 +39,7 @@ def produce(config: BusConfig, topic: str, ids: Iterable[str], batch: int = 500)
 Record = tuple[str, bytes, dict]
 
 
-def _read_from_start(
+def read_from_start(
     config: BusConfig, topic: str, enough: Callable[[list[Record]], bool], timeout_s: float
 ) -> list[Record]:
     """Read a topic from the start (no group) until `enough(records)` or the timeout."""
@@ -60,15 +60,19 @@ def _read_from_start(
 
 def drain(config: BusConfig, topic: str, expected: int, timeout_s: float = 60.0) -> list[Record]:
     """Records from the start of the topic, until `expected` of them or the timeout."""
-    return _read_from_start(config, topic, lambda records: len(records) >= expected, timeout_s)
+    return read_from_start(config, topic, lambda records: len(records) >= expected, timeout_s)
 
 
-def drain_keys(config: BusConfig, topic: str, wanted: Iterable[str], timeout_s: float = 90.0) -> list[str]:
-    """Every key on the topic, read from the start until each wanted key has appeared.
+def drain_records(config: BusConfig, topic: str, wanted: Iterable[str], timeout_s: float = 90.0) -> list[Record]:
+    """Every record on the topic, read from the start until each wanted key has appeared.
 
     Counting records is not enough where duplicates are possible: N records may
     hold N-k distinct keys while the rest are still on their way.
     """
     wanted = set(wanted)
-    records = _read_from_start(config, topic, lambda seen: wanted <= {key for key, _, _ in seen}, timeout_s)
-    return [key for key, _, _ in records]
+    return read_from_start(config, topic, lambda seen: wanted <= {key for key, _, _ in seen}, timeout_s)
+
+
+def drain_keys(config: BusConfig, topic: str, wanted: Iterable[str], timeout_s: float = 90.0) -> list[str]:
+    """The keys of `drain_records`."""
+    return [key for key, _, _ in drain_records(config, topic, wanted, timeout_s)]

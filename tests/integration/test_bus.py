@@ -17,7 +17,7 @@ from freemask.shared.metrics import ServiceMetrics
 from freemask.shared.processes import stop_pid
 from freemask.v1 import dead_letter_pb2, generate_pb2
 
-from bus_helpers import drain, drain_keys, produce, request, unique_topics
+from bus_helpers import drain, drain_keys, produce, read_from_start, request, unique_topics
 
 pytestmark = pytest.mark.stack
 ECHO_STAGE = Path(__file__).with_name("echo_stage.py")
@@ -136,6 +136,32 @@ def test_poison_message_goes_to_the_dlq_and_the_worker_continues(stack_config: F
     assert letters["s-garbage"].original_topic == source
 
 
+def test_a_batch_handler_takes_whole_polls_and_a_failing_batch_falls_back_to_one_at_a_time(
+        stack_config: FreemaskConfig) -> None:
+    config = stack_config.bus.model_copy(update={"max_attempts": 2, "retry_backoff_s": 0.01})
+    source, sink = unique_topics(config, "in", "out")
+    ensure_topics(config, [Topics.DLQ])
+    good = [f"s-{i}" for i in range(20)]
+    produce(config, source, [*good[:10], "s-poison", *good[10:]])
+    batch_sizes: list[int] = []
+
+    def together(messages: list[InboundMessage]) -> list[list[OutboundMessage]]:
+        batch_sizes.append(len(messages))
+        requests = [m.decode(generate_pb2.GenerateRequest) for m in messages]
+        if any(r.sample_id == "s-poison" for r in requests):
+            raise RuntimeError("one bad apple")
+        return [[OutboundMessage(sink, r.sample_id, r)] for r in requests]
+
+    worker = StageWorker(f"batch-{source}", source, lambda m: together([m])[0], config, ServiceMetrics("test"),
+                         batch_handler=together)
+    stats = worker.run(max_messages=len(good) + 1, timeout_s=60)
+    assert stats.processed == len(good) + 1 and stats.dead_lettered == 1
+    assert max(batch_sizes) > 1, "polls of several records go through the batch handler"
+    assert set(drain_keys(config, sink, good)) == set(good)
+    letters = {letter.key.decode(): letter for letter in _dlq_for(config, source, expected=1)}
+    assert letters["s-poison"].attempts == 2 and "one bad apple" in letters["s-poison"].error
+
+
 def test_wrong_message_type_on_a_topic_is_refused(stack_config: FreemaskConfig) -> None:
     config = stack_config.bus
     (source,) = unique_topics(config, "in")
@@ -155,9 +181,15 @@ def test_wrong_message_type_on_a_topic_is_refused(stack_config: FreemaskConfig) 
 
 
 def _dlq_for(config, source: str, expected: int = 0) -> list[dead_letter_pb2.DeadLetter]:
-    records = drain(config, Topics.DLQ, expected, timeout_s=20 if expected else 2)
-    letters = [dead_letter_pb2.DeadLetter.FromString(value) for _, value, _ in records]
-    return [letter for letter in letters if letter.original_topic == source]
+    """Dead letters from `source`, reading the shared DLQ until `expected` of them have arrived."""
+
+    def from_source(records: list) -> list[dead_letter_pb2.DeadLetter]:
+        letters = [dead_letter_pb2.DeadLetter.FromString(value) for _, value, _ in records]
+        return [letter for letter in letters if letter.original_topic == source]
+
+    records = read_from_start(config, Topics.DLQ, lambda seen: len(from_source(seen)) >= expected,
+                              timeout_s=20 if expected else 2)
+    return from_source(records)
 
 
 def test_sigterm_finishes_the_batch_in_hand_and_commits(stack_config: FreemaskConfig, tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from freemask.shared.grpc_runtime import check_health
 from freemask.shared.processes import stop_pid
 from freemask.shared.stack import EmbeddedStack
+from freemask.shared.store import ObjectStore
 from freemask.v1 import attention_mask_pb2, dead_letter_pb2, generate_pb2
 
 from ports import reserve_ports
@@ -30,8 +31,8 @@ TRANSPORT_LIMIT = 2 * 1024 * 1024
 
 
 class Service:
-    def __init__(self, process: subprocess.Popen, target: str, metrics_url: str, log: Path) -> None:
-        self.process, self.target, self.metrics_url, self.log = process, target, metrics_url, log
+    def __init__(self, process: subprocess.Popen, target: str, metrics_url: str, log: Path, secret: str) -> None:
+        self.process, self.target, self.metrics_url, self.log, self.secret = process, target, metrics_url, log, secret
 
     def call_raw(self, payload: bytes) -> grpc.RpcError | bytes:
         with grpc.insecure_channel(
@@ -53,9 +54,10 @@ def service(stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory) -> I
         "FREEMASK_SERVER__PORTS__ATTENTION_MASK__GRPC_PORT": str(grpc_port),
         "FREEMASK_SERVER__PORTS__ATTENTION_MASK__METRICS_PORT": str(metrics_port),
         "FREEMASK_SERVER__MAX_MESSAGE_BYTES": str(TRANSPORT_LIMIT),
-        "FREEMASK_STORE__SECRET_KEY": "do-not-log-this-secret",
+        "FREEMASK_ATTENTION_MASK__NUM_INFERENCE_STEPS": "3",
     }
-    env.pop("FREEMASK_STORE__SECRET_KEY_FILE")
+    # The real secret, given inline rather than as a file, is what must never reach the log.
+    env["FREEMASK_STORE__SECRET_KEY"] = Path(env.pop("FREEMASK_STORE__SECRET_KEY_FILE")).read_text().strip()
     log = tmp_path_factory.mktemp("service") / "attention_mask.log"
     process = subprocess.Popen(
         [sys.executable, "-m", "freemask.shared.cli", "serve", "attention_mask"],
@@ -67,7 +69,7 @@ def service(stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory) -> I
         assert process.poll() is None, f"service exited:\n{log.read_text()}"
         assert time.monotonic() < deadline, "service never became healthy"
         time.sleep(0.2)
-    yield Service(process, target, f"http://127.0.0.1:{metrics_port}/metrics", log)
+    yield Service(process, target, f"http://127.0.0.1:{metrics_port}/metrics", log, env["FREEMASK_STORE__SECRET_KEY"])
     stop_pid(process.pid)
     process.wait(timeout=10)
 
@@ -128,16 +130,35 @@ def test_payload_over_the_transport_limit_is_refused_and_the_server_survives(ser
     assert check_health(service.target)
 
 
-def test_valid_request_reaches_the_core(service: Service) -> None:
+def test_a_valid_request_is_generated_and_its_files_are_in_the_store(service: Service, stack: EmbeddedStack) -> None:
     with grpc.insecure_channel(service.target) as channel:
         stub = channel.unary_unary(
             GENERATE, request_serializer=generate_pb2.GenerateRequest.SerializeToString,
             response_deserializer=attention_mask_pb2.GenerateResponse.FromString,
         )
+        single = stub(valid_request(sample_id="runtime-0"), timeout=60).single_object
+    assert single.sample_id == "runtime-0" and single.class_name == "dog" and single.num_inference_steps == 3
+    store = ObjectStore(stack.store_config())
+    for key in (single.keys.image_key, single.keys.label_key, single.keys.softmap_key, single.keys.meta_key):
+        assert key.startswith("runs/run-1/rounds/0/samples/runtime-0/") and store.exists(key)
+
+
+def test_generate_batch_answers_in_order_and_refuses_duplicate_ids(service: Service) -> None:
+    with grpc.insecure_channel(service.target) as channel:
+        stub = channel.unary_unary(
+            "/freemask.v1.AttentionMask/GenerateBatch",
+            request_serializer=attention_mask_pb2.GenerateBatchRequest.SerializeToString,
+            response_deserializer=attention_mask_pb2.GenerateBatchResponse.FromString,
+        )
+        requests = [valid_request(sample_id="batch-0"),
+                    valid_request(sample_id="batch-1", class_name="boat", background_name="sea",
+                                  prompt="a boat on the sea")]
+        singles = stub(attention_mask_pb2.GenerateBatchRequest(requests=requests), timeout=60).single_objects
+        assert [(s.sample_id, s.class_name) for s in singles] == [("batch-0", "dog"), ("batch-1", "boat")]
         with pytest.raises(grpc.RpcError) as caught:
-            stub(valid_request(), timeout=10)
-    # validation passed; generation itself is issue #5
-    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            stub(attention_mask_pb2.GenerateBatchRequest(requests=[requests[0], requests[0]]), timeout=60)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "distinct" in caught.value.details()
 
 
 def test_metrics_count_calls_by_status(service: Service) -> None:
@@ -156,4 +177,4 @@ def test_sigterm_stops_cleanly_and_logs_hold_no_secret(service: Service) -> None
     assert service.process.wait(timeout=20) == 0
     log = service.log.read_text()
     assert '"msg": "stopped"' in log
-    assert "do-not-log-this-secret" not in log
+    assert len(service.secret) >= 8 and service.secret not in log

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,8 @@ def write_config(tmp_path: Path) -> Path:
     numbers = iter(reserve_ports(2 * len(names)))
     ports = {name: {"grpc_port": next(numbers), "metrics_port": next(numbers)} for name in names}
     path = tmp_path / "freemask.yaml"
-    path.write_text(yaml.safe_dump({"stack": stack, "server": {"ports": ports}}))
+    path.write_text(yaml.safe_dump({"stack": stack, "server": {"ports": ports},
+                                    "attention_mask": {"num_inference_steps": 4}}))
     return path
 
 
@@ -63,7 +65,10 @@ def test_run_brings_everything_up_and_shuts_it_down(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     result = freemask(config, "run")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "every service answers health" in result.stdout
+    assert "stage 1 (attention masks) ran end to end over the bus" in result.stdout
+    for cls in ("aeroplane", "bird", "boat", "bus", "car", "cat", "cow", "dog", "horse", "person", "sheep", "train"):
+        line = rf"^{cls} +mask +\d+ px  tau 0\.\d\d  runs/make-run/rounds/0/samples/s-0-\d+-[0-9a-f]{{12}}/label\.png$"
+        assert re.search(line, result.stdout, re.MULTILINE), f"no single object for {cls}:\n{result.stdout}"
     for service in ("attention_mask", "thesaurus", "placement", "harmonization", "scoring", "coordinator"):
         assert f"{service} " in result.stdout
     state = json.loads((tmp_path / "stack" / "stack.json").read_text())

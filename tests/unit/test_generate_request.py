@@ -9,7 +9,7 @@ import pytest
 
 from freemask.attention_mask.requests import MAX_INFERENCE_STEPS, validate_generate_request
 from freemask.shared.config import ConfigError, LimitsConfig, WorldConfig
-from freemask.shared.errors import InvalidInput, NotFound, Unavailable
+from freemask.shared.errors import InvalidInput, NotFound, Unavailable, Unusable
 from freemask.shared.grpc_runtime import status_for
 from freemask.shared.keys import InvalidIdError
 from freemask.v1 import common_pb2, generate_pb2
@@ -134,6 +134,7 @@ class _Custom(Exception):
         (InvalidIdError("bad id"), grpc.StatusCode.INVALID_ARGUMENT),
         (NotFound("gone"), grpc.StatusCode.NOT_FOUND),
         (Unavailable("down"), grpc.StatusCode.UNAVAILABLE),
+        (Unusable("empty mask"), grpc.StatusCode.FAILED_PRECONDITION),
         (NotImplementedError(), grpc.StatusCode.UNIMPLEMENTED),
         # the base classes of our errors are not ours: they are bugs, hence INTERNAL
         (ValueError("x"), grpc.StatusCode.INTERNAL),

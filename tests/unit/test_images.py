@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import struct
+import time
 import zlib
 
 import numpy as np
@@ -12,7 +13,7 @@ from PIL import Image
 
 from freemask.shared.config import LimitsConfig
 from freemask.shared.errors import InvalidInput
-from freemask.shared.images import decode_image, decode_mask, encode_png
+from freemask.shared.images import decode_image, decode_mask, encode_npz, encode_png
 
 LIMITS = LimitsConfig(max_image_bytes=64 * 1024, max_image_side_px=512)
 
@@ -85,3 +86,13 @@ def test_masks_must_be_lossless_and_single_channel() -> None:
 def test_encode_refuses_what_is_not_uint8_pixels() -> None:
     with pytest.raises(InvalidInput, match="cannot encode"):
         encode_png(np.zeros((4, 4), np.float32))
+
+
+def test_npz_bytes_are_reproducible_and_load_with_numpy() -> None:
+    soft = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    first = encode_npz(softmap=soft)
+    time.sleep(2.1)  # zip stamps have 2 s resolution: a time-based stamp would now differ
+    assert encode_npz(softmap=soft) == first
+    loaded = np.load(io.BytesIO(first), allow_pickle=False)
+    assert loaded.files == ["softmap"] and np.array_equal(loaded["softmap"], soft)
+    assert loaded["softmap"].dtype == np.float32

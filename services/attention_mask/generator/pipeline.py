@@ -208,6 +208,28 @@ class FreeMaskTextToImagePipeline(DiffusionPipeline):
             raise ValueError(f"seed must be an int or {batch_size} ints (one per image)")
         return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
 
+    def _safe_eta(self, timestep: Any, eta: float, last: bool) -> float:
+        """The largest eta <= `eta` whose DDIM step stays real.
+
+        DDIM's step takes sqrt(1 - a_prev - eta**2 * var). From a timestep whose
+        a_t is ~0 (t=999 of the cosine schedule) that is ~(1 - a_prev)(1 - eta**2):
+        zero at eta=1, and float32 rounding makes it negative, so the image turns
+        to NaN for some step counts (5 of 999 does, 4 and 6 do not). The last
+        step ends deterministically: its noise would be at most ~1 grey level.
+        """
+        if last or eta <= 0.0:
+            return 0.0
+        config = self.scheduler.config
+        t = int(timestep)
+        prev_t = t - config.num_train_timesteps // self.scheduler.num_inference_steps
+        alphas = self.scheduler.alphas_cumprod.double()
+        a_t = float(alphas[t])
+        a_prev = float(alphas[prev_t]) if prev_t >= 0 else float(self.scheduler.final_alpha_cumprod)
+        variance = (1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)
+        if variance <= 0.0:
+            return eta
+        return min(eta, 0.999 * ((1.0 - a_prev) / variance) ** 0.5)
+
     # ---- the call -----------------------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(self, prompt: str | Sequence[str], height: int | None = None, width: int | None = None,
@@ -251,8 +273,9 @@ class FreeMaskTextToImagePipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         step_kwargs: dict[str, Any] = {}
+        requested_eta = self.default_eta if eta is None else float(eta)
         if "eta" in inspect.signature(self.scheduler.step).parameters:
-            step_kwargs["eta"] = self.default_eta if eta is None else float(eta)
+            step_kwargs["eta"] = requested_eta
 
         # 4. Starting noise
         latents = self.prepare_latents(batch_size, height, width, embeds.dtype, device, generator, latents)
@@ -266,10 +289,8 @@ class FreeMaskTextToImagePipeline(DiffusionPipeline):
             if do_cfg:
                 uncond, cond = noise.chunk(2)
                 noise = uncond + guidance_scale * (cond - uncond)
-            if "eta" in step_kwargs and i == len(timesteps) - 1:
-                # DDIM's last step adds at most ~1 grey level of noise, but from t=999 straight to t=0
-                # (one step) its variance rounds below zero and gives NaN: end deterministically.
-                step_kwargs["eta"] = 0.0
+            if "eta" in step_kwargs:
+                step_kwargs["eta"] = self._safe_eta(t, requested_eta, last=i == len(timesteps) - 1)
             latents = self.scheduler.step(noise, t, latents, generator=generator, return_dict=False, **step_kwargs)[0]
             if callback_on_step_end is not None:
                 out = callback_on_step_end(self, i, t, {"latents": latents}) or {}

@@ -1,0 +1,255 @@
+"""The attention-mask core: prompts in, images with soft maps and refined masks out.
+
+One diffusion pass per batch of prompts, with the capture processors installed
+(`capture.py`): cross-attention of each prompt's class word at every attention
+resolution, self-attention at the one grid the affinity uses. After the pass
+the maps are fused (eq. 1/2, `aggregate.py`) and each sample's mask is refined
+(random walk + eq. 23, `refine.py`).
+
+Works with any diffusers text-to-image pipeline whose UNet is a
+`UNet2DConditionModel`: the shipped small generator (pixel space, word
+tokenizer) or Stable Diffusion 1.5 from a path (VAE, CLIP tokenizer). Plain
+Python and torch; no network, no store, no bus.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from freemask.attention_mask.aggregate import Resolution, soft_maps
+from freemask.attention_mask.capture import capture_attention
+from freemask.attention_mask.generator import WEIGHTS_DIR, FreeMaskTextToImagePipeline, token_words
+from freemask.attention_mask.refine import RefineConfig, refine
+from freemask.shared.config import AttentionMaskConfig
+from freemask.shared.errors import InvalidInput, Unusable
+
+SHIPPED_PIPELINE = ("pipeline", FreeMaskTextToImagePipeline.__name__)  # model_index.json's _class_name
+
+
+@dataclass(frozen=True)
+class ObjectPrompt:
+    """One object to draw; every field already validated and defaulted."""
+
+    prompt: str
+    class_name: str
+    seed: int
+    num_inference_steps: int
+    guidance_scale: float
+    height: int
+    width: int
+
+    @property
+    def pass_key(self) -> tuple[int, float, int, int]:
+        """Prompts that share this key can run in one diffusion pass."""
+        return (self.num_inference_steps, self.guidance_scale, self.height, self.width)
+
+
+@dataclass(frozen=True)
+class GeneratedObject:
+    """What one prompt produced: the store writes these arrays, the metadata records the rest."""
+
+    image: np.ndarray  # (H, W, 3) uint8
+    soft_map: np.ndarray  # (H, W) float32 in [0, 1]: the fused class-word map (eq. 2)
+    mask: np.ndarray  # (H, W) bool: the refined mask
+    threshold: float  # τ chosen by eq. 23
+    threshold_iou: float  # IoU of that τ's mask with the propagated map
+    token_positions: tuple[int, ...]  # the class word's tokens in the encoded prompt
+    cross_attention_resolutions: tuple[Resolution, ...]
+    affinity_resolution: Resolution
+
+    def require_mask(self, what: str) -> GeneratedObject:
+        """Self, if the mask has a pixel; an empty mask is a result nobody can use."""
+        if not self.mask.any():
+            raise Unusable(f"the refined mask of {what} is empty: the class word attended nowhere")
+        return self
+
+    @property
+    def mask_box(self) -> tuple[int, int, int, int]:
+        """(x, y, width, height) of the mask's tight box."""
+        rows = np.flatnonzero(self.mask.any(axis=1))
+        cols = np.flatnonzero(self.mask.any(axis=0))
+        return int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)
+
+
+def class_token_positions(tokenizer: Any, prompt: str, class_name: str) -> tuple[int, ...]:
+    """Positions of every token of every mention of `class_name` (or its plural) in `prompt`.
+
+    A BPE tokenizer may split a word into several tokens; all of them are kept and
+    merged later (eq. 1). A mention truncated away by the tokenizer's length limit
+    does not count, so a prompt whose only mention is cut off is rejected.
+    """
+    pattern = re.compile(rf"{re.escape(class_name.lower())}(e?s)?")
+    positions = tuple(pos for pos, word in token_words(tokenizer, prompt) if pattern.fullmatch(word))
+    if not positions:
+        raise InvalidInput(
+            f"the prompt's encoding has no token for the class {class_name!r}: it is missing, or beyond the "
+            f"{tokenizer.model_max_length}-token limit of the text encoder"
+        )
+    return positions
+
+
+def weights_digest(weights: Path) -> str:
+    """A short content digest of a diffusers folder's weights: the generator's version when none is configured."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in weights.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json"))
+    if not files:
+        raise InvalidInput(f"{weights} holds no diffusers weights (no .safetensors or .json files)")
+    for path in files:
+        digest.update(str(path.relative_to(weights)).encode())
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return "sha256-" + digest.hexdigest()[:16]
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InvalidInput("attention_mask.device is 'cuda' but no CUDA device is visible")
+    return torch.device(device)
+
+
+def load_pipeline(weights: Path, device: torch.device) -> Any:
+    """Open a diffusers folder from disk only (never a hub); fp16 on GPU, fp32 on CPU."""
+    from diffusers import DiffusionPipeline  # heavy import, kept off module import
+
+    index_path = weights / "model_index.json"
+    if not index_path.is_file():
+        raise InvalidInput(f"{weights} is not a diffusers folder: model_index.json is missing")
+    index = json.loads(index_path.read_text(encoding="utf-8"))
+    options: dict[str, Any] = {"local_files_only": True}
+    if device.type == "cuda":
+        options["torch_dtype"] = torch.float16
+    if "safety_checker" in index:
+        # Generated training data is not shown to anyone; the checker would blank images at random.
+        options.update(safety_checker=None, requires_safety_checker=False)
+    # Our own generator folder goes through its class, which trusts exactly its own pipeline.py
+    # shim; any other custom code in an operator's folder is refused by diffusers.
+    loader = FreeMaskTextToImagePipeline if index.get("_class_name") == list(SHIPPED_PIPELINE) else DiffusionPipeline
+    pipe = loader.from_pretrained(weights, **options)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+class MaskGenerator:
+    """Draws objects from prompts and extracts their masks; one per process, reused across calls."""
+
+    def __init__(self, pipe: Any, config: AttentionMaskConfig, version: str) -> None:
+        self.pipe = pipe
+        self.config = config
+        self.version = version
+        self.refine_config = RefineConfig(beta=config.refine_beta, iterations=config.refine_iterations,
+                                          reference_threshold=config.refine_reference_threshold,
+                                          min_component_fraction=config.min_component_fraction)
+
+    @classmethod
+    def from_config(cls, config: AttentionMaskConfig) -> MaskGenerator:
+        weights = config.weights or WEIGHTS_DIR
+        version = config.weights_version or weights_digest(weights)
+        return cls(load_pipeline(weights, _resolve_device(config.device)), config, version)
+
+    @property
+    def native_size(self) -> int:
+        """The side the UNet was trained at, in pixels (512 for SD 1.5, 32 for the small generator)."""
+        vae = getattr(self.pipe, "vae", None)
+        scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+        return int(self.pipe.unet.config.sample_size) * scale
+
+    @property
+    def latent_scale(self) -> int:
+        return self.native_size // int(self.pipe.unet.config.sample_size)
+
+    def attention_resolutions(self, height: int, width: int) -> list[Resolution]:
+        """The grids on which the UNet attends (down, mid and up blocks alike), largest first."""
+        config = self.pipe.unet.config
+        latent = (height // self.latent_scale, width // self.latent_scale)
+
+        def grid(level: int) -> Resolution:  # diffusers downsamples with padding: sides round up
+            return (-(-latent[0] // 2**level), -(-latent[1] // 2**level))
+
+        sides = {grid(level) for level, block in enumerate(config.down_block_types) if "CrossAttn" in block}
+        if "CrossAttn" in (config.mid_block_type or ""):
+            sides.add(grid(len(config.down_block_types) - 1))  # SD 1.5's 8x8 grid exists only in its mid block
+        return sorted(sides, reverse=True)
+
+    def affinity_resolution(self, height: int, width: int) -> Resolution:
+        grids = self.attention_resolutions(height, width)
+        fitting = [grid for grid in grids if max(grid) <= self.config.affinity_max_side]
+        if not fitting:
+            raise InvalidInput(f"no attention grid of a {height}x{width} image has a side <= "
+                               f"affinity_max_side={self.config.affinity_max_side}; grids: {grids}")
+        return fitting[0]
+
+    def prompt_for(self, prompt: str, class_name: str, seed: int, num_inference_steps: int | None = None,
+                   guidance_scale: float | None = None, height: int | None = None,
+                   width: int | None = None) -> ObjectPrompt:
+        """An ObjectPrompt with the configured and native defaults filled in."""
+        return ObjectPrompt(
+            prompt=prompt, class_name=class_name, seed=int(seed),
+            num_inference_steps=num_inference_steps or self.config.num_inference_steps,
+            guidance_scale=self.config.guidance_scale if guidance_scale is None else float(guidance_scale),
+            height=height or self.native_size, width=width or self.native_size,
+        )
+
+    def generate(self, prompts: Sequence[ObjectPrompt]) -> list[GeneratedObject]:
+        """One GeneratedObject per prompt, in order; prompts run in passes of up to `max_batch`.
+
+        All prompts are checked before any pass runs, so one bad prompt fails the whole call
+        with nothing generated. A mask may come out empty; `require_mask` is the caller's check.
+        """
+        positions = [class_token_positions(self.pipe.tokenizer, p.prompt, p.class_name) for p in prompts]
+        for p in prompts:
+            if p.height % (self.latent_scale * 8) or p.width % (self.latent_scale * 8):
+                raise InvalidInput(f"image size {p.width}x{p.height} must be a multiple of "
+                                   f"{self.latent_scale * 8} for this generator")
+        results: list[GeneratedObject | None] = [None] * len(prompts)
+        groups: dict[tuple[int, float, int, int], list[int]] = {}
+        for index, p in enumerate(prompts):
+            groups.setdefault(p.pass_key, []).append(index)
+        for members in groups.values():
+            for start in range(0, len(members), self.config.max_batch):
+                chunk = members[start:start + self.config.max_batch]
+                for index, result in zip(chunk, self._one_pass([prompts[i] for i in chunk],
+                                                               [positions[i] for i in chunk])):
+                    results[index] = result
+        return [r for r in results if r is not None]
+
+    def _one_pass(self, prompts: Sequence[ObjectPrompt], positions: Sequence[tuple[int, ...]]
+                  ) -> list[GeneratedObject]:
+        first = prompts[0]
+        height, width = first.height, first.width
+        cross_grids = self.attention_resolutions(height, width)
+        affinity_grid = self.affinity_resolution(height, width)
+        device = self.pipe.unet.device
+        generators = [torch.Generator(device).manual_seed(p.seed) for p in prompts]
+        with capture_attention(self.pipe.unet, [list(pos) for pos in positions],
+                               self_attention_resolutions=[affinity_grid],
+                               classifier_free_guidance=first.guidance_scale > 1.0) as store:
+            images = self.pipe([p.prompt for p in prompts], height=height, width=width,
+                               num_inference_steps=first.num_inference_steps, guidance_scale=first.guidance_scale,
+                               generator=generators, output_type="pt").images
+        cross = store.cross_attention_means()
+        affinity = store.self_attention_means()[affinity_grid].float().cpu()
+        fused = soft_maps({res: level.float().cpu() for res, level in cross.items()},
+                          store.token_mask, (height, width))
+        pixels = (images.float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255.0).round().astype(np.uint8)
+        out = []
+        for i, p in enumerate(prompts):
+            refined = refine(fused[i], affinity[i], affinity_grid, self.refine_config)
+            out.append(GeneratedObject(
+                image=pixels[i], soft_map=fused[i].numpy().astype(np.float32), mask=refined.mask.cpu().numpy(),
+                threshold=float(refined.threshold), threshold_iou=float(refined.iou),
+                token_positions=positions[i], cross_attention_resolutions=tuple(sorted(cross, reverse=True)),
+                affinity_resolution=affinity_grid,
+            ))
+        return out

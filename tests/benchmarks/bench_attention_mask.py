@@ -1,0 +1,283 @@
+"""Attention-mask benchmark: how good are masks read from the generator's attention?
+
+    .venv/bin/python tests/benchmarks/bench_attention_mask.py [--weights DIR]
+
+1. **Masks on rendered scenes, where the truth is exact.** Each single-object
+   scene of the world's validation split is noised to a mid timestep and put
+   through the UNet once with its own caption, with capture on. The class
+   word's fused map (eq. 1/2) is compared with the scene's label by IoU:
+   (a) at a fixed threshold of 0.5, (b) at the best single threshold for all
+   images, (c) after this service's affinity refinement (random walk on the
+   self-attention, eq. 23 threshold search, blob removal). The knobs of (c)
+   and the timestep are chosen on train-split scenes, never on validation.
+2. **Masks of generated images.** A small segmenter is trained here on
+   rendered scenes and their exact labels; on images the service generates,
+   the IoU between its mask and the segmenter's is reported, beside the
+   segmenter's own IoU on rendered validation scenes (its ceiling).
+3. **Capture overhead.** The same batch generated with and without capture,
+   interleaved; the ratio of median times.
+
+Writes tests/benchmarks/results/attention_mask.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from freemask.attention_mask.aggregate import soft_maps
+from freemask.attention_mask.capture import capture_attention
+from freemask.attention_mask.generation import MaskGenerator
+from freemask.attention_mask.refine import DEFAULT_THRESHOLDS, RefineConfig, refine
+from freemask.shared.config import AttentionMaskConfig
+from freemask.world import CLASS_NOUNS, DRAWABLE_CLASSES, allowed_backgrounds, dataset
+from freemask.world.scene import Scene
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SEED = 0
+PLACES = {"sky": "in the sky", "sea": "on the sea", "road": "on the road", "grass": "on the grass",
+          "field": "in a field", "room": "in a room", "rail": "on the railway"}
+
+
+def single_object_scenes(split: str, count: int, size: int) -> list[Scene]:
+    scenes, index = [], 0
+    while len(scenes) < count:
+        scene = dataset(split, index, size)
+        index += 1
+        if len(scene.objects) == 1:
+            scenes.append(scene)
+    return scenes
+
+
+def noun_positions(tokenizer: object, caption: str, cls: str) -> list[int]:
+    """Positions of the words that name `cls` in `caption` ("plane" names an aeroplane)."""
+    from freemask.attention_mask.generator import token_words
+
+    forms = {form for pair in CLASS_NOUNS[cls] for form in pair}
+    return [pos for pos, word in token_words(tokenizer, caption) if word in forms]
+
+
+def iou(pred: np.ndarray, truth: np.ndarray, valid: np.ndarray) -> float:
+    inter = np.logical_and(pred, truth)[valid].sum()
+    union = np.logical_or(pred, truth)[valid].sum()
+    return float(inter / union) if union else 1.0
+
+
+class CapturedScenes:
+    """Per-resolution class-word maps and self-attention of a set of scenes at one timestep."""
+
+    def __init__(self, gen: MaskGenerator, scenes: list[Scene], timestep: int, seed: int) -> None:
+        pipe = gen.pipe
+        size = scenes[0].image.shape[0]
+        self.scenes = [s for s in scenes if noun_positions(pipe.tokenizer, s.caption, s.objects[0].cls)]
+        positions = [noun_positions(pipe.tokenizer, s.caption, s.objects[0].cls) for s in self.scenes]
+        self.affinity_grid = gen.affinity_resolution(size, size)
+        x0 = torch.from_numpy(np.stack([s.image for s in self.scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
+        alphas = pipe.scheduler.alphas_cumprod
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+        a = alphas[timestep].float()
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        ids = pipe.tokenize([s.caption for s in self.scenes])
+        with torch.no_grad(), capture_attention(pipe.unet, positions,
+                                                self_attention_resolutions=[self.affinity_grid]) as store:
+            pipe.unet(xt, torch.full((len(xt),), timestep), encoder_hidden_states=pipe.text_encoder(ids)[0])
+        self.cross = store.cross_attention_means()
+        self.token_mask = store.token_mask
+        self.affinity = store.self_attention_means()[self.affinity_grid]
+        self.size = (size, size)
+        self.truth = [s.label == DRAWABLE_CLASSES.index(s.objects[0].cls) + 1 for s in self.scenes]
+        self.valid = [s.label != 255 for s in self.scenes]
+
+    def soft(self, weights: dict | None) -> torch.Tensor:
+        return soft_maps(self.cross, self.token_mask, self.size, weights=weights)
+
+    def scores(self, soft: torch.Tensor, config: RefineConfig) -> dict[str, float]:
+        maps = soft.numpy()
+        per_tau = {tau: float(np.mean([iou(m >= tau, t, v) for m, t, v in zip(maps, self.truth, self.valid)]))
+                   for tau in DEFAULT_THRESHOLDS}
+        best_tau = max(per_tau, key=per_tau.get)
+        refined = [refine(soft[i], self.affinity[i], self.affinity_grid, config) for i in range(len(maps))]
+        return {
+            "iou_fixed_0_5": float(np.mean([iou(m >= 0.5, t, v) for m, t, v in zip(maps, self.truth, self.valid)])),
+            "iou_best_global": per_tau[best_tau],
+            "best_global_threshold": best_tau,
+            "iou_refined": float(np.mean([iou(r.mask.numpy(), t, v)
+                                         for r, t, v in zip(refined, self.truth, self.valid)])),
+            "refined_threshold_mean": float(np.mean([r.threshold for r in refined])),
+        }
+
+
+def tune(gen: MaskGenerator, scenes: list[Scene], timesteps: list[int]) -> dict:
+    """The timestep, layer weighting and refinement knobs that maximise refined IoU on `scenes`."""
+    best: dict = {"iou_refined": -1.0}
+    grids = gen.attention_resolutions(scenes[0].image.shape[0], scenes[0].image.shape[0])
+    weightings = {"equal": None, **{f"{g[0]}px_only": {g: 1.0} for g in grids}}
+    for timestep in timesteps:
+        captured = CapturedScenes(gen, scenes, timestep, SEED + 1)
+        for (name, weights), beta, iterations, reference in itertools.product(
+                weightings.items(), (1.0, 4.0, 8.0), (2, 8, 16), (None, 0.5, 0.7, 0.8)):
+            config = RefineConfig(beta=beta, iterations=iterations, reference_threshold=reference)
+            score = captured.scores(captured.soft(weights), config)
+            if score["iou_refined"] > best["iou_refined"]:
+                best = {**score, "timestep": timestep, "weighting": name, "beta": beta, "iterations": iterations,
+                        "reference_threshold": reference}
+                print(f"tuning: {json.dumps(best)}", file=sys.stderr, flush=True)
+    return best
+
+
+class Segmenter(nn.Module):
+    """A small fully convolutional net: per-pixel object class (0 = background)."""
+
+    def __init__(self, n_classes: int) -> None:
+        super().__init__()
+
+        def conv(i: int, o: int, dilation: int = 1) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(i, o, 3, padding=dilation, dilation=dilation), nn.BatchNorm2d(o), nn.ReLU())
+
+        self.body = nn.Sequential(conv(3, 32), conv(32, 64), conv(64, 64, 2), conv(64, 64, 4), conv(64, 64, 8),
+                                  conv(64, 64, 1), nn.Conv2d(64, n_classes + 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def train_segmenter(size: int, image_size: int, minutes: float) -> tuple[Segmenter, float]:
+    """Trained on train-split scenes; returns it and its mean object IoU on validation single-object scenes."""
+    scenes = [dataset("train", i, image_size) for i in range(size)]
+    x = to_tensor(np.stack([s.image for s in scenes]))
+    y = torch.from_numpy(np.stack([s.label for s in scenes]).astype(np.int64))
+    torch.manual_seed(SEED)
+    net = Segmenter(len(DRAWABLE_CLASSES))
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    rng = np.random.default_rng(SEED)
+    start = time.perf_counter()
+    net.train()
+    while time.perf_counter() - start < minutes * 60:
+        idx = torch.from_numpy(rng.integers(0, len(x), 32))
+        loss = F.cross_entropy(net(x[idx]), y[idx], ignore_index=255)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    net.eval()
+    val = single_object_scenes("val", 200, image_size)
+    pred = segment(net, np.stack([s.image for s in val]))
+    scores = [iou(p == DRAWABLE_CLASSES.index(s.objects[0].cls) + 1,
+                  s.label == DRAWABLE_CLASSES.index(s.objects[0].cls) + 1, s.label != 255) for p, s in zip(pred, val)]
+    return net, float(np.mean(scores))
+
+
+@torch.no_grad()
+def segment(net: Segmenter, images: np.ndarray) -> np.ndarray:
+    return torch.cat([net(to_tensor(images[i:i + 128])).argmax(1) for i in range(0, len(images), 128)]).numpy()
+
+
+def generated_vs_oracle(gen: MaskGenerator, net: Segmenter, per_class: int, steps: int) -> dict[str, float]:
+    prompts = [gen.prompt_for(f"a photo of a {cls} {PLACES[bg]}", cls, SEED * 1000 + k, num_inference_steps=steps)
+               for cls in DRAWABLE_CLASSES
+               for k, bg in zip(range(per_class), itertools.cycle(allowed_backgrounds(cls)))]
+    results = gen.generate(prompts)
+    pred = segment(net, np.stack([r.image for r in results]))
+    # The segmenter's foreground (any class) against the service's mask: the question is where the
+    # object is, not whether the small generator drew the right class (the generator benchmark asks that).
+    scores = [iou(r.mask, p > 0, np.ones_like(r.mask)) for r, p in zip(results, pred)]
+    return {"iou_generated_vs_oracle": float(np.mean(scores)), "generated_images": len(results),
+            "generated_mask_fraction_mean": float(np.mean([r.mask.mean() for r in results]))}
+
+
+def capture_overhead(gen: MaskGenerator, batch: int, steps: int, repeats: int) -> dict[str, float]:
+    pipe = gen.pipe
+    prompts = [f"a photo of a {DRAWABLE_CLASSES[i % 12]} on the grass" for i in range(batch)]
+    positions = [[4]] * batch
+    plain, captured = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        pipe(prompts, num_inference_steps=steps, seed=list(range(batch)), output_type="pt")
+        plain.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        with capture_attention(pipe.unet, positions, self_attention_resolutions=[gen.affinity_resolution(
+                gen.native_size, gen.native_size)], classifier_free_guidance=True):
+            pipe(prompts, num_inference_steps=steps, seed=list(range(batch)), output_type="pt")
+        captured.append(time.perf_counter() - t0)
+    return {"capture_overhead": float(np.median(captured) / np.median(plain)),
+            "generation_seconds_plain": float(np.median(plain)),
+            "generation_seconds_captured": float(np.median(captured))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--weights", type=Path, default=None, help="diffusers folder (default: shipped generator)")
+    parser.add_argument("--tune-scenes", type=int, default=160)
+    parser.add_argument("--val-scenes", type=int, default=228, help="single-object validation scenes")
+    parser.add_argument("--per-class", type=int, default=8, help="generated images per class")
+    parser.add_argument("--steps", type=int, default=25, help="denoising steps of generated images")
+    parser.add_argument("--segmenter-minutes", type=float, default=3.0)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    started = time.perf_counter()
+    base = AttentionMaskConfig(weights=args.weights, device="cpu")
+    gen = MaskGenerator.from_config(base)
+    size = gen.native_size
+
+    best = tune(gen, single_object_scenes("train", args.tune_scenes, size), [100, 250, 500])
+    grids = gen.attention_resolutions(size, size)
+    weights = None if best["weighting"] == "equal" else {g: 1.0 for g in grids if best["weighting"] == f"{g[0]}px_only"}
+    val = CapturedScenes(gen, single_object_scenes("val", args.val_scenes, size), best["timestep"], SEED)
+    chosen = RefineConfig(beta=best["beta"], iterations=best["iterations"],
+                          reference_threshold=best["reference_threshold"])
+    measured = val.scores(val.soft(weights), chosen)
+    print(f"validation: {json.dumps(measured)}", file=sys.stderr, flush=True)
+
+    net, oracle_val_iou = train_segmenter(4000, size, args.segmenter_minutes)
+    tuned = MaskGenerator(gen.pipe, base.model_copy(update={
+        "refine_beta": best["beta"], "refine_iterations": best["iterations"],
+        "refine_reference_threshold": best["reference_threshold"]}), gen.version)
+    generated = generated_vs_oracle(tuned, net, args.per_class, args.steps)
+    overhead = capture_overhead(gen, batch=16, steps=args.steps, repeats=3)
+
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    result = {
+        "iou_fixed_0_5": round(measured["iou_fixed_0_5"], 4),
+        "iou_best_global": round(measured["iou_best_global"], 4),
+        "iou_refined": round(measured["iou_refined"], 4),
+        "iou_generated_vs_oracle": round(generated["iou_generated_vs_oracle"], 4),
+        "capture_overhead": round(overhead["capture_overhead"], 3),
+        "best_global_threshold": measured["best_global_threshold"],
+        "refined_threshold_mean": round(measured["refined_threshold_mean"], 3),
+        "val_scenes": len(val.scenes),
+        "oracle_segmenter_val_iou": round(oracle_val_iou, 4),
+        **{k: round(v, 4) if isinstance(v, float) else v for k, v in generated.items()
+           if k != "iou_generated_vs_oracle"},
+        **{k: round(v, 3) for k, v in overhead.items() if k != "capture_overhead"},
+        "tuning": {"split": "train", "scenes": args.tune_scenes, "best_iou_refined": round(best["iou_refined"], 4)},
+        "bench_seconds": round(time.perf_counter() - started, 1),
+        "commit": commit,
+        "seed": SEED,
+        "config": {"weights": str(args.weights or "shipped"), "generator_version": gen.version, "image_size": size,
+                   "timestep": best["timestep"], "weighting": best["weighting"], "beta": best["beta"],
+                   "iterations": best["iterations"], "reference_threshold": best["reference_threshold"],
+                   "affinity_resolution": list(val.affinity_grid), "thresholds": list(DEFAULT_THRESHOLDS),
+                   "generated_steps": args.steps, "guidance_scale": base.guidance_scale},
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "attention_mask.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

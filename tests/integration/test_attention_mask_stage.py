@@ -1,0 +1,126 @@
+"""The attention-mask stage on the real broker and store: GenerateRequests in,
+SingleObjects out whose files exist and agree with the message; a bad request
+goes to the DLQ; a redelivery rewrites identical bytes."""
+
+from __future__ import annotations
+
+import io
+import json
+import uuid
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from freemask.attention_mask.generation import MaskGenerator
+from freemask.attention_mask.service import GenerateStage, SingleObjectWriter
+from freemask.shared.bus import InboundMessage, OutboundMessage, Publisher, StageWorker, Topics, make_producer
+from freemask.shared.config import FreemaskConfig
+from freemask.shared.metrics import ServiceMetrics
+from freemask.shared.stack import EmbeddedStack
+from freemask.shared.store import ObjectStore
+from freemask.v1 import dead_letter_pb2, generate_pb2
+
+from bus_helpers import drain_records, unique_topics
+from conftest import config_for
+
+pytestmark = pytest.mark.stack
+
+
+@pytest.fixture(scope="module")
+def config(stack: EmbeddedStack) -> FreemaskConfig:
+    return config_for(stack, FREEMASK_ATTENTION_MASK__NUM_INFERENCE_STEPS="3",
+                      FREEMASK_BUS__GROUP_PREFIX=f"attention-{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture(scope="module")
+def writer(config: FreemaskConfig) -> Iterator[SingleObjectWriter]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    generator = MaskGenerator.from_config(config.attention_mask)
+    yield SingleObjectWriter(config, generator, ObjectStore(config.store))
+    torch.set_num_threads(threads)
+
+
+def generate_request(sample_id: str, cls: str = "cow", background: str = "field") -> generate_pb2.GenerateRequest:
+    return generate_pb2.GenerateRequest(run_id="stage-run", round=1, sample_id=sample_id, class_name=cls,
+                                        background_name=background, prompt=f"a photo of a {cls} in a {background}",
+                                        seed=11)
+
+
+def run_stage(config: FreemaskConfig, writer: SingleObjectWriter, requests: list[generate_pb2.GenerateRequest]
+              ) -> tuple[StageWorker, list[int]]:
+    (source,) = unique_topics(config.bus, "generate")
+    publisher = Publisher(make_producer(config.bus))
+    publisher.publish([OutboundMessage(source, r.sample_id, r) for r in requests])
+    publisher.close()
+    stage = GenerateStage(writer)
+    batch_sizes: list[int] = []
+
+    def counted_batch(messages: list[InboundMessage]) -> list[list[OutboundMessage]]:
+        batch_sizes.append(len(messages))
+        return stage.handle_batch(messages)
+
+    worker = StageWorker("attention_mask", source, stage.handle, config.bus, ServiceMetrics("attention_mask"),
+                         batch_handler=counted_batch)
+    worker.run(max_messages=len(requests), timeout_s=120)
+    return worker, batch_sizes
+
+
+def test_requests_become_single_objects_whose_files_exist_and_agree(
+        config: FreemaskConfig, writer: SingleObjectWriter) -> None:
+    suffix = uuid.uuid4().hex[:8]
+    requests = [generate_request(f"ok-{suffix}-{i}", cls, bg)
+                for i, (cls, bg) in enumerate([("cow", "field"), ("boat", "sea"), ("bus", "road")])]
+    worker, batch_sizes = run_stage(config, writer, requests)
+    assert worker.stats.processed == 3 and worker.stats.dead_lettered == 0
+    assert max(batch_sizes) > 1, "the stage should have generated several prompts in one pass"
+    records = drain_records(config.bus, Topics.SINGLES, [r.sample_id for r in requests])
+    singles = {key: generate_pb2.SingleObject.FromString(value) for key, value, _ in records}
+    store = ObjectStore(config.store)
+    for request in requests:
+        single = singles[request.sample_id]
+        prefix = f"runs/stage-run/rounds/1/samples/{request.sample_id}/"
+        assert single.keys.image_key == prefix + "image.png" and single.class_name == request.class_name
+        assert single.class_id == config.world.classes.index(request.class_name) + 1
+        image = np.asarray(Image.open(io.BytesIO(store.get_bytes(single.keys.image_key))))
+        label = np.asarray(Image.open(io.BytesIO(store.get_bytes(single.keys.label_key))))
+        soft = np.load(io.BytesIO(store.get_bytes(single.keys.softmap_key)))["softmap"]
+        meta = json.loads(store.get_bytes(single.keys.meta_key))
+        assert image.shape == (32, 32, 3) and label.shape == soft.shape == (32, 32)
+        assert set(np.unique(label)) == {0, single.class_id}
+        assert int((label == single.class_id).sum()) == single.mask_area_pixels
+        box = single.mask_box
+        rows, cols = np.nonzero(label)
+        assert (box.x, box.y, box.x + box.width - 1, box.y + box.height - 1) == (
+            cols.min(), rows.min(), cols.max(), rows.max())
+        assert meta["mask"]["threshold"] == pytest.approx(single.threshold, abs=1e-6)
+        assert meta["seed"] == 11 and meta["generator"]["version"] == single.generator.version
+
+
+def test_a_redelivered_request_rewrites_identical_bytes(config: FreemaskConfig, writer: SingleObjectWriter) -> None:
+    request = generate_request(f"again-{uuid.uuid4().hex[:8]}")
+    store = ObjectStore(config.store)
+    first = writer.run([request])[0]
+    before = {key: store.get_bytes(key) for key in (first.keys.image_key, first.keys.label_key,
+                                                     first.keys.softmap_key, first.keys.meta_key)}
+    second = writer.run([request])[0]
+    assert second == first
+    assert {key: store.get_bytes(key) for key in before} == before
+
+
+def test_a_bad_request_is_dead_lettered_and_writes_nothing(config: FreemaskConfig,
+                                                          writer: SingleObjectWriter) -> None:
+    suffix = uuid.uuid4().hex[:8]
+    good, bad = generate_request(f"good-{suffix}"), generate_request(f"bad-{suffix}", cls="unicorn")
+    worker, _ = run_stage(config, writer, [good, bad])
+    assert worker.stats.processed == 2 and worker.stats.dead_lettered == 1  # a dead letter counts as processed
+    (letter,) = [dead_letter_pb2.DeadLetter.FromString(value)
+                 for key, value, _ in drain_records(config.bus, Topics.DLQ, [bad.sample_id]) if key == bad.sample_id]
+    assert "unknown class 'unicorn'" in letter.error and letter.attempts == 1
+    assert generate_pb2.GenerateRequest.FromString(letter.value) == bad
+    store = ObjectStore(config.store)
+    assert list(store.list(f"runs/stage-run/rounds/1/samples/{bad.sample_id}/")) == []
+    assert store.exists(f"runs/stage-run/rounds/1/samples/{good.sample_id}/meta.json")
