@@ -77,3 +77,14 @@ def private_stack(tmp_path: Path) -> Iterator[PrivateStack]:
 @pytest.fixture(scope="session")
 def stack_config(stack: EmbeddedStack) -> FreemaskConfig:
     return config_for(stack)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Torch on one thread for a module of tiny-model tests, restored afterwards so no other test inherits it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -233,7 +233,7 @@ def main() -> None:
     gen = MaskGenerator.from_config(base)
     size = gen.native_size
 
-    best = tune(gen, single_object_scenes("train", args.tune_scenes, size), [100, 250, 500])
+    best = tune(gen, single_object_scenes("train", args.tune_scenes, size), [25, 50, 100, 250])
     grids = gen.attention_resolutions(size, size)
     weights = None if best["weighting"] == "equal" else {g: 1.0 for g in grids if best["weighting"] == f"{g[0]}px_only"}
     val = CapturedScenes(gen, single_object_scenes("val", args.val_scenes, size), best["timestep"], SEED)

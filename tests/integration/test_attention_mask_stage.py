@@ -7,11 +7,9 @@ from __future__ import annotations
 import io
 import json
 import uuid
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from freemask.attention_mask.generation import MaskGenerator
@@ -36,12 +34,9 @@ def config(stack: EmbeddedStack) -> FreemaskConfig:
 
 
 @pytest.fixture(scope="module")
-def writer(config: FreemaskConfig) -> Iterator[SingleObjectWriter]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def writer(config: FreemaskConfig, one_torch_thread: None) -> SingleObjectWriter:
     generator = MaskGenerator.from_config(config.attention_mask)
-    yield SingleObjectWriter(config, generator, ObjectStore(config.store))
-    torch.set_num_threads(threads)
+    return SingleObjectWriter(config, generator, ObjectStore(config.store))
 
 
 def generate_request(sample_id: str, cls: str = "cow", background: str = "field") -> generate_pb2.GenerateRequest:

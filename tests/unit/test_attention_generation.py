@@ -4,7 +4,6 @@ batched passes, determinism, untouched pixels, and clear errors."""
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +26,8 @@ STEPS = 3
 
 
 @pytest.fixture(scope="module")
-def gen() -> Iterator[MaskGenerator]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield MaskGenerator.from_config(AttentionMaskConfig(num_inference_steps=STEPS, device="cpu"))
-    torch.set_num_threads(threads)
+def gen(one_torch_thread: None) -> MaskGenerator:
+    return MaskGenerator.from_config(AttentionMaskConfig(num_inference_steps=STEPS, device="cpu"))
 
 
 @pytest.fixture(scope="module")

@@ -28,8 +28,6 @@ from freemask.attention_mask.refine import DEFAULT_THRESHOLDS
 from freemask.shared.config import AttentionMaskConfig
 from freemask.shared.errors import InvalidInput
 
-torch.set_num_threads(1)
-
 WORDS = ("a", "photo", "of", "dog", "dogs", "on", "the", "grass")
 PROMPT = "a photo of a dog on the grass"
 MAX_LENGTH = 16
@@ -85,7 +83,7 @@ def build_tiny_sd(tokenizer_files: Path) -> StableDiffusionPipeline:
 
 
 @pytest.fixture(scope="module")
-def sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def sd_dir(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) -> Path:
     root = tmp_path_factory.mktemp("tiny_sd")
     write_bpe_files(root / "bpe")
     build_tiny_sd(root / "bpe").save_pretrained(root / "sd", safe_serialization=True)
