@@ -186,7 +186,7 @@ class AttentionMaskConfig(_Frozen):
     # Defaults: the best of a grid on train-split scenes (tests/benchmarks/bench_attention_mask.py).
     refine_beta: float = Field(4.0, gt=0.0)
     refine_iterations: int = Field(8, ge=0)
-    refine_reference_threshold: float | None = Field(0.7, gt=0.0, lt=1.0)
+    refine_reference_threshold: float | None = Field(0.8, gt=0.0, lt=1.0)
     min_component_fraction: float = Field(0.01, ge=0.0, lt=1.0)
 
 

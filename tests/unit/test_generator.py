@@ -167,3 +167,21 @@ def test_ancestral_ddim_stays_finite_at_every_step_count(tiny: FreeMaskTextToIma
     for steps in range(1, 13):
         images = tiny("a dog", num_inference_steps=steps, seed=0, output_type="pt").images
         assert torch.isfinite(images).all(), f"non-finite pixels with {steps} steps"
+
+
+def test_the_training_pool_takes_the_largest_of_several_draws_of_the_same_class_and_background() -> None:
+    from freemask.attention_mask.generator.train import _larger_single_object
+    from freemask.world import DEFAULT_WORLD, sample_scene_spec
+
+    def area(spec) -> float:
+        return sum((o.box[2] - o.box[0]) * (o.box[3] - o.box[1]) for o in spec.objects)
+
+    firsts, chosen = [], []
+    for seed in range(60):
+        first = sample_scene_spec(np.random.default_rng(seed), DEFAULT_WORLD, 32, n_objects=1)
+        pick = _larger_single_object(np.random.default_rng(seed), 32)
+        assert [o.cls for o in pick.objects] == [o.cls for o in first.objects]
+        assert pick.background == first.background and area(pick) >= area(first)
+        firsts.append(area(first))
+        chosen.append(area(pick))
+    assert np.mean(chosen) > 1.2 * np.mean(firsts)
