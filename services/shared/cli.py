@@ -131,6 +131,9 @@ def _generate_singles(config: FreemaskConfig, run_id: str = "make-run", timeout_
             background_name=background, seed=index,
             prompt=config.world.prompt_templates[0].format(cls=cls, background=background))
         requests[request.sample_id] = request
+    # Ids are deterministic, so singles from an earlier `make run` carry the same keys: only
+    # records written after this publish count.
+    published_ms = int(time.time() * 1000)
     publisher = Publisher(make_producer(config.bus))
     try:
         publisher.publish([OutboundMessage(Topics.GENERATE, key, r) for key, r in requests.items()])
@@ -145,7 +148,7 @@ def _generate_singles(config: FreemaskConfig, run_id: str = "make-run", timeout_
                 for records in consumer.poll(timeout_ms=500).values():
                     for record in records:
                         key = record.key.decode() if record.key else ""
-                        if key in requests and key not in done:
+                        if key in requests and key not in done and record.timestamp >= published_ms:
                             done[key] = generate_pb2.SingleObject.FromString(record.value)
                             bar.update(1)
     finally:
