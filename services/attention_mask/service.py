@@ -11,28 +11,49 @@ import json
 from collections.abc import Sequence
 
 import numpy as np
+from prometheus_client import Histogram
 
 from freemask.attention_mask.generation import GeneratedObject, MaskGenerator, ObjectPrompt
+from freemask.attention_mask.refine import DEFAULT_THRESHOLDS
 from freemask.attention_mask.requests import validate_generate_request
 from freemask.shared.bus import InboundMessage, OutboundMessage, Topics
 from freemask.shared.config import FreemaskConfig
 from freemask.shared.errors import InvalidInput
 from freemask.shared.images import encode_npz, encode_png
 from freemask.shared.keys import sample_key
+from freemask.shared.metrics import ServiceMetrics
 from freemask.shared.runner import ServiceContext, ServiceParts, StageSpec
 from freemask.shared.store import ObjectStore
 from freemask.v1 import attention_mask_pb2, common_pb2, generate_pb2
 
 GENERATOR_MODEL_NAME = "generator"
+_AREA_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)
+
+
+class MaskMetrics:
+    """What operators watch for degenerate masks: the chosen τ and the share of the image masked."""
+
+    def __init__(self, metrics: ServiceMetrics) -> None:
+        self._service = metrics.service
+        self.threshold = Histogram("freemask_attention_mask_threshold", "threshold τ chosen by eq. 23",
+                                   ["service"], buckets=DEFAULT_THRESHOLDS, registry=metrics.registry)
+        self.area_fraction = Histogram("freemask_attention_mask_area_fraction", "share of the image in the mask",
+                                       ["service"], buckets=_AREA_BUCKETS, registry=metrics.registry)
+
+    def observe(self, result: GeneratedObject) -> None:
+        self.threshold.labels(self._service).observe(result.threshold)
+        self.area_fraction.labels(self._service).observe(float(result.mask.mean()))
 
 
 class SingleObjectWriter:
     """Runs requests through the generator and stores each result as a sample."""
 
-    def __init__(self, config: FreemaskConfig, generator: MaskGenerator, store: ObjectStore) -> None:
+    def __init__(self, config: FreemaskConfig, generator: MaskGenerator, store: ObjectStore,
+                 metrics: MaskMetrics | None = None) -> None:
         self._config = config
         self._generator = generator
         self._store = store
+        self._metrics = metrics
 
     def run(self, requests: Sequence[generate_pb2.GenerateRequest]) -> list[generate_pb2.SingleObject]:
         """Validate all, generate in batched passes, store each; all-or-nothing on bad input."""
@@ -84,6 +105,8 @@ class SingleObjectWriter:
         self._store.put_bytes(keys.softmap_key, encode_npz(softmap=result.soft_map), "application/octet-stream")
         self._store.put_bytes(keys.label_key, encode_png(label), "image/png")
         self._store.put_bytes(keys.meta_key, _meta_json(single, result, self._generator), "application/json")
+        if self._metrics is not None:
+            self._metrics.observe(result)
         return single
 
 
@@ -146,7 +169,7 @@ class GenerateStage:
 
 def build(context: ServiceContext) -> ServiceParts:
     generator = MaskGenerator.from_config(context.config.attention_mask)
-    writer = SingleObjectWriter(context.config, generator, context.store)
+    writer = SingleObjectWriter(context.config, generator, context.store, MaskMetrics(context.metrics))
     stage = GenerateStage(writer)
     descriptor = attention_mask_pb2.DESCRIPTOR.services_by_name["AttentionMask"]
     return ServiceParts(grpc_services=[(descriptor, AttentionMaskApi(writer))],

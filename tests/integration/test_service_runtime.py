@@ -161,6 +161,20 @@ def test_generate_batch_answers_in_order_and_refuses_duplicate_ids(service: Serv
     assert "distinct" in caught.value.details()
 
 
+def test_mask_metrics_count_every_generated_object(service: Service) -> None:
+    def observed() -> float:
+        text = urllib.request.urlopen(service.metrics_url, timeout=5).read().decode()
+        return float(next(line for line in text.splitlines()
+                          if line.startswith("freemask_attention_mask_area_fraction_count")).rsplit(" ", 1)[1])
+
+    before = observed()
+    with grpc.insecure_channel(service.target) as channel:
+        stub = channel.unary_unary(GENERATE, request_serializer=generate_pb2.GenerateRequest.SerializeToString,
+                                   response_deserializer=attention_mask_pb2.GenerateResponse.FromString)
+        stub(valid_request(sample_id="metrics-0"), timeout=60)
+    assert observed() == before + 1
+
+
 def test_metrics_count_calls_by_status(service: Service) -> None:
     service.call_raw(b"\xff")
     text = urllib.request.urlopen(service.metrics_url, timeout=5).read().decode()
