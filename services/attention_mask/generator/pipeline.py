@@ -214,7 +214,7 @@ class FreeMaskTextToImagePipeline(DiffusionPipeline):
         DDIM's step takes sqrt(1 - a_prev - eta**2 * var). From a timestep whose
         a_t is ~0 (t=999 of the cosine schedule) that is ~(1 - a_prev)(1 - eta**2):
         zero at eta=1, and float32 rounding makes it negative, so the image turns
-        to NaN for some step counts (5 of 999 does, 4 and 6 do not). The last
+        to NaN at some step counts (5 steps did; 4 and 6 did not). The last
         step ends deterministically: its noise would be at most ~1 grey level.
         """
         if last or eta <= 0.0:
