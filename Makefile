@@ -24,6 +24,7 @@ bench: $(INSTALLED) $(PROTO_STAMP)
 	$(PY) tests/benchmarks/bench_platform.py
 	$(PY) tests/benchmarks/bench_generator.py
 	$(PY) tests/benchmarks/bench_attention_mask.py
+	$(PY) tests/benchmarks/bench_thesaurus.py
 
 ## models: retrain the shipped small models from scratch on 2 CPU cores (seeded, logged next to the weights)
 models: $(INSTALLED) $(PROTO_STAMP)

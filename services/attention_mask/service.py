@@ -7,7 +7,6 @@ only then answer or publish; a redelivered request rewrites the same bytes.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 
 import numpy as np
@@ -23,6 +22,7 @@ from freemask.shared.images import encode_npz, encode_png
 from freemask.shared.keys import sample_key
 from freemask.shared.metrics import ServiceMetrics
 from freemask.shared.runner import ServiceContext, ServiceParts, StageSpec
+from freemask.shared.singles import single_object_meta
 from freemask.shared.store import ObjectStore
 from freemask.v1 import attention_mask_pb2, common_pb2, generate_pb2
 
@@ -104,39 +104,28 @@ class SingleObjectWriter:
         self._store.put_bytes(keys.image_key, encode_png(result.image), "image/png")
         self._store.put_bytes(keys.softmap_key, encode_npz(softmap=result.soft_map), "application/octet-stream")
         self._store.put_bytes(keys.label_key, encode_png(label), "image/png")
-        self._store.put_bytes(keys.meta_key, _meta_json(single, result, self._generator), "application/json")
+        self._store.put_bytes(keys.meta_key, single_object_meta(single, _mask_details(result, self._generator)),
+                             "application/json")
         if self._metrics is not None:
             self._metrics.observe(result)
         return single
 
 
-def _meta_json(single: generate_pb2.SingleObject, result: GeneratedObject, generator: MaskGenerator) -> bytes:
-    """What the SingleObject says plus how the mask was found; no timings, so the bytes are reproducible."""
-    meta = {
-        "sample_id": single.sample_id, "run_id": single.run_id, "round": single.round,
-        "class_name": single.class_name, "class_id": single.class_id, "background_name": single.background_name,
-        "prompt": single.prompt, "seed": single.seed,
-        "num_inference_steps": single.num_inference_steps, "guidance_scale": round(single.guidance_scale, 6),
-        "generator": {"name": single.generator.name, "version": single.generator.version},
-        "image_size": {"width": single.image_size.width, "height": single.image_size.height},
-        "mask": {
-            "threshold": round(result.threshold, 6),
-            "threshold_iou": round(result.threshold_iou, 6),
-            "threshold_grid": list(generator.refine_config.thresholds),
-            "area_pixels": single.mask_area_pixels,
-            "box": {"x": single.mask_box.x, "y": single.mask_box.y, "width": single.mask_box.width,
-                    "height": single.mask_box.height},
-            "class_token_positions": list(result.token_positions),
-            "cross_attention_resolutions": [list(r) for r in result.cross_attention_resolutions],
-            "affinity_resolution": list(result.affinity_resolution),
-            "affinity_source": "self-attention",
-            "refine_beta": generator.refine_config.beta,
-            "refine_iterations": generator.refine_config.iterations,
-            "refine_reference_threshold": generator.refine_config.reference_threshold,
-            "min_component_fraction": generator.refine_config.min_component_fraction,
-        },
+def _mask_details(result: GeneratedObject, generator: MaskGenerator) -> dict[str, object]:
+    """How the mask was found (meta.json's `mask` section)."""
+    config = generator.refine_config
+    return {
+        "threshold_iou": round(result.threshold_iou, 6),
+        "threshold_grid": list(config.thresholds),
+        "class_token_positions": list(result.token_positions),
+        "cross_attention_resolutions": [list(r) for r in result.cross_attention_resolutions],
+        "affinity_resolution": list(result.affinity_resolution),
+        "affinity_source": "self-attention",
+        "refine_beta": config.beta,
+        "refine_iterations": config.iterations,
+        "refine_reference_threshold": config.reference_threshold,
+        "min_component_fraction": config.min_component_fraction,
     }
-    return (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
 class AttentionMaskApi:

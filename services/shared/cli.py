@@ -3,6 +3,7 @@
     freemask stack up|down|status|env   the embedded default stack (SeaweedFS, Tansu, tritonserver)
     freemask serve <service>            one service: gRPC + health + metrics + its stage worker
     freemask run                        the main job on the embedded stack (what `make run` does)
+    freemask thesaurus build            count a caption corpus into a thesaurus index in the store
 """
 
 from __future__ import annotations
@@ -12,18 +13,20 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from google.protobuf.message import Message
 from tqdm import tqdm
 
-from freemask.shared.bus import OutboundMessage, Publisher, Topics, ensure_topics, make_consumer, make_producer
+from freemask.shared.bus import M, OutboundMessage, Publisher, Topics, ensure_topics, make_consumer, make_producer
 from freemask.shared.config import SERVICE_NAMES, ConfigError, FreemaskConfig, load_config
+from freemask.shared.errors import InvalidInput, NotFound, Unavailable
 from freemask.shared.grpc_runtime import check_health
 from freemask.shared.keys import derive_sample_id
 from freemask.shared.processes import ServerProcess, ServerStartError, start_server, stop_pid, tail
 from freemask.shared.stack import EmbeddedStack, stack_for
-from freemask.v1 import generate_pb2
+from freemask.v1 import compose_pb2, generate_pb2
 
 _SERVICE_START_TIMEOUT_S = 60.0
 
@@ -104,9 +107,10 @@ def _run_command(config: FreemaskConfig, config_path: Path | None) -> int:
             ports = run_config.server.ports[name]
             _print(f"{name:<15} grpc {run_config.server.host}:{ports.grpc_port}  metrics :{ports.metrics_port}/metrics")
         _print("== main job")
-        _generate_singles(run_config)
-        _print("stage 1 (attention masks) ran end to end over the bus; the stages after it arrive with")
-        _print("issues #6-#10, and this job will then run the whole pipeline.")
+        singles = _generate_singles(run_config, run_id="make-run")
+        _plan_compositions(run_config, singles)
+        _print("stage 1 (attention masks) and the thesaurus's composition plans ran end to end over the bus;")
+        _print("placement, harmonization, scoring and the coordinator arrive with issues #7-#10.")
     finally:
         _print("== shutting down")
         stop_services(services)
@@ -119,8 +123,43 @@ class StageIncomplete(RuntimeError):
     """The main job's outputs did not all arrive."""
 
 
-def _generate_singles(config: FreemaskConfig, run_id: str = "make-run", timeout_s: float = 600.0) -> None:
-    """One GenerateRequest per configured class through `freemask.generate.v1`; wait for every SingleObject."""
+def _publish_and_await(config: FreemaskConfig, topic: str, requests: Mapping[str, Message], results_topic: str,
+                       result_type: type[M], what: str, timeout_s: float) -> dict[str, M]:
+    """Publish `requests` keyed by sample id; collect one `result_type` per key from `results_topic`.
+
+    Ids are deterministic, so results of an earlier `make run` carry the same keys: only
+    records written after this publish count.
+    """
+    published_ms = int(time.time() * 1000)
+    publisher = Publisher(make_producer(config.bus))
+    try:
+        publisher.publish([OutboundMessage(topic, key, request) for key, request in requests.items()])
+    finally:
+        publisher.close()
+    consumer = make_consumer(config.bus, f"make-run-{uuid.uuid4().hex[:8]}", [results_topic])
+    done: dict[str, M] = {}
+    deadline = time.monotonic() + timeout_s
+    try:
+        with tqdm(total=len(requests), desc=what, unit="msg", file=sys.stdout) as bar:
+            while len(done) < len(requests) and time.monotonic() < deadline:
+                for records in consumer.poll(timeout_ms=500).values():
+                    for record in records:
+                        key = record.key.decode() if record.key else ""
+                        if key in requests and key not in done and record.timestamp >= published_ms:
+                            done[key] = result_type.FromString(record.value)
+                            bar.update(1)
+    finally:
+        consumer.close(autocommit=False)
+    missing = sorted(set(requests) - set(done))
+    if missing:
+        raise StageIncomplete(f"{len(missing)} of {len(requests)} {what} did not arrive within {timeout_s:.0f} s "
+                              f"(see the DLQ and the service logs): {', '.join(missing)}")
+    return done
+
+
+def _generate_singles(config: FreemaskConfig, run_id: str, timeout_s: float = 600.0
+                      ) -> list[generate_pb2.SingleObject]:
+    """Stage 1: one GenerateRequest per configured class; every SingleObject back."""
     from freemask.world import DRAWABLE_CLASSES, allowed_backgrounds  # the world's plausibility rules
 
     requests = {}
@@ -131,35 +170,31 @@ def _generate_singles(config: FreemaskConfig, run_id: str = "make-run", timeout_
             background_name=background, seed=index,
             prompt=config.world.prompt_templates[0].format(cls=cls, background=background))
         requests[request.sample_id] = request
-    # Ids are deterministic, so singles from an earlier `make run` carry the same keys: only
-    # records written after this publish count.
-    published_ms = int(time.time() * 1000)
-    publisher = Publisher(make_producer(config.bus))
-    try:
-        publisher.publish([OutboundMessage(Topics.GENERATE, key, r) for key, r in requests.items()])
-    finally:
-        publisher.close()
-    consumer = make_consumer(config.bus, f"make-run-{uuid.uuid4().hex[:8]}", [Topics.SINGLES])
-    done: dict[str, generate_pb2.SingleObject] = {}
-    deadline = time.monotonic() + timeout_s
-    try:
-        with tqdm(total=len(requests), desc="single objects", unit="obj", file=sys.stdout) as bar:
-            while len(done) < len(requests) and time.monotonic() < deadline:
-                for records in consumer.poll(timeout_ms=500).values():
-                    for record in records:
-                        key = record.key.decode() if record.key else ""
-                        if key in requests and key not in done and record.timestamp >= published_ms:
-                            done[key] = generate_pb2.SingleObject.FromString(record.value)
-                            bar.update(1)
-    finally:
-        consumer.close(autocommit=False)
-    for key, single in sorted(done.items(), key=lambda item: item[1].class_id):
+    done = _publish_and_await(config, Topics.GENERATE, requests, Topics.SINGLES, generate_pb2.SingleObject,
+                              "single objects", timeout_s)
+    singles = sorted(done.values(), key=lambda single: single.class_id)
+    for single in singles:
         _print(f"{single.class_name:<10} mask {single.mask_area_pixels:>4} px  tau {single.threshold:.2f}  "
                f"{single.keys.label_key}")
-    missing = sorted(set(requests) - set(done))
-    if missing:
-        raise StageIncomplete(f"{len(missing)} of {len(requests)} samples did not arrive within {timeout_s:.0f} s "
-                           f"(see the DLQ and the attention_mask log): {', '.join(missing)}")
+    return singles
+
+
+def _plan_compositions(config: FreemaskConfig, singles: Sequence[generate_pb2.SingleObject], objects_to_add: int = 2,
+                       timeout_s: float = 120.0) -> None:
+    """Stage 2a: each single object as a base scene; the thesaurus plans what to add to it."""
+    requests = {}
+    for index, single in enumerate(singles):
+        sample_id = derive_sample_id(single.run_id, single.round, index, kind="c")
+        requests[sample_id] = compose_pb2.ComposeRequest(
+            run_id=single.run_id, round=single.round, sample_id=sample_id, base_scene=single,
+            background_name=single.background_name, num_objects_to_add=objects_to_add, seed=index)
+    done = _publish_and_await(config, Topics.COMPOSE, requests, Topics.PLACE, compose_pb2.PlacementTask,
+                              "composition plans", timeout_s)
+    for key, request in requests.items():
+        task = done[key]
+        added = ", ".join(f"{p.class_name} (R {p.relation:.2f}, from {p.source.sample_id})"
+                          for p in (task.next_object, *task.remaining_objects))
+        _print(f"{request.base_scene.class_name:<10} on {request.background_name:<6} + {added}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,7 +208,28 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run one service until SIGTERM")
     serve.add_argument("service", choices=SERVICE_NAMES)
     commands.add_parser("run", help="run the main job on the embedded stack")
+    thesaurus = commands.add_parser("thesaurus", help="thesaurus indexes in the store")
+    thesaurus.add_argument("action", choices=("build",))
+    thesaurus.add_argument("--corpus", default="reference",
+                           help="'reference' (the reference world), a .txt/.jsonl[.gz] file, or s3://bucket/prefix/")
+    thesaurus.add_argument("--captions", type=int, help="reference captions to draw (default: thesaurus config)")
+    thesaurus.add_argument("--seed", type=int, help="seed of the reference captions (default: thesaurus config)")
+    thesaurus.add_argument("--version", help="version to publish as (default: the index's content digest)")
     return parser
+
+
+def _thesaurus_command(config: FreemaskConfig, args: argparse.Namespace) -> int:
+    from freemask.shared.store import ObjectStore
+    from freemask.thesaurus.corpus import open_corpus
+    from freemask.thesaurus.service import IndexRepository, build_and_publish, index_key
+
+    corpus = open_corpus(args.corpus, config, count=args.captions, seed=args.seed)
+    repository = IndexRepository(ObjectStore(config.store))
+    version, index = build_and_publish(config, repository, corpus, args.version, progress=True)
+    _print(f"thesaurus {version}: {index.captions} captions, {sum(index.background_counts.values())} naming a "
+           f"background; stored at {index_key(version)}")
+    _print(f"serve it with FREEMASK_THESAURUS__VERSION={version}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -186,12 +242,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "stack":
             return _stack_command(stack_for(config), args.action)
+        if args.command == "thesaurus":
+            return _thesaurus_command(config, args)
         if args.command == "serve":
             from freemask.shared.runner import serve
 
             return serve(args.service, config)
         return _run_command(config, args.config)
-    except (ServerStartError, StageIncomplete) as err:
+    except (ServerStartError, StageIncomplete, InvalidInput, NotFound, Unavailable) as err:
         print(f"freemask: {err}", file=sys.stderr)
         return 1
 

@@ -190,6 +190,23 @@ class AttentionMaskConfig(_Frozen):
     min_component_fraction: float = Field(0.01, ge=0.0, lt=1.0)
 
 
+class ThesaurusConfig(_Frozen):
+    """Stage 2a: which objects fit a background (eq. 3), and how many to draw."""
+
+    # Index under `thesaurus/{version}/` to serve; unset = the reference world's
+    # caption corpus (`reference_captions` captions from `reference_seed`), built at
+    # start-up and stored under its content digest.
+    version: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9.-]{0,63}$")
+    reference_captions: int = Field(50_000, ge=1)
+    reference_seed: int = Field(0, ge=0)
+    # Surface forms of a class or background beyond its name and regular plurals.
+    synonyms: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    # The stage draws objects in proportion to R(o, b) among those with R >= this.
+    min_relation: float = Field(0.05, ge=0.0, le=1.0)
+    # Indexes other than the served one stay loaded for requests that name them.
+    cached_versions: int = Field(4, ge=1)
+
+
 class StackConfig(_Frozen):
     """The embedded default stack (`freemask stack up`): where it keeps data and listens."""
 
@@ -215,6 +232,7 @@ class FreemaskConfig(_Frozen):
     limits: LimitsConfig = LimitsConfig()
     world: WorldConfig
     attention_mask: AttentionMaskConfig = AttentionMaskConfig()
+    thesaurus: ThesaurusConfig = ThesaurusConfig()
     stack: StackConfig = StackConfig()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

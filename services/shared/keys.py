@@ -14,6 +14,7 @@ import re
 from freemask.shared.errors import InvalidInput
 
 ID_PATTERN = re.compile(r"[a-z0-9-]{1,64}")
+VERSION_PATTERN = re.compile(r"[a-z0-9][a-z0-9.-]{0,63}")
 # A key is '/'-separated segments of lower-case letters, digits, '-', '_' and '.',
 # where no segment is empty, '.' or '..'.
 _KEY_SEGMENT = re.compile(r"[a-z0-9_][a-z0-9_.-]{0,127}")
@@ -76,8 +77,16 @@ def model_prefix(name: str, version: str) -> str:
     return f"models/{validate_id(name, 'model name')}/{validate_id(version, 'model version')}/"
 
 
+def validate_version(value: str, what: str = "version") -> str:
+    """A version segment such as "v1.2" or "sha256-0a1b…": ids plus dots, never starting with one."""
+    if not isinstance(value, str) or not VERSION_PATTERN.fullmatch(value):
+        raise InvalidIdError(f"{what} {value!r} is not a valid version: use 1-64 characters from [a-z0-9.-], "
+                             "starting with a letter or digit")
+    return value
+
+
 def thesaurus_prefix(version: str) -> str:
-    return f"thesaurus/{validate_id(version, 'thesaurus version')}/"
+    return f"thesaurus/{validate_version(version, 'thesaurus version')}/"
 
 
 def key_within(key: str, prefix: str, what: str = "key") -> str:

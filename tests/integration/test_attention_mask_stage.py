@@ -17,6 +17,7 @@ from freemask.attention_mask.service import GenerateStage, SingleObjectWriter
 from freemask.shared.bus import InboundMessage, OutboundMessage, Publisher, StageWorker, Topics, make_producer
 from freemask.shared.config import FreemaskConfig
 from freemask.shared.metrics import ServiceMetrics
+from freemask.shared.singles import single_object_from_meta
 from freemask.shared.stack import EmbeddedStack
 from freemask.shared.store import ObjectStore
 from freemask.v1 import dead_letter_pb2, generate_pb2
@@ -91,7 +92,8 @@ def test_requests_become_single_objects_whose_files_exist_and_agree(
         rows, cols = np.nonzero(label)
         assert (box.x, box.y, box.x + box.width - 1, box.y + box.height - 1) == (
             cols.min(), rows.min(), cols.max(), rows.max())
-        assert meta["mask"]["threshold"] == pytest.approx(single.threshold, abs=1e-6)
+        assert single_object_from_meta(store.get_bytes(single.keys.meta_key)) == single
+        assert 0 <= meta["mask"]["threshold_iou"] <= 1
         assert meta["seed"] == 11 and meta["generator"]["version"] == single.generator.version
 
 

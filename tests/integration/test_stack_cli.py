@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from freemask.shared.processes import pid_alive
+from freemask.world import DRAWABLE_CLASSES, class_weights
 
 from conftest import make_stack_config
 from ports import reserve_ports
@@ -61,18 +62,27 @@ def test_stack_up_status_down_leaves_nothing_behind(tmp_path: Path) -> None:
     assert status.returncode == 3 and status.stdout.count("stopped") == 3
 
 
+def allowed_on(background: str) -> set[str]:
+    return {cls for cls, weight in class_weights(background, DRAWABLE_CLASSES).items() if weight > 0}
+
+
 def test_run_brings_everything_up_and_shuts_it_down(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     result = freemask(config, "run")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "stage 1 (attention masks) ran end to end over the bus" in result.stdout
+    assert "stage 1 (attention masks) and the thesaurus's composition plans ran end to end over the bus" in result.stdout
     for cls in ("aeroplane", "bird", "boat", "bus", "car", "cat", "cow", "dog", "horse", "person", "sheep", "train"):
         line = rf"^{cls} +mask +\d+ px  tau 0\.\d\d  runs/make-run/rounds/0/samples/s-0-\d+-[0-9a-f]{{12}}/label\.png$"
         assert re.search(line, result.stdout, re.MULTILINE), f"no single object for {cls}:\n{result.stdout}"
+    plans = re.findall(r"^(\w+) +on (\w+) +\+ (\w+) \(R (0\.\d\d), from s-0-\d+-[0-9a-f]{12}\), (\w+) \(R",
+                       result.stdout, re.MULTILINE)
+    assert len(plans) == 12, f"expected a composition plan per single object:\n{result.stdout}"
+    for _, background, first, relation, second in plans:
+        assert float(relation) >= 0.05 and first in allowed_on(background) and second in allowed_on(background)
     for service in ("attention_mask", "thesaurus", "placement", "harmonization", "scoring", "coordinator"):
         assert f"{service} " in result.stdout
     state = json.loads((tmp_path / "stack" / "stack.json").read_text())
     assert state == {}, "run stops the stack it started"
     for log in (tmp_path / "stack" / "logs").glob("*.log"):
-        if log.stem in ("attention_mask", "coordinator"):
+        if log.stem in ("attention_mask", "thesaurus", "coordinator"):
             assert '"msg": "stopped"' in log.read_text(), f"{log.stem} did not shut down gracefully"

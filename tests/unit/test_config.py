@@ -324,3 +324,17 @@ def test_env_variables_outside_the_config_sections_are_ignored() -> None:
     injected = {"FREEMASK_SERVICE_HOST": "10.0.0.1", "FREEMASK_PORT": "tcp://10.0.0.1:50051",
                 "FREEMASK_PORT_50051_TCP_PORT": "50051"}
     assert load_config(environ=injected) == load_config(environ={})
+
+
+def test_thesaurus_synonyms_come_from_the_packaged_defaults_and_env_adds_to_them() -> None:
+    assert load_config(environ={}).thesaurus.synonyms["aeroplane"] == ("airplane", "plane")
+    config = load_config(environ={"FREEMASK_THESAURUS__SYNONYMS": "{dog: [puppy, hound], sea: [waves]}"})
+    assert config.thesaurus.synonyms["dog"] == ("puppy", "hound")
+    assert config.thesaurus.synonyms["sea"] == ("waves",)  # a named word's list is replaced, not extended
+    assert config.thesaurus.synonyms["aeroplane"] == ("airplane", "plane")
+
+
+@pytest.mark.parametrize("version", ["../x", ".hidden", "V1", "a/b", ""])
+def test_thesaurus_version_must_be_a_safe_key_segment(version: str) -> None:
+    with pytest.raises(ConfigError, match="thesaurus.version"):
+        load_config(environ={"FREEMASK_THESAURUS__VERSION": version})

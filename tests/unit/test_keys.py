@@ -149,6 +149,10 @@ def test_prefixes() -> None:
     assert sample_prefix("r", 0, "s") == "runs/r/rounds/0/samples/s/"
     assert model_prefix("fopa", "v1") == "models/fopa/v1/"
     assert thesaurus_prefix("v2") == "thesaurus/v2/"
+    assert thesaurus_prefix("v1.2") == "thesaurus/v1.2/"
+    for bad in ("", ".", "..", ".hidden", "a/b", "V1", "x" * 65):
+        with pytest.raises(InvalidIdError):
+            thesaurus_prefix(bad)
 
 
 @pytest.mark.parametrize("filename", ["image.jpg", "../image.png", "IMAGE.PNG", "", "meta.json/x", "label"])
