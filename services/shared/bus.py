@@ -291,12 +291,17 @@ class StageWorker:
         outputs: list[OutboundMessage] = []
         settled: dict[TopicPartition, OffsetAndMetadata] = {}
         for (partition, record), message, result in zip(records, messages, results):
-            self.metrics.message_latency.labels(self.metrics.service, self.topic).observe(per_message)
-            self.metrics.messages.labels(self.metrics.service, self.topic, "ok").inc()
-            self.stats.processed += 1
-            outputs.extend(replace(out, trace_id=out.trace_id or message.trace_id) for out in result)
+            outputs.extend(self._succeeded(message, result, per_message))
             settled[partition] = OffsetAndMetadata(record.offset + 1, "", -1)
         return outputs, settled
+
+    def _succeeded(self, message: InboundMessage, outputs: Sequence[OutboundMessage],
+                   seconds: float) -> list[OutboundMessage]:
+        """Count a handled message and carry its trace id onto outputs that have none."""
+        self.metrics.message_latency.labels(self.metrics.service, self.topic).observe(seconds)
+        self.metrics.messages.labels(self.metrics.service, self.topic, "ok").inc()
+        self.stats.processed += 1
+        return [replace(out, trace_id=out.trace_id or message.trace_id) for out in outputs]
 
     def _budget(self, max_messages: int | None) -> int:
         if max_messages is None:
@@ -328,12 +333,7 @@ class StageWorker:
                     if self._stop.wait(self._backoff(attempt)):
                         return None  # stopping: leave it uncommitted for redelivery
                 continue
-            self.metrics.message_latency.labels(self.metrics.service, self.topic).observe(
-                time.perf_counter() - started
-            )
-            self.metrics.messages.labels(self.metrics.service, self.topic, "ok").inc()
-            self.stats.processed += 1
-            return [replace(out, trace_id=out.trace_id or message.trace_id) for out in outputs]
+            return self._succeeded(message, outputs, time.perf_counter() - started)
         return [self._dead_letter(message, error, attempt, first_failure)]
 
     def _backoff(self, attempt: int) -> float:

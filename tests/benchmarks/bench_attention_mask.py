@@ -38,6 +38,7 @@ from torch import nn
 from freemask.attention_mask.aggregate import soft_maps
 from freemask.attention_mask.capture import capture_attention
 from freemask.attention_mask.generation import MaskGenerator
+from freemask.attention_mask.generator import token_words
 from freemask.attention_mask.refine import DEFAULT_THRESHOLDS, RefineConfig, refine
 from freemask.shared.config import AttentionMaskConfig
 from freemask.world import CLASS_NOUNS, DRAWABLE_CLASSES, allowed_backgrounds, dataset
@@ -61,8 +62,6 @@ def single_object_scenes(split: str, count: int, size: int) -> list[Scene]:
 
 def noun_positions(tokenizer: object, caption: str, cls: str) -> list[int]:
     """Positions of the words that name `cls` in `caption` ("plane" names an aeroplane)."""
-    from freemask.attention_mask.generator import token_words
-
     forms = {form for pair in CLASS_NOUNS[cls] for form in pair}
     return [pos for pos, word in token_words(tokenizer, caption) if word in forms]
 
@@ -79,8 +78,9 @@ class CapturedScenes:
     def __init__(self, gen: MaskGenerator, scenes: list[Scene], timestep: int, seed: int) -> None:
         pipe = gen.pipe
         size = scenes[0].image.shape[0]
-        self.scenes = [s for s in scenes if noun_positions(pipe.tokenizer, s.caption, s.objects[0].cls)]
-        positions = [noun_positions(pipe.tokenizer, s.caption, s.objects[0].cls) for s in self.scenes]
+        found = [(s, noun_positions(pipe.tokenizer, s.caption, s.objects[0].cls)) for s in scenes]
+        self.scenes = [s for s, positions in found if positions]
+        positions = [p for _, p in found if p]
         self.affinity_grid = gen.affinity_resolution(size, size)
         x0 = torch.from_numpy(np.stack([s.image for s in self.scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
         alphas = pipe.scheduler.alphas_cumprod
