@@ -4,6 +4,7 @@
     freemask serve <service>            one service: gRPC + health + metrics + its stage worker
     freemask run                        the main job on the embedded stack (what `make run` does)
     freemask thesaurus build            count a caption corpus into a thesaurus index in the store
+    freemask placement export           FOPA as ONNX in a Triton model repository (embedded or production)
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 from google.protobuf.message import Message
@@ -108,9 +109,9 @@ def _run_command(config: FreemaskConfig, config_path: Path | None) -> int:
             _print(f"{name:<15} grpc {run_config.server.host}:{ports.grpc_port}  metrics :{ports.metrics_port}/metrics")
         _print("== main job")
         singles = _generate_singles(run_config, run_id="make-run")
-        _plan_compositions(run_config, singles)
-        _print("stage 1 (attention masks) and the thesaurus's composition plans ran end to end over the bus;")
-        _print("placement, harmonization, scoring and the coordinator arrive with issues #7-#10.")
+        _compose(run_config, singles)
+        _print("stage 1 (attention masks), the thesaurus's plans and FOPA's placements ran end to end over the bus;")
+        _print("harmonization, scoring and the coordinator arrive with issues #8-#10.")
     finally:
         _print("== shutting down")
         stop_services(services)
@@ -123,36 +124,41 @@ class StageIncomplete(RuntimeError):
     """The main job's outputs did not all arrive."""
 
 
-def _publish_and_await(config: FreemaskConfig, topic: str, requests: Mapping[str, Message], results_topic: str,
-                       result_type: type[M], what: str, timeout_s: float) -> dict[str, M]:
-    """Publish `requests` keyed by sample id; collect one `result_type` per key from `results_topic`.
-
-    Ids are deterministic, so results of an earlier `make run` carry the same keys: only
-    records written after this publish count.
-    """
+def _publish(config: FreemaskConfig, topic: str, requests: Mapping[str, Message]) -> int:
+    """Publish `requests` keyed by sample id; return the publish time in ms (see `_await`)."""
     published_ms = int(time.time() * 1000)
     publisher = Publisher(make_producer(config.bus))
     try:
         publisher.publish([OutboundMessage(topic, key, request) for key, request in requests.items()])
     finally:
         publisher.close()
-    consumer = make_consumer(config.bus, f"make-run-{uuid.uuid4().hex[:8]}", [results_topic])
+    return published_ms
+
+
+def _await(config: FreemaskConfig, topic: str, keys: Collection[str], result_type: type[M], what: str,
+           since_ms: int, timeout_s: float) -> dict[str, M]:
+    """One `result_type` per key from `topic`, written at or after `since_ms`.
+
+    Ids are deterministic, so results of an earlier `make run` carry the same keys: only
+    records written after this run's publish count.
+    """
+    consumer = make_consumer(config.bus, f"make-run-{uuid.uuid4().hex[:8]}", [topic])
     done: dict[str, M] = {}
     deadline = time.monotonic() + timeout_s
     try:
-        with tqdm(total=len(requests), desc=what, unit="msg", file=sys.stdout) as bar:
-            while len(done) < len(requests) and time.monotonic() < deadline:
+        with tqdm(total=len(keys), desc=what, unit="msg", file=sys.stdout) as bar:
+            while len(done) < len(keys) and time.monotonic() < deadline:
                 for records in consumer.poll(timeout_ms=500).values():
                     for record in records:
                         key = record.key.decode() if record.key else ""
-                        if key in requests and key not in done and record.timestamp >= published_ms:
+                        if key in keys and key not in done and record.timestamp >= since_ms:
                             done[key] = result_type.FromString(record.value)
                             bar.update(1)
     finally:
         consumer.close(autocommit=False)
-    missing = sorted(set(requests) - set(done))
+    missing = sorted(set(keys) - set(done))
     if missing:
-        raise StageIncomplete(f"{len(missing)} of {len(requests)} {what} did not arrive within {timeout_s:.0f} s "
+        raise StageIncomplete(f"{len(missing)} of {len(keys)} {what} did not arrive within {timeout_s:.0f} s "
                               f"(see the DLQ and the service logs): {', '.join(missing)}")
     return done
 
@@ -170,8 +176,9 @@ def _generate_singles(config: FreemaskConfig, run_id: str, timeout_s: float = 60
             background_name=background, seed=index,
             prompt=config.world.prompt_templates[0].format(cls=cls, background=background))
         requests[request.sample_id] = request
-    done = _publish_and_await(config, Topics.GENERATE, requests, Topics.SINGLES, generate_pb2.SingleObject,
-                              "single objects", timeout_s)
+    published_ms = _publish(config, Topics.GENERATE, requests)
+    done = _await(config, Topics.SINGLES, requests.keys(), generate_pb2.SingleObject, "single objects",
+                  published_ms, timeout_s)
     singles = sorted(done.values(), key=lambda single: single.class_id)
     for single in singles:
         _print(f"{single.class_name:<10} mask {single.mask_area_pixels:>4} px  tau {single.threshold:.2f}  "
@@ -179,22 +186,29 @@ def _generate_singles(config: FreemaskConfig, run_id: str, timeout_s: float = 60
     return singles
 
 
-def _plan_compositions(config: FreemaskConfig, singles: Sequence[generate_pb2.SingleObject], objects_to_add: int = 2,
-                       timeout_s: float = 120.0) -> None:
-    """Stage 2a: each single object as a base scene; the thesaurus plans what to add to it."""
+def _compose(config: FreemaskConfig, singles: Sequence[generate_pb2.SingleObject], objects_to_add: int = 2,
+             timeout_s: float = 120.0) -> None:
+    """Stage 2: each single object as a base scene; the thesaurus plans what to add to it, and
+    placement chooses where the first planned object goes."""
     requests = {}
     for index, single in enumerate(singles):
         sample_id = derive_sample_id(single.run_id, single.round, index, kind="c")
         requests[sample_id] = compose_pb2.ComposeRequest(
             run_id=single.run_id, round=single.round, sample_id=sample_id, base_scene=single,
             background_name=single.background_name, num_objects_to_add=objects_to_add, seed=index)
-    done = _publish_and_await(config, Topics.COMPOSE, requests, Topics.PLACE, compose_pb2.PlacementTask,
-                              "composition plans", timeout_s)
+    published_ms = _publish(config, Topics.COMPOSE, requests)
+    plans = _await(config, Topics.PLACE, requests.keys(), compose_pb2.PlacementTask, "composition plans",
+                   published_ms, timeout_s)
+    placed = _await(config, Topics.HARMONIZE, requests.keys(), compose_pb2.HarmonizeTask, "placements",
+                    published_ms, timeout_s)
     for key, request in requests.items():
-        task = done[key]
+        plan, step = plans[key], placed[key]
         added = ", ".join(f"{p.class_name} (R {p.relation:.2f}, from {p.source.sample_id})"
-                          for p in (task.next_object, *task.remaining_objects))
+                          for p in (plan.next_object, *plan.remaining_objects))
+        box = step.box
         _print(f"{request.base_scene.class_name:<10} on {request.background_name:<6} + {added}")
+        _print(f"{'':<10}    {step.foreground.class_name} placed at x={box.x} y={box.y} {box.width}x{box.height} px, "
+               f"FOPA score {step.placement_score:.2f}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,6 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
     thesaurus.add_argument("--captions", type=int, help="reference captions to draw (default: thesaurus config)")
     thesaurus.add_argument("--seed", type=int, help="seed of the reference captions (default: thesaurus config)")
     thesaurus.add_argument("--version", help="version to publish as (default: the index's content digest)")
+    placement = commands.add_parser("placement", help="the FOPA placement model")
+    placement.add_argument("action", choices=("export",))
+    # the choices are triton_repo.TARGETS, spelled out so that `--help` need not import torch
+    placement.add_argument("--target", required=True, choices=("embedded", "production"),
+                           help="embedded: python backend on CPU (the embedded stack); "
+                                "production: onnxruntime backend on GPU (the NGC Triton image)")
+    placement.add_argument("--out", type=Path, required=True, help="model repository to write fopa/ into")
+    placement.add_argument("--weights", type=Path, help="FOPA weights directory (default: the shipped weights)")
     return parser
 
 
@@ -232,6 +254,21 @@ def _thesaurus_command(config: FreemaskConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def _placement_command(args: argparse.Namespace) -> int:
+    from freemask.placement.export import ExportMismatch
+    from freemask.placement.model import DEFAULT_WEIGHTS_DIR, weights_version
+    from freemask.placement.triton_repo import write_repository
+
+    weights = args.weights or DEFAULT_WEIGHTS_DIR
+    try:
+        model_dir = write_repository(args.target, args.out, weights)
+    except ExportMismatch as err:
+        print(f"freemask: {err}; the repository was left as it was", file=sys.stderr)
+        return 1
+    _print(f"fopa ({args.target}) written to {model_dir}, weights {weights_version(weights)} from {weights}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -244,6 +281,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _stack_command(stack_for(config), args.action)
         if args.command == "thesaurus":
             return _thesaurus_command(config, args)
+        if args.command == "placement":
+            return _placement_command(args)
         if args.command == "serve":
             from freemask.shared.runner import serve
 

@@ -207,6 +207,17 @@ class ThesaurusConfig(_Frozen):
     cached_versions: int = Field(4, ge=1)
 
 
+class PlacementConfig(_Frozen):
+    """Stage 2b: where the next object goes (FOPA heatmaps, served by Triton)."""
+
+    # Largest share of a candidate box that may lie over any object already in the
+    # scene (intersection over the candidate's area): 0 forbids any overlap, 1 lets
+    # FOPA alone decide. Some overlap is allowed because objects in real scenes
+    # stand in front of one another; occlusion keeps the label maps exact. Used when
+    # a PlaceRequest leaves max_overlap unset, and by the stage always.
+    max_overlap: float = Field(0.3, ge=0.0, le=1.0)
+
+
 class StackConfig(_Frozen):
     """The embedded default stack (`freemask stack up`): where it keeps data and listens."""
 
@@ -233,6 +244,7 @@ class FreemaskConfig(_Frozen):
     world: WorldConfig
     attention_mask: AttentionMaskConfig = AttentionMaskConfig()
     thesaurus: ThesaurusConfig = ThesaurusConfig()
+    placement: PlacementConfig = PlacementConfig()
     stack: StackConfig = StackConfig()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

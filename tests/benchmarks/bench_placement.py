@@ -1,0 +1,256 @@
+"""Placement benchmark: are FOPA's boxes plausible, and what does Triton's batching buy?
+
+    .venv/bin/python tests/benchmarks/bench_placement.py [--pairs 500]
+
+1. **Quality on held-out reference scenes.** Each validation scene of the reference
+   world (64 px, with the objects already in it) gets a foreground of a class that
+   lives on its background (drawn by the world's class weights), rendered with a seed
+   the training never used. The service's core (`placer.place`, overlap limit
+   `placement.max_overlap` against the scene's objects) picks a box from the shipped
+   weights' heatmaps. Reported: the share of chosen boxes the world's rules call
+   plausible, and the mean IoU of each chosen box with the nearest legal box of the
+   heatmap grid (same aspect). The baseline picks uniformly among the same candidate
+   boxes (inside the image, within the overlap limit). For reference, the world's own
+   legal heatmaps are scored the same way (see `LegalHeatmaps` for why they miss too).
+2. **Triton.** A private tritonserver serves the model twice: `fopa` with dynamic
+   batching and `fopa_unbatched` without. 8 client threads send one pair per request;
+   throughput with ÷ without is the batching gain. The latency is the median round
+   trip of one pair sent alone to `fopa`.
+
+Writes tests/benchmarks/results/placement.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import tritonclient.grpc as grpcclient
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "integration"))
+
+from ports import reserve_ports  # noqa: E402
+
+from freemask.placement.dataset import legal_heatmaps, render_single_object  # noqa: E402
+from freemask.placement.geometry import (  # noqa: E402
+    background_input,
+    candidate_boxes,
+    foreground_aspect,
+    foreground_input,
+    inside_image,
+)
+from freemask.placement.model import DEFAULT_WEIGHTS_DIR, FopaHeatmap, load_fopa, weights_version  # noqa: E402
+from freemask.placement.placer import PlacementQuery, place  # noqa: E402
+from freemask.placement.triton_repo import write_repository  # noqa: E402
+from freemask.shared.config import load_config  # noqa: E402
+from freemask.shared.processes import stop_pid  # noqa: E402
+from freemask.shared.triton_server import start_tritonserver  # noqa: E402
+from freemask.world import VAL_SIZE, class_weights, dataset, is_plausible  # noqa: E402
+
+RESULTS = HERE / "results"
+SEED = 0
+IMAGE_SIDE = 64
+CONCURRENCY = 8
+
+
+def val_pairs(count: int, classes: tuple[str, ...]) -> list[tuple[PlacementQuery, str, str]]:
+    """(query, class, background) for the first `count` validation scenes."""
+    rng = np.random.default_rng([SEED, 2026])
+    max_overlap = load_config(environ={}).placement.max_overlap
+    pairs = []
+    for index in range(count):
+        scene = dataset("val", index % VAL_SIZE, IMAGE_SIDE)
+        weights = class_weights(scene.background, classes)
+        names = [c for c in classes if weights[c] > 0]
+        p = np.array([weights[c] for c in names])
+        cls = names[int(rng.choice(len(names), p=p / p.sum()))]
+        image, mask = render_single_object(rng, cls)
+        occupied = tuple((x0, y0, x1 - x0, y1 - y0) for x0, y0, x1, y1 in (o.box for o in scene.objects))
+        query = PlacementQuery(background=scene.image, foreground=image, foreground_mask=mask,
+                               occupied=occupied, max_overlap=max_overlap, seed=index)
+        pairs.append((query, cls, scene.background))
+    return pairs
+
+
+class TorchHeatmaps:
+    def __init__(self) -> None:
+        self.model = FopaHeatmap(load_fopa()).eval()
+
+    def __call__(self, backgrounds: np.ndarray, foregrounds: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return self.model(torch.from_numpy(backgrounds), torch.from_numpy(foregrounds)).numpy()
+
+
+class UniformHeatmaps:
+    """The baseline: every candidate box equally likely (ties broken by the query's seed)."""
+
+    def __init__(self, chunk: list[tuple[PlacementQuery, str, str]]) -> None:
+        self.count = len(chunk)
+
+    def __call__(self, backgrounds: np.ndarray, foregrounds: np.ndarray) -> np.ndarray:
+        return np.ones((self.count, 8, 32, 32), dtype=np.float32)
+
+
+class LegalHeatmaps:
+    """A reference point: the world's own legal heatmaps (1 on every legal cell, ties broken by
+    the seed). It can still miss: a legal cell's box, rounded to whole pixels, can fall just
+    outside a rule, and the scene's objects can leave no legal cell within the overlap limit."""
+
+    def __init__(self, chunk: list[tuple[PlacementQuery, str, str]]) -> None:
+        self.maps = np.stack([legal_heatmaps(cls, background, foreground_aspect(query.foreground_mask))
+                              for query, cls, background in chunk]).astype(np.float32)
+
+    def __call__(self, backgrounds: np.ndarray, foregrounds: np.ndarray) -> np.ndarray:
+        return self.maps
+
+
+def nearest_legal_iou(box: tuple[int, int, int, int], cls: str, background: str, aspect: float) -> float:
+    """IoU of a pixel box with the legal cell box of the heatmap grid that overlaps it most."""
+    cells = candidate_boxes(aspect, IMAGE_SIDE, IMAGE_SIDE)
+    legal = cells[legal_heatmaps(cls, background, aspect) & inside_image(cells)] * IMAGE_SIDE
+    if len(legal) == 0:
+        return 0.0
+    x, y, w, h = box
+    ix = np.clip(np.minimum(legal[:, 2], x + w) - np.maximum(legal[:, 0], x), 0, None)
+    iy = np.clip(np.minimum(legal[:, 3], y + h) - np.maximum(legal[:, 1], y), 0, None)
+    inter = ix * iy
+    union = w * h + (legal[:, 2] - legal[:, 0]) * (legal[:, 3] - legal[:, 1]) - inter
+    return float((inter / union).max())
+
+
+def quality(pairs: list[tuple[PlacementQuery, str, str]], source_for) -> dict[str, float]:
+    """`source_for(chunk)` gives the heatmap source of a chunk of pairs. A pair with no box
+    within the overlap limit counts as a miss with IoU 0."""
+    ok, ious, no_box = [], [], 0
+    for start in range(0, len(pairs), 64):
+        chunk = pairs[start:start + 64]
+        for (query, cls, background), result in zip(chunk, place([q for q, _, _ in chunk], source_for(chunk))):
+            if result.best is None:
+                ok.append(False)
+                ious.append(0.0)
+                no_box += 1
+                continue
+            x, y, w, h = result.best.box
+            ok.append(is_plausible(cls, background, (x, y, x + w, y + h), IMAGE_SIDE))
+            ious.append(nearest_legal_iou(result.best.box, cls, background, foreground_aspect(query.foreground_mask)))
+    return {"rule_rate": float(np.mean(ok)), "box_iou": float(np.mean(ious)), "no_box": no_box}
+
+
+def triton_inputs(pairs: list[tuple[PlacementQuery, str, str]]) -> list[list[grpcclient.InferInput]]:
+    requests = []
+    for query, _, _ in pairs:
+        bg = background_input(query.background)[None]
+        fg = foreground_input(query.foreground, query.foreground_mask)[None]
+        inputs = [grpcclient.InferInput("BACKGROUND", list(bg.shape), "FP32"),
+                  grpcclient.InferInput("FOREGROUND", list(fg.shape), "FP32")]
+        inputs[0].set_data_from_numpy(bg)
+        inputs[1].set_data_from_numpy(fg)
+        requests.append(inputs)
+    return requests
+
+
+def throughput(url: str, model: str, requests: list, threads: int) -> float:
+    clients = [grpcclient.InferenceServerClient(url) for _ in range(threads)]
+    try:
+        for inputs in requests[:threads]:  # warm up
+            clients[0].infer(model, inputs, client_timeout=30)
+        started = time.perf_counter()
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(lambda i: clients[i % threads].infer(model, requests[i], client_timeout=30),
+                          range(len(requests))))
+        return len(requests) / (time.perf_counter() - started)
+    finally:
+        for client in clients:
+            client.close()
+
+
+def latency_ms(url: str, model: str, requests: list, count: int) -> float:
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        times = []
+        for i in range(count):
+            started = time.perf_counter()
+            client.infer(model, requests[i % len(requests)], client_timeout=30)
+            times.append((time.perf_counter() - started) * 1000)
+        return statistics.median(times)
+    finally:
+        client.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pairs", type=int, default=VAL_SIZE, help="validation scenes to place into")
+    parser.add_argument("--requests", type=int, default=1600, help="Triton requests per throughput run")
+    parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    started = time.perf_counter()
+    config = load_config(environ={})
+    pairs = val_pairs(args.pairs, config.world.classes)
+    model = TorchHeatmaps()
+    model_quality = quality(pairs, lambda chunk: model)
+    random_quality = quality(pairs, UniformHeatmaps)
+    legal_quality = quality(pairs, LegalHeatmaps)
+    print(f"quality: model {model_quality}, random {random_quality}, legal {legal_quality}", file=sys.stderr)
+
+    requests = triton_inputs(pairs)
+    requests = (requests * (args.requests // len(requests) + 1))[:args.requests]
+    with tempfile.TemporaryDirectory() as tmp:
+        repository = Path(tmp) / "models"
+        write_repository("embedded", repository)
+        write_repository("embedded", repository, name="fopa_unbatched", dynamic_batching=False)
+        http_port, grpc_port, metrics_port = reserve_ports(3)
+        server = start_tritonserver(repository, Path(tmp) / "work", http_port, grpc_port, metrics_port,
+                                    Path(tmp) / "tritonserver.log")
+        url = f"127.0.0.1:{grpc_port}"
+        try:
+            batched, unbatched = [], []
+            for _ in range(args.trials):  # interleaved, so drift hits both alike
+                unbatched.append(throughput(url, "fopa_unbatched", requests, CONCURRENCY))
+                batched.append(throughput(url, "fopa", requests, CONCURRENCY))
+            latency = latency_ms(url, "fopa", requests, 200)
+            latency_unbatched = latency_ms(url, "fopa_unbatched", requests, 200)
+        finally:
+            stop_pid(server.pid)
+
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
+    result = {
+        "rule_rate": round(model_quality["rule_rate"], 4),
+        "rule_rate_random": round(random_quality["rule_rate"], 4),
+        "box_iou": round(model_quality["box_iou"], 4),
+        "box_iou_random": round(random_quality["box_iou"], 4),
+        "triton_batching_gain": round(statistics.median(batched) / statistics.median(unbatched), 3),
+        "latency_ms_per_pair": round(latency, 2),
+        "pairs_per_s_concurrency_8": {"dynamic_batching": round(statistics.median(batched), 1),
+                                      "no_batching": round(statistics.median(unbatched), 1)},
+        "latency_ms_per_pair_no_batching": round(latency_unbatched, 2),
+        "rule_rate_legal_heatmaps": round(legal_quality["rule_rate"], 4),
+        "no_box_within_overlap_limit": model_quality["no_box"],
+        "pairs": len(pairs),
+        "bench_seconds": round(time.perf_counter() - started, 1),
+        "commit": commit or None,
+        "seed": SEED,
+        "config": {"weights_version": weights_version(DEFAULT_WEIGHTS_DIR), "image_side": IMAGE_SIDE,
+                   "max_overlap": config.placement.max_overlap, "concurrency": CONCURRENCY,
+                   "requests_per_run": args.requests, "trials": args.trials, "device": "cpu",
+                   "triton": "embedded tritonserver 2.51, python backend + onnxruntime", "cpus": os.cpu_count()},
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "placement.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
