@@ -15,7 +15,8 @@
 2. **Triton.** A private tritonserver serves the model twice: `fopa` with dynamic
    batching and `fopa_unbatched` without. 8 client threads send one pair per request;
    throughput with ÷ without is the batching gain. The latency is the median round
-   trip of one pair sent alone to `fopa`.
+   trip of one pair sent alone to `fopa`. The ONNX model alone, in-process at batch 1
+   and 8, shows how much of a pair's cost batching could save at all.
 
 Writes tests/benchmarks/results/placement.json.
 """
@@ -34,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import onnxruntime
 import torch
 import tritonclient.grpc as grpcclient
 
@@ -52,7 +54,12 @@ from freemask.placement.geometry import (  # noqa: E402
 )
 from freemask.placement.model import DEFAULT_WEIGHTS_DIR, FopaHeatmap, load_fopa, weights_version  # noqa: E402
 from freemask.placement.placer import PlacementQuery, place  # noqa: E402
-from freemask.placement.triton_repo import write_repository  # noqa: E402
+from freemask.placement.triton_repo import (  # noqa: E402
+    EMBEDDED_INTRA_OP_THREADS,
+    MODEL_VERSION,
+    ONNX_FILE,
+    write_repository,
+)
 from freemask.shared.config import load_config  # noqa: E402
 from freemask.shared.processes import stop_pid  # noqa: E402
 from freemask.shared.triton_server import start_tritonserver  # noqa: E402
@@ -147,11 +154,14 @@ def quality(pairs: list[tuple[PlacementQuery, str, str]], source_for) -> dict[st
     return {"rule_rate": float(np.mean(ok)), "box_iou": float(np.mean(ious)), "no_box": no_box}
 
 
-def triton_inputs(pairs: list[tuple[PlacementQuery, str, str]]) -> list[list[grpcclient.InferInput]]:
+def model_inputs(pairs: list[tuple[PlacementQuery, str, str]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [(background_input(query.background)[None], foreground_input(query.foreground, query.foreground_mask)[None])
+            for query, _, _ in pairs]
+
+
+def triton_inputs(arrays: list[tuple[np.ndarray, np.ndarray]]) -> list[list[grpcclient.InferInput]]:
     requests = []
-    for query, _, _ in pairs:
-        bg = background_input(query.background)[None]
-        fg = foreground_input(query.foreground, query.foreground_mask)[None]
+    for bg, fg in arrays:
         inputs = [grpcclient.InferInput("BACKGROUND", list(bg.shape), "FP32"),
                   grpcclient.InferInput("FOREGROUND", list(fg.shape), "FP32")]
         inputs[0].set_data_from_numpy(bg)
@@ -188,6 +198,21 @@ def latency_ms(url: str, model: str, requests: list, count: int) -> float:
         client.close()
 
 
+def onnx_ms_per_pair(path: Path, requests: list[tuple[np.ndarray, np.ndarray]], batch: int, runs: int = 40) -> float:
+    """The model alone, in this process, with the embedded server's thread count: what batching can save
+    in compute (as opposed to per-request overhead)."""
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = EMBEDDED_INTRA_OP_THREADS
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feeds = {"BACKGROUND": np.concatenate([bg for bg, _ in requests[:batch]]),
+             "FOREGROUND": np.concatenate([fg for _, fg in requests[:batch]])}
+    session.run(None, feeds)
+    started = time.perf_counter()
+    for _ in range(runs):
+        session.run(None, feeds)
+    return (time.perf_counter() - started) / runs / batch * 1000
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=VAL_SIZE, help="validation scenes to place into")
@@ -205,11 +230,13 @@ def main() -> None:
     legal_quality = quality(pairs, LegalHeatmaps)
     print(f"quality: model {model_quality}, random {random_quality}, legal {legal_quality}", file=sys.stderr)
 
-    requests = triton_inputs(pairs)
+    arrays = model_inputs(pairs)
+    requests = triton_inputs(arrays)
     requests = (requests * (args.requests // len(requests) + 1))[:args.requests]
     with tempfile.TemporaryDirectory() as tmp:
         repository = Path(tmp) / "models"
-        write_repository("embedded", repository)
+        onnx_file = write_repository("embedded", repository) / MODEL_VERSION / ONNX_FILE
+        compute = {batch: onnx_ms_per_pair(onnx_file, arrays, batch) for batch in (1, 8)}
         write_repository("embedded", repository, name="fopa_unbatched", dynamic_batching=False)
         http_port, grpc_port, metrics_port = reserve_ports(3)
         server = start_tritonserver(repository, Path(tmp) / "work", http_port, grpc_port, metrics_port,
@@ -236,6 +263,7 @@ def main() -> None:
         "pairs_per_s_concurrency_8": {"dynamic_batching": round(statistics.median(batched), 1),
                                       "no_batching": round(statistics.median(unbatched), 1)},
         "latency_ms_per_pair_no_batching": round(latency_unbatched, 2),
+        "onnxruntime_ms_per_pair": {f"batch_{batch}": round(ms, 3) for batch, ms in compute.items()},
         "rule_rate_legal_heatmaps": round(legal_quality["rule_rate"], 4),
         "no_box_within_overlap_limit": model_quality["no_box"],
         "pairs": len(pairs),
