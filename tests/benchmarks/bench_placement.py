@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -228,6 +229,8 @@ def main() -> None:
     model_quality = quality(pairs, lambda chunk: model)
     random_quality = quality(pairs, UniformHeatmaps)
     legal_quality = quality(pairs, LegalHeatmaps)
+    alone = quality([(replace(query, occupied=()), cls, background) for query, cls, background in pairs],
+                    lambda chunk: model)
     print(f"quality: model {model_quality}, random {random_quality}, legal {legal_quality}", file=sys.stderr)
 
     arrays = model_inputs(pairs)
@@ -265,6 +268,7 @@ def main() -> None:
         "latency_ms_per_pair_no_batching": round(latency_unbatched, 2),
         "onnxruntime_ms_per_pair": {f"batch_{batch}": round(ms, 3) for batch, ms in compute.items()},
         "rule_rate_legal_heatmaps": round(legal_quality["rule_rate"], 4),
+        "rule_rate_without_scene_objects": round(alone["rule_rate"], 4),
         "no_box_within_overlap_limit": model_quality["no_box"],
         "pairs": len(pairs),
         "bench_seconds": round(time.perf_counter() - started, 1),
