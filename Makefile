@@ -30,11 +30,13 @@ bench: $(INSTALLED) $(PROTO_STAMP) $(TRITON_FOPA)
 	$(PY) tests/benchmarks/bench_attention_mask.py
 	$(PY) tests/benchmarks/bench_thesaurus.py
 	$(PY) tests/benchmarks/bench_placement.py
+	$(PY) tests/benchmarks/bench_harmonization.py
 
 ## models: retrain the shipped small models from scratch on 2 CPU cores (seeded, logged next to the weights)
 models: $(INSTALLED) $(PROTO_STAMP)
 	$(PY) -m freemask.attention_mask.generator.train --out services/attention_mask/weights/generator --minutes 40 --seed 0
 	$(PY) -m freemask.placement.train --out services/placement/weights/fopa --minutes 15 --seed 0
+	$(PY) -m freemask.harmonization.train --out services/harmonization/weights/rain --minutes 10 --seed 0
 
 ## protos: generate the Python code for protos/ (never committed, never edited)
 protos: $(PROTO_STAMP)

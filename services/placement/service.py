@@ -14,7 +14,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Protocol
 
-import numpy as np
 from prometheus_client import Histogram
 
 from freemask.placement.heatmaps import TritonHeatmaps
@@ -29,20 +28,15 @@ from freemask.placement.placer import (
     place,
 )
 from freemask.shared.bus import InboundMessage, OutboundMessage, Topics
-from freemask.shared.config import FreemaskConfig, LimitsConfig, PlacementConfig
-from freemask.shared.errors import InvalidInput, NotFound, Unusable
-from freemask.shared.images import decode_image, decode_mask
-from freemask.shared.keys import key_within, sample_prefix, validate_id, validate_key, validate_round
+from freemask.shared.config import FreemaskConfig, PlacementConfig
+from freemask.shared.errors import InvalidInput, Unusable
+from freemask.shared.image_refs import ImageReader
 from freemask.shared.metrics import ServiceMetrics
 from freemask.shared.runner import ServiceContext, ServiceParts, StageSpec
-from freemask.shared.store import ObjectNotFound, ObjectStore
+from freemask.shared.scene_steps import validate_planned_source, validate_scene_step
 from freemask.v1 import common_pb2, compose_pb2, placement_pb2
 
 FOPA_MODEL_NAME = "fopa"
-MAX_INLINE_PNG_BYTES = 4 * 1024 * 1024  # ImageRef.png: larger images go through the store
-# Scenes at every step live under runs/…: the base object's files at step 0, the
-# sample's own step folders later (compose.proto).
-SCENES_PREFIX = "runs/"
 _SCORE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 
 
@@ -50,58 +44,6 @@ class HeatmapModel(HeatmapSource, Protocol):
     """A heatmap source that can name the weights it runs (TritonHeatmaps)."""
 
     def model_version(self) -> str: ...
-
-
-def object_mask(labels: np.ndarray) -> np.ndarray:
-    """The object's pixels in a single-channel mask.
-
-    A label map marks the object with its class id (1..254; 0 is background and 255
-    "ignore"). A binary PNG marks it with 1, or with 255 when saved as 0/255: a mask
-    with no class id at all but some 255 pixels is read that way.
-    """
-    mask = (labels != 0) & (labels != 255)
-    return mask if mask.any() else labels == 255
-
-
-class ImageReader:
-    """Decoded pixels from store keys or inline PNGs, within the configured limits."""
-
-    def __init__(self, store: ObjectStore, limits: LimitsConfig) -> None:
-        self._store = store
-        self._limits = limits
-
-    def stored_image(self, key: str, what: str) -> np.ndarray:
-        return decode_image(self._stored(key, what), self._limits, what)
-
-    def stored_mask(self, key: str, what: str) -> np.ndarray:
-        return object_mask(decode_mask(self._stored(key, what), self._limits, what))
-
-    def image(self, ref: common_pb2.ImageRef, what: str) -> np.ndarray:
-        return decode_image(self._referenced(ref, what), self._limits, what)
-
-    def mask(self, ref: common_pb2.ImageRef, what: str) -> np.ndarray:
-        return object_mask(decode_mask(self._referenced(ref, what), self._limits, what))
-
-    def _referenced(self, ref: common_pb2.ImageRef, what: str) -> bytes:
-        source = ref.WhichOneof("source")
-        if source == "store_key":
-            return self._stored(ref.store_key, what)
-        if source == "png":
-            if len(ref.png) > MAX_INLINE_PNG_BYTES:
-                raise InvalidInput(f"{what} is {len(ref.png)} bytes inline; the limit is {MAX_INLINE_PNG_BYTES}: "
-                                   "send larger images as a store_key")
-            return ref.png
-        raise InvalidInput(f"{what} is missing: set exactly one of store_key or png")
-
-    def _stored(self, key: str, what: str) -> bytes:
-        validate_key(key, f"{what} key")
-        try:
-            size = self._store.stat(key).size  # refuse an oversized object before reading it
-            if size > self._limits.max_image_bytes:
-                raise InvalidInput(f"{what} {key!r} is {size} bytes; the limit is {self._limits.max_image_bytes}")
-            return self._store.get_bytes(key)
-        except ObjectNotFound:
-            raise NotFound(f"{what}: no object at {key!r}") from None
 
 
 class PlacementMetrics:
@@ -192,23 +134,8 @@ def _candidate(placement: Placement) -> placement_pb2.PlacementCandidate:
 
 def validate_task(task: compose_pb2.PlacementTask, config: FreemaskConfig) -> None:
     """InvalidInput naming the first thing wrong with a PlacementTask, before anything is read."""
-    validate_id(task.run_id, "run id")
-    validate_round(task.round)
-    validate_id(task.sample_id, "sample id")
-    if task.background_name not in config.world.backgrounds:
-        raise InvalidInput(f"unknown background {task.background_name[:64]!r}; "
-                           f"configured: {', '.join(config.world.backgrounds)}")
-    if not task.HasField("scene"):
-        raise InvalidInput("scene is missing")
-    if task.scene.image_size.width < 1 or task.scene.image_size.height < 1:
-        raise InvalidInput("scene.image_size is missing")
-    key_within(task.scene.keys.image_key, SCENES_PREFIX, "scene image_key")
-    if not task.HasField("next_object") or not task.next_object.HasField("source"):
-        raise InvalidInput("next_object (with its source single object) is missing")
-    source = task.next_object.source
-    source_prefix = sample_prefix(source.run_id, source.round, source.sample_id)
-    key_within(source.keys.image_key, source_prefix, "next_object source image_key")
-    key_within(source.keys.label_key, source_prefix, "next_object source label_key")
+    validate_scene_step(task, config.world.backgrounds)
+    validate_planned_source(task.next_object, task.HasField("next_object"), "next_object")
 
 
 def placement_seed(task: compose_pb2.PlacementTask) -> int:

@@ -27,7 +27,7 @@ from freemask.shared.grpc_runtime import check_health
 from freemask.shared.keys import derive_sample_id
 from freemask.shared.processes import ServerProcess, ServerStartError, start_server, stop_pid, tail
 from freemask.shared.stack import EmbeddedStack, stack_for
-from freemask.v1 import compose_pb2, generate_pb2
+from freemask.v1 import compose_pb2, generate_pb2, samples_pb2
 
 _SERVICE_START_TIMEOUT_S = 60.0
 
@@ -110,8 +110,8 @@ def _run_command(config: FreemaskConfig, config_path: Path | None) -> int:
         _print("== main job")
         singles = _generate_singles(run_config, run_id="make-run")
         _compose(run_config, singles)
-        _print("stage 1 (attention masks), the thesaurus's plans and FOPA's placements ran end to end over the bus;")
-        _print("harmonization, scoring and the coordinator arrive with issues #8-#10.")
+        _print("stage 1 (attention masks) and stage 2 (thesaurus, FOPA placement, RAIN harmonization) ran end to end")
+        _print("over the bus; scoring and the coordinator arrive with issues #9-#10.")
     finally:
         _print("== shutting down")
         stop_services(services)
@@ -187,9 +187,9 @@ def _generate_singles(config: FreemaskConfig, run_id: str, timeout_s: float = 60
 
 
 def _compose(config: FreemaskConfig, singles: Sequence[generate_pb2.SingleObject], objects_to_add: int = 2,
-             timeout_s: float = 120.0) -> None:
-    """Stage 2: each single object as a base scene; the thesaurus plans what to add to it, and
-    placement chooses where the first planned object goes."""
+             timeout_s: float = 300.0) -> None:
+    """Stage 2: each single object as a base scene; the thesaurus plans what to add, placement
+    chooses where each object goes and harmonization pastes it, until the scene is composed."""
     requests = {}
     for index, single in enumerate(singles):
         sample_id = derive_sample_id(single.run_id, single.round, index, kind="c")
@@ -199,16 +199,17 @@ def _compose(config: FreemaskConfig, singles: Sequence[generate_pb2.SingleObject
     published_ms = _publish(config, Topics.COMPOSE, requests)
     plans = _await(config, Topics.PLACE, requests.keys(), compose_pb2.PlacementTask, "composition plans",
                    published_ms, timeout_s)
-    placed = _await(config, Topics.HARMONIZE, requests.keys(), compose_pb2.HarmonizeTask, "placements",
-                    published_ms, timeout_s)
+    composed = _await(config, Topics.COMPOSED, requests.keys(), samples_pb2.Sample, "composed samples",
+                      published_ms, timeout_s)
     for key, request in requests.items():
-        plan, step = plans[key], placed[key]
-        added = ", ".join(f"{p.class_name} (R {p.relation:.2f}, from {p.source.sample_id})"
-                          for p in (plan.next_object, *plan.remaining_objects))
-        box = step.box
+        plan, sample = plans[key], composed[key]
+        added = ", ".join(f"{p.class_name} (R {p.relation:.2f})" for p in (plan.next_object, *plan.remaining_objects))
         _print(f"{request.base_scene.class_name:<10} on {request.background_name:<6} + {added}")
-        _print(f"{'':<10}    {step.foreground.class_name} placed at x={box.x} y={box.y} {box.width}x{box.height} px, "
-               f"FOPA score {step.placement_score:.2f}")
+        for obj in sample.objects:
+            box = obj.box
+            _print(f"{'':<10}    {obj.class_name:<10} at x={box.x} y={box.y} {box.width}x{box.height} px, "
+                   f"{obj.visible_area_pixels} px visible, FOPA score {obj.placement_score:.2f}")
+        _print(f"{'':<10}    {sample.keys.image_key}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -218,6 +218,25 @@ class PlacementConfig(_Frozen):
     max_overlap: float = Field(0.3, ge=0.0, le=1.0)
 
 
+class HarmonizationConfig(_Frozen):
+    """Stage 2c: how a placed object is pasted and made to match its new scene."""
+
+    # Method when a request or task leaves it unspecified. RAIN is the paper's
+    # learned harmonizer; statistics_transfer is the non-learned fallback (the
+    # foreground's per-channel mean/std set to the background's), and copy_paste
+    # leaves colours alone, as the ablation baseline.
+    method: Literal["rain", "statistics_transfer", "copy_paste"] = "rain"
+    # RAIN weights directory (rain.safetensors + config.json); unset = the shipped
+    # weights in services/harmonization/weights/rain/. With method "rain" they are
+    # loaded at start-up, so missing weights stop the service instead of failing
+    # every sample.
+    weights: Path | None = None
+    # Width, in pixels, of the soft alpha ramp inside the pasted object's edge: the
+    # outermost pixels blend with the scene behind them so the seam does not show.
+    # Only the image is blended; labels stay exactly the binarised mask. 0 = hard edge.
+    feather_px: int = Field(1, ge=0, le=16)
+
+
 class StackConfig(_Frozen):
     """The embedded default stack (`freemask stack up`): where it keeps data and listens."""
 
@@ -245,6 +264,7 @@ class FreemaskConfig(_Frozen):
     attention_mask: AttentionMaskConfig = AttentionMaskConfig()
     thesaurus: ThesaurusConfig = ThesaurusConfig()
     placement: PlacementConfig = PlacementConfig()
+    harmonization: HarmonizationConfig = HarmonizationConfig()
     stack: StackConfig = StackConfig()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

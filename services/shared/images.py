@@ -87,6 +87,35 @@ def encode_png(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def decode_instance_map(data: bytes, limits: LimitsConfig, what: str = "instance map") -> np.ndarray:
+    """A single-channel instance-id map, uint16 H×W; 16-bit PNG, or 8-bit where ids stay below 256."""
+    image = _open_checked(data, limits, what)
+    if image.format != "PNG":
+        raise InvalidInput(f"{what} must be a PNG (lossless); got {image.format}")
+    if image.mode == "L":
+        return _load(image, "L", what).astype(np.uint16)
+    if image.mode not in ("I;16", "I;16B", "I"):
+        raise InvalidInput(f"{what} has mode {image.mode}; an instance map is single-channel 16-bit (I;16) or 8-bit (L)")
+    try:
+        image.load()
+        pixels = np.asarray(image)
+    except (OSError, ValueError, SyntaxError):
+        raise InvalidInput(f"{what} is truncated or corrupt") from None
+    if pixels.min() < 0 or pixels.max() > 65535:  # mode "I" holds 32-bit values
+        raise InvalidInput(f"{what} holds ids outside 0..65535")
+    return pixels.astype(np.uint16)
+
+
+def encode_png16(pixels: np.ndarray) -> bytes:
+    """Deterministic 16-bit grayscale PNG bytes for uint16 H×W pixels (instance-id maps)."""
+    if pixels.dtype != np.uint16 or pixels.ndim != 2:
+        raise InvalidInput(f"cannot encode pixels of dtype {pixels.dtype} and shape {pixels.shape} as a 16-bit PNG")
+    buffer = io.BytesIO()
+    # Pillow stores a native uint16 array as mode I;16, which PNG writes as 16-bit grayscale.
+    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="PNG", optimize=False, compress_level=6)
+    return buffer.getvalue()
+
+
 def encode_npz(**arrays: np.ndarray) -> bytes:
     """Deterministic compressed .npz bytes (what `np.load` reads).
 

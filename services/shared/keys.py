@@ -21,7 +21,11 @@ _KEY_SEGMENT = re.compile(r"[a-z0-9_][a-z0-9_.-]{0,127}")
 MAX_KEY_CHARS = 512
 MAX_SAMPLE_INDEX = 10**9
 
-SAMPLE_FILES = ("image.png", "label.png", "softmap.npz", "meta.json")
+SAMPLE_FILES = ("image.png", "label.png", "softmap.npz", "meta.json", "instances.png")
+# An intermediate scene of the place <-> harmonize loop (compose.proto) has no softmap or meta.
+STEP_FILES = ("image.png", "label.png", "instances.png")
+# A plan adds at most 16 objects; the bound only keeps step folders short and numeric.
+MAX_STEP_INDEX = 10_000
 
 
 class InvalidIdError(InvalidInput):
@@ -71,6 +75,34 @@ def sample_key(run_id: str, round_index: int, sample_id: str, filename: str) -> 
     if filename not in SAMPLE_FILES:
         raise InvalidIdError(f"sample file {filename!r} is not one of {', '.join(SAMPLE_FILES)}")
     return sample_prefix(run_id, round_index, sample_id) + filename
+
+
+def step_prefix(run_id: str, round_index: int, sample_id: str, step_index: int) -> str:
+    """`runs/{run}/rounds/{r}/samples/{id}/steps/{step}/`: the scene after paste `step_index`."""
+    if not isinstance(step_index, int) or isinstance(step_index, bool) or not 0 <= step_index < MAX_STEP_INDEX:
+        raise InvalidIdError(f"step {step_index!r} must be an integer in [0, {MAX_STEP_INDEX})")
+    return f"{sample_prefix(run_id, round_index, sample_id)}steps/{step_index}/"
+
+
+def step_key(run_id: str, round_index: int, sample_id: str, step_index: int, filename: str) -> str:
+    if filename not in STEP_FILES:
+        raise InvalidIdError(f"step file {filename!r} is not one of {', '.join(STEP_FILES)}")
+    return step_prefix(run_id, round_index, sample_id, step_index) + filename
+
+
+def within_a_sample(key: str, what: str = "key") -> str:
+    """Check that a key received from outside names a file under some
+    `runs/{run}/rounds/{r}/samples/{id}/` (its own folder, or one below it)."""
+    validate_key(key, what)
+    parts = key.split("/")
+    if len(parts) < 7 or parts[0] != "runs" or parts[2] != "rounds" or parts[4] != "samples":
+        raise InvalidIdError(f"{what} {key!r} does not lie under runs/{{run}}/rounds/{{r}}/samples/{{id}}/")
+    validate_id(parts[1], f"{what}'s run id")
+    if not parts[3].isdigit() or str(int(parts[3])) != parts[3]:
+        raise InvalidIdError(f"{what} {key!r} has round {parts[3]!r}; rounds are plain integers")
+    validate_round(int(parts[3]))
+    validate_id(parts[5], f"{what}'s sample id")
+    return key
 
 
 def model_prefix(name: str, version: str) -> str:

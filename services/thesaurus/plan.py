@@ -21,6 +21,7 @@ import numpy as np
 from freemask.shared.config import FreemaskConfig
 from freemask.shared.errors import InvalidInput, Unavailable, Unusable
 from freemask.shared.keys import key_within, sample_prefix, validate_id, validate_round
+from freemask.shared.scene_steps import generation_record
 from freemask.shared.singles import single_object_from_meta
 from freemask.shared.store import ObjectStore
 from freemask.thesaurus.index import Relation, ThesaurusIndex
@@ -124,7 +125,7 @@ class ComposePlanner:
                                          image_size=base.image_size, objects=[_base_instance(base)]),
             next_object=planned[0], remaining_objects=planned[1:], step_index=0, seed=request.seed,
             provenance=common_pb2.Provenance(
-                generations=[_generation_record(base)],
+                generations=[generation_record(base)],
                 models=[m for m in (base.affinity,) if m.name]
                 + [common_pb2.ModelVersion(name=THESAURUS_MODEL_NAME, version=self.index_version)],
                 compose_seed=request.seed),
@@ -169,10 +170,3 @@ def _base_instance(base: generate_pb2.SingleObject) -> common_pb2.ObjectInstance
         class_id=base.class_id, class_name=base.class_name, instance_id=1, box=base.mask_box,
         visible_area_pixels=base.mask_area_pixels, origin=common_pb2.OBJECT_ORIGIN_GENERATED,
         source_sample_id=base.sample_id, source_keys=base.keys, placement_score=0.0)
-
-
-def _generation_record(single: generate_pb2.SingleObject) -> common_pb2.GenerationRecord:
-    return common_pb2.GenerationRecord(sample_id=single.sample_id, class_name=single.class_name,
-                                       prompt=single.prompt, seed=single.seed, threshold=single.threshold,
-                                       generator=single.generator)
-

@@ -24,7 +24,8 @@ import tritonclient.grpc as grpcclient
 from freemask.placement.heatmaps import TritonHeatmaps
 from freemask.placement.model import FopaHeatmap, FopaNet, load_fopa, save_fopa, weights_version
 from freemask.placement.placer import PlacementQuery, place
-from freemask.placement.service import build, object_mask
+from freemask.placement.service import build
+from freemask.shared.image_refs import object_mask
 from freemask.placement.triton_repo import write_repository
 from freemask.shared.bus import OutboundMessage, Publisher, StageWorker, Topics, make_producer
 from freemask.shared.config import FreemaskConfig

@@ -70,25 +70,30 @@ def test_run_brings_everything_up_and_shuts_it_down(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     result = freemask(config, "run")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert ("stage 1 (attention masks), the thesaurus's plans and FOPA's placements ran end to end over the bus"
+    assert ("stage 1 (attention masks) and stage 2 (thesaurus, FOPA placement, RAIN harmonization) ran end to end"
             in result.stdout)
     for cls in ("aeroplane", "bird", "boat", "bus", "car", "cat", "cow", "dog", "horse", "person", "sheep", "train"):
         line = rf"^{cls} +mask +\d+ px  tau 0\.\d\d  runs/make-run/rounds/0/samples/s-0-\d+-[0-9a-f]{{12}}/label\.png$"
         assert re.search(line, result.stdout, re.MULTILINE), f"no single object for {cls}:\n{result.stdout}"
-    plans = re.findall(r"^(\w+) +on (\w+) +\+ (\w+) \(R (0\.\d\d), from s-0-\d+-[0-9a-f]{12}\), (\w+) \(R",
+    plans = re.findall(r"^(\w+) +on (\w+) +\+ (\w+) \(R (0\.\d\d)\), (\w+) \(R (0\.\d\d)\)$",
                        result.stdout, re.MULTILINE)
     assert len(plans) == 12, f"expected a composition plan per single object:\n{result.stdout}"
-    for _, background, first, relation, second in plans:
-        assert float(relation) >= 0.05 and first in allowed_on(background) and second in allowed_on(background)
-    placements = re.findall(r"^ +(\w+) placed at x=(\d+) y=(\d+) (\d+)x(\d+) px, FOPA score [01]\.\d\d$",
-                            result.stdout, re.MULTILINE)
-    assert [cls for cls, *_ in placements] == [first for _, _, first, _, _ in plans]
-    for _, x, y, width, height in placements:
+    for _, background, first, relation, second, relation2 in plans:
+        assert min(float(relation), float(relation2)) >= 0.05
+        assert first in allowed_on(background) and second in allowed_on(background)
+    objects = re.findall(r"^ +(\w+) +at x=(\d+) y=(\d+) (\d+)x(\d+) px, (\d+) px visible, FOPA score [01]\.\d\d$",
+                         result.stdout, re.MULTILINE)
+    assert [cls for cls, *_ in objects] == [c for base, _, first, _, second, _ in plans for c in (base, first, second)]
+    for _, x, y, width, height, visible in objects:
         assert int(x) + int(width) <= 32 and int(y) + int(height) <= 32  # inside the 32 px scene
+        assert int(visible) <= int(width) * int(height)
+    samples = re.findall(r"^ +runs/make-run/rounds/0/samples/(c-0-\d+-[0-9a-f]{12})/image\.png$", result.stdout,
+                         re.MULTILINE)
+    assert len(set(samples)) == 12
     for service in ("attention_mask", "thesaurus", "placement", "harmonization", "scoring", "coordinator"):
         assert f"{service} " in result.stdout
     state = json.loads((tmp_path / "stack" / "stack.json").read_text())
     assert state == {}, "run stops the stack it started"
     for log in (tmp_path / "stack" / "logs").glob("*.log"):
-        if log.stem in ("attention_mask", "thesaurus", "placement", "coordinator"):
+        if log.stem in ("attention_mask", "thesaurus", "placement", "harmonization", "coordinator"):
             assert '"msg": "stopped"' in log.read_text(), f"{log.stem} did not shut down gracefully"

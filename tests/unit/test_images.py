@@ -96,3 +96,45 @@ def test_npz_bytes_are_reproducible_and_load_with_numpy() -> None:
     loaded = np.load(io.BytesIO(first), allow_pickle=False)
     assert loaded.files == ["softmap"] and np.array_equal(loaded["softmap"], soft)
     assert loaded["softmap"].dtype == np.float32
+
+
+# --- 16-bit instance maps -----------------------------------------------------------------------------------------
+
+from freemask.shared.images import decode_instance_map, encode_png16  # noqa: E402
+
+
+def test_instance_maps_round_trip_16_bit_ids_and_encode_deterministically() -> None:
+    ids = np.random.default_rng(1).integers(0, 65536, (20, 30), dtype=np.uint16)
+    ids[0, :3] = (0, 255, 65535)
+    data = encode_png16(ids)
+    assert encode_png16(ids.copy()) == data
+    decoded = decode_instance_map(data, LIMITS)
+    assert decoded.dtype == np.uint16 and np.array_equal(decoded, ids)
+    assert Image.open(io.BytesIO(data)).mode.startswith("I;16")
+
+
+def test_an_8_bit_instance_map_is_read_as_16_bit() -> None:
+    ids = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    decoded = decode_instance_map(encode_png(ids), LIMITS)
+    assert decoded.dtype == np.uint16 and np.array_equal(decoded, ids)
+
+
+def test_instance_maps_must_be_single_channel_pngs() -> None:
+    rgb = np.zeros((4, 4, 3), np.uint8)
+    with pytest.raises(InvalidInput, match="instance map has mode RGB; an instance map is single-channel 16-bit"):
+        decode_instance_map(encode_png(rgb), LIMITS)
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(buffer, format="JPEG")
+    with pytest.raises(InvalidInput, match="must be a PNG"):
+        decode_instance_map(buffer.getvalue(), LIMITS)
+    with pytest.raises(InvalidInput, match="is not a PNG or JPEG image"):
+        decode_instance_map(b"not an image", LIMITS)
+    with pytest.raises(InvalidInput, match="is truncated or corrupt"):
+        decode_instance_map(encode_png16(np.ones((64, 64), np.uint16) * 999)[:80], LIMITS)
+
+
+@pytest.mark.parametrize("pixels", [np.zeros((4, 4), np.uint8), np.zeros((4, 4, 1), np.uint16),
+                                    np.zeros((4, 4), np.int32)])
+def test_encode_png16_refuses_what_is_not_a_uint16_map(pixels: np.ndarray) -> None:
+    with pytest.raises(InvalidInput, match="as a 16-bit PNG"):
+        encode_png16(pixels)

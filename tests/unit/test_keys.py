@@ -244,3 +244,59 @@ def test_derive_sample_id_never_returns_an_invalid_id(index: int, kind: str) -> 
     except InvalidInput:
         return  # refusing the input is fine too
     validate_id(sample_id, "sample id")
+
+
+# --- composed samples: instance maps and step folders -------------------------------------------------------------
+
+from freemask.shared.keys import STEP_FILES, step_key, step_prefix, within_a_sample  # noqa: E402
+
+
+def test_instances_png_is_a_sample_file() -> None:
+    assert sample_key("r", 0, "s", "instances.png") == "runs/r/rounds/0/samples/s/instances.png"
+
+
+@pytest.mark.parametrize("filename", STEP_FILES)
+def test_step_key_layout(filename: str) -> None:
+    key = step_key("run-1", 2, "c-1", 3, filename)
+    assert key == f"runs/run-1/rounds/2/samples/c-1/steps/3/{filename}"
+    assert validate_key(key) == key and key.startswith(sample_prefix("run-1", 2, "c-1"))
+    assert key.startswith(step_prefix("run-1", 2, "c-1", 3))
+
+
+@pytest.mark.parametrize("filename", ["meta.json", "softmap.npz", "../image.png", "image"])
+def test_step_key_refuses_other_files(filename: str) -> None:
+    with pytest.raises(InvalidIdError, match="is not one of image.png, label.png, instances.png"):
+        step_key("r", 0, "s", 0, filename)
+
+
+@pytest.mark.parametrize("step", [-1, 10_000, True, 1.0, "1", None])
+def test_step_key_refuses_bad_steps(step: object) -> None:
+    with pytest.raises(InvalidIdError, match=r"^step .* must be an integer in \[0, 10000\)"):
+        step_key("r", 0, "s", step, "image.png")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("run", "sample"), [("R", "s"), ("r", "../s")])
+def test_step_key_validates_ids(run: str, sample: str) -> None:
+    with pytest.raises(InvalidIdError):
+        step_key(run, 0, sample, 0, "image.png")
+
+
+@pytest.mark.parametrize("key", ["runs/r/rounds/0/samples/s/image.png", "runs/r/rounds/12/samples/s/steps/1/x.png"])
+def test_within_a_sample_accepts_files_under_a_sample_folder(key: str) -> None:
+    assert within_a_sample(key) == key
+
+
+@pytest.mark.parametrize(("key", "problem"), [
+    ("runs/r/rounds/0/samples/s", "does not lie under runs/{run}/rounds/{r}/samples/{id}/"),
+    ("models/fopa/v1/rounds/0/samples/s/x.png", "does not lie under"),
+    ("runs/r/round/0/samples/s/x.png", "does not lie under"),
+    ("runs/r/rounds/00/samples/s/x.png", "has round '00'; rounds are plain integers"),
+    ("runs/r/rounds/x/samples/s/x.png", "has round 'x'"),
+    ("runs/r/rounds/10000/samples/s/x.png", "round 10000 must be an integer"),
+    ("runs/r_1/rounds/0/samples/s/x.png", "out key's run id 'r_1' is not a valid id"),
+    ("runs/r/rounds/0/samples/s/../x.png", "invalid segment '..'"),
+])
+def test_within_a_sample_refuses_keys_elsewhere(key: str, problem: str) -> None:
+    with pytest.raises(InvalidIdError) as info:
+        within_a_sample(key, "out key")
+    assert problem in str(info.value)

@@ -13,18 +13,11 @@ from tritonclient.utils import InferenceServerException
 
 from freemask.placement.geometry import HEATMAP_SIDE, NUM_SCALES, candidate_boxes, pixel_box
 from freemask.placement.heatmaps import TritonError, TritonHeatmaps
-from freemask.placement.service import (
-    ImageReader,
-    PlaceStage,
-    PlacementApi,
-    PlacementMetrics,
-    Placer,
-    object_mask,
-    placement_seed,
-)
+from freemask.placement.service import PlaceStage, PlacementApi, PlacementMetrics, Placer, placement_seed
 from freemask.shared.bus import InboundMessage, Topics
 from freemask.shared.config import FreemaskConfig, TritonConfig, load_config
 from freemask.shared.errors import InvalidInput, NotFound, Unavailable, Unusable
+from freemask.shared.image_refs import ImageReader, object_mask
 from freemask.shared.images import encode_png
 from freemask.shared.metrics import ServiceMetrics
 from freemask.shared.store import ObjectInfo, ObjectNotFound
