@@ -20,14 +20,14 @@ from pathlib import Path
 from google.protobuf.message import Message
 from tqdm import tqdm
 
-from freemask.shared.bus import M, OutboundMessage, Publisher, Topics, ensure_topics, make_consumer, make_producer
+from freemask.shared.bus import OutboundMessage, Publisher, Topics, ensure_topics, make_consumer, make_producer
 from freemask.shared.config import SERVICE_NAMES, ConfigError, FreemaskConfig, load_config
 from freemask.shared.errors import InvalidInput, NotFound, Unavailable
 from freemask.shared.grpc_runtime import check_health
 from freemask.shared.keys import derive_sample_id
 from freemask.shared.processes import ServerProcess, ServerStartError, start_server, stop_pid, tail
 from freemask.shared.stack import EmbeddedStack, stack_for
-from freemask.v1 import compose_pb2, generate_pb2, samples_pb2
+from freemask.v1 import compose_pb2, dead_letter_pb2, generate_pb2, samples_pb2
 
 _SERVICE_START_TIMEOUT_S = 60.0
 
@@ -135,15 +135,16 @@ def _publish(config: FreemaskConfig, topic: str, requests: Mapping[str, Message]
     return published_ms
 
 
-def _await(config: FreemaskConfig, topic: str, keys: Collection[str], result_type: type[M], what: str,
-           since_ms: int, timeout_s: float) -> dict[str, M]:
-    """One `result_type` per key from `topic`, written at or after `since_ms`.
+def _await(config: FreemaskConfig, results: Mapping[str, type[Message]], keys: Collection[str], what: str,
+           since_ms: int, timeout_s: float) -> dict[str, Message]:
+    """The first record per key on any of the `results` topics (topic -> message type), written
+    at or after `since_ms`; StageIncomplete naming the keys that got none in time.
 
     Ids are deterministic, so results of an earlier `make run` carry the same keys: only
     records written after this run's publish count.
     """
-    consumer = make_consumer(config.bus, f"make-run-{uuid.uuid4().hex[:8]}", [topic])
-    done: dict[str, M] = {}
+    consumer = make_consumer(config.bus, f"make-run-{uuid.uuid4().hex[:8]}", list(results))
+    done: dict[str, Message] = {}
     deadline = time.monotonic() + timeout_s
     try:
         with tqdm(total=len(keys), desc=what, unit="msg", file=sys.stdout) as bar:
@@ -152,20 +153,24 @@ def _await(config: FreemaskConfig, topic: str, keys: Collection[str], result_typ
                     for record in records:
                         key = record.key.decode() if record.key else ""
                         if key in keys and key not in done and record.timestamp >= since_ms:
-                            done[key] = result_type.FromString(record.value)
+                            done[key] = results[record.topic].FromString(record.value)
                             bar.update(1)
     finally:
         consumer.close(autocommit=False)
     missing = sorted(set(keys) - set(done))
     if missing:
         raise StageIncomplete(f"{len(missing)} of {len(keys)} {what} did not arrive within {timeout_s:.0f} s "
-                              f"(see the DLQ and the service logs): {', '.join(missing)}")
+                              f"(see the service logs): {', '.join(missing)}")
     return done
+
+
+def _dead_letter_line(letter: dead_letter_pb2.DeadLetter) -> str:
+    return f"dead-lettered by {letter.stage or 'a stage'}: {letter.error}"
 
 
 def _generate_singles(config: FreemaskConfig, run_id: str, timeout_s: float = 600.0
                       ) -> list[generate_pb2.SingleObject]:
-    """Stage 1: one GenerateRequest per configured class; every SingleObject back."""
+    """Stage 1: one GenerateRequest per configured class; each ends as a SingleObject or a dead letter."""
     from freemask.world import DRAWABLE_CLASSES, allowed_backgrounds  # the world's plausibility rules
 
     requests = {}
@@ -177,19 +182,30 @@ def _generate_singles(config: FreemaskConfig, run_id: str, timeout_s: float = 60
             prompt=config.world.prompt_templates[0].format(cls=cls, background=background))
         requests[request.sample_id] = request
     published_ms = _publish(config, Topics.GENERATE, requests)
-    done = _await(config, Topics.SINGLES, requests.keys(), generate_pb2.SingleObject, "single objects",
-                  published_ms, timeout_s)
-    singles = sorted(done.values(), key=lambda single: single.class_id)
-    for single in singles:
-        _print(f"{single.class_name:<10} mask {single.mask_area_pixels:>4} px  tau {single.threshold:.2f}  "
-               f"{single.keys.label_key}")
+    outcomes = _await(config, {Topics.SINGLES: generate_pb2.SingleObject, Topics.DLQ: dead_letter_pb2.DeadLetter},
+                      requests.keys(), "single objects", published_ms, timeout_s)
+    singles = []
+    for key, request in requests.items():
+        outcome = outcomes[key]
+        if isinstance(outcome, generate_pb2.SingleObject):
+            singles.append(outcome)
+            _print(f"{outcome.class_name:<10} mask {outcome.mask_area_pixels:>4} px  tau {outcome.threshold:.2f}  "
+                   f"{outcome.keys.label_key}")
+        else:
+            _print(f"{request.class_name:<10} {_dead_letter_line(outcome)}")
+    if not singles:
+        raise StageIncomplete("no single object was generated: every request was dead-lettered")
     return singles
 
 
 def _compose(config: FreemaskConfig, singles: Sequence[generate_pb2.SingleObject], objects_to_add: int = 2,
              timeout_s: float = 300.0) -> None:
     """Stage 2: each single object as a base scene; the thesaurus plans what to add, placement
-    chooses where each object goes and harmonization pastes it, until the scene is composed."""
+    chooses where each object goes and harmonization pastes it, until the scene is composed.
+
+    A composition can end in the DLQ by design (e.g. no room for an object within
+    `placement.max_overlap`); that is reported, and the job fails only if none is composed.
+    """
     requests = {}
     for index, single in enumerate(singles):
         sample_id = derive_sample_id(single.run_id, single.round, index, kind="c")
@@ -197,19 +213,23 @@ def _compose(config: FreemaskConfig, singles: Sequence[generate_pb2.SingleObject
             run_id=single.run_id, round=single.round, sample_id=sample_id, base_scene=single,
             background_name=single.background_name, num_objects_to_add=objects_to_add, seed=index)
     published_ms = _publish(config, Topics.COMPOSE, requests)
-    plans = _await(config, Topics.PLACE, requests.keys(), compose_pb2.PlacementTask, "composition plans",
-                   published_ms, timeout_s)
-    composed = _await(config, Topics.COMPOSED, requests.keys(), samples_pb2.Sample, "composed samples",
-                      published_ms, timeout_s)
+    outcomes = _await(config, {Topics.COMPOSED: samples_pb2.Sample, Topics.DLQ: dead_letter_pb2.DeadLetter},
+                      requests.keys(), "composed samples", published_ms, timeout_s)
     for key, request in requests.items():
-        plan, sample = plans[key], composed[key]
-        added = ", ".join(f"{p.class_name} (R {p.relation:.2f})" for p in (plan.next_object, *plan.remaining_objects))
-        _print(f"{request.base_scene.class_name:<10} on {request.background_name:<6} + {added}")
-        for obj in sample.objects:
+        outcome = outcomes[key]
+        _print(f"{request.base_scene.class_name:<10} on {request.background_name}")
+        if isinstance(outcome, dead_letter_pb2.DeadLetter):
+            _print(f"{'':<10}    {_dead_letter_line(outcome)}")
+            continue
+        for obj in outcome.objects:
             box = obj.box
             _print(f"{'':<10}    {obj.class_name:<10} at x={box.x} y={box.y} {box.width}x{box.height} px, "
                    f"{obj.visible_area_pixels} px visible, FOPA score {obj.placement_score:.2f}")
-        _print(f"{'':<10}    {sample.keys.image_key}")
+        _print(f"{'':<10}    {outcome.keys.image_key}")
+    composed = sum(isinstance(outcome, samples_pb2.Sample) for outcome in outcomes.values())
+    _print(f"{composed} of {len(requests)} scenes composed; the others are in {Topics.DLQ} with their reason")
+    if composed == 0:
+        raise StageIncomplete("no scene was composed: every composition was dead-lettered")
 
 
 def build_parser() -> argparse.ArgumentParser:
