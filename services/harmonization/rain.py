@@ -126,6 +126,8 @@ class RainHarmonizer:
     Pixels outside the mask come back unchanged, bit for bit.
     """
 
+    method = "rain"  # what the service records (harmonization.method)
+
     def __init__(self, net: RainNet, version: str) -> None:
         self.net = net.eval()
         self.version = version

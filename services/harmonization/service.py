@@ -40,7 +40,7 @@ from freemask.shared.scene_steps import (
 from freemask.shared.store import ObjectStore
 from freemask.v1 import common_pb2, compose_pb2, generate_pb2, harmonization_pb2, samples_pb2
 
-RAIN = "rain"
+RAIN = RainHarmonizer.method
 RAIN_MODEL_NAME = "rain"
 COMPOSED_KIND = "composed"
 METHOD_ENUMS = {
@@ -52,22 +52,6 @@ METHOD_NAMES = {enum: name for name, enum in METHOD_ENUMS.items()}
 _FRACTION_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)
 
 
-class RainMethod:
-    """`RainHarmonizer` under the `Harmonizer` protocol."""
-
-    method = RAIN
-
-    def __init__(self, harmonizer: RainHarmonizer) -> None:
-        self._harmonizer = harmonizer
-
-    @property
-    def version(self) -> str:
-        return self._harmonizer.version
-
-    def __call__(self, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        return self._harmonizer(image, mask)
-
-
 class Harmonizers:
     """The harmonizer of each method. RAIN's weights load once: at start-up when RAIN is
     the configured default (missing weights stop the service), else on first request."""
@@ -76,9 +60,9 @@ class Harmonizers:
         self._weights = config.weights or DEFAULT_WEIGHTS_DIR
         self._by_method: dict[str, Harmonizer] = {STATISTICS_TRANSFER: StatisticsTransfer(), COPY_PASTE: CopyPaste()}
         if rain is not None:
-            self._by_method[RAIN] = RainMethod(rain)
+            self._by_method[RAIN] = rain
         elif config.method == RAIN:
-            self._by_method[RAIN] = RainMethod(RainHarmonizer.from_directory(Path(self._weights)))
+            self._by_method[RAIN] = RainHarmonizer.from_directory(Path(self._weights))
         self._lock = threading.Lock()
 
     def get(self, method: str) -> Harmonizer:
@@ -87,7 +71,7 @@ class Harmonizers:
                 if method != RAIN:
                     raise InvalidInput(f"unknown harmonization method {method!r}")
                 try:
-                    self._by_method[RAIN] = RainMethod(RainHarmonizer.from_directory(Path(self._weights)))
+                    self._by_method[RAIN] = RainHarmonizer.from_directory(Path(self._weights))
                 except InvalidInput as err:  # weights missing: an operator's problem, not the request's
                     raise Unusable(f"RAIN is not available: {err}") from None
             return self._by_method[method]
