@@ -11,6 +11,7 @@ retried and then dead-lettered with its original bytes.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -227,6 +228,11 @@ def test_place_batch_is_one_triton_request(target: str, fopa: Fopa) -> None:
     before = _triton_requests(fopa.url)
     batch = call(target, "PlaceBatch", placement_pb2.PlaceBatchRequest(requests=requests),
                  placement_pb2.PlaceBatchResponse)
+    # Triton updates its statistics after it has sent the response: wait for them to move.
+    deadline = time.monotonic() + 10
+    while (after := _triton_requests(fopa.url)) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)  # and for any further request a wrong batching would have made
     after = _triton_requests(fopa.url)
     assert (after[0] - before[0], after[1] - before[1]) == (1, 3)
     assert len(batch.responses) == 3

@@ -7,6 +7,7 @@ exactly what torch computes, batched, with per-request errors.
 from __future__ import annotations
 
 import queue
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,6 +143,10 @@ def test_concurrent_requests_are_batched_and_each_answered(
         assert error is None and result is not None, f"request {index}: {error}"
         np.testing.assert_allclose(result.as_numpy("HEATMAP"), _expected(reference, background, foreground),
                                    rtol=0, atol=TOLERANCE, err_msg=f"request {index}")
+    # Triton updates its statistics after it has sent each response: wait for them to catch up.
+    deadline = time.monotonic() + 10
+    while _executions(client)[1] - requests_before < len(batches) and time.monotonic() < deadline:
+        time.sleep(0.05)
     executions_after, requests_after = _executions(client)
     assert requests_after - requests_before == len(batches)
     # one model execution runs far longer than sending 16 requests, so they queue and merge
