@@ -6,6 +6,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 
+from google.protobuf.message import Message
 from kafka import KafkaConsumer
 
 from freemask.shared.bus import OutboundMessage, Publisher, ensure_topics, make_producer
@@ -24,6 +25,15 @@ def request(sample_id: str) -> generate_pb2.GenerateRequest:
     return generate_pb2.GenerateRequest(
         run_id="run-1", sample_id=sample_id, class_name="dog", background_name="grass", prompt="a dog", seed=7
     )
+
+
+def publish_samples(config: BusConfig, topic: str, messages: Iterable[Message]) -> None:
+    """Publish stage messages, each keyed by its `sample_id` as the stages key them."""
+    publisher = Publisher(make_producer(config))
+    try:
+        publisher.publish([OutboundMessage(topic, m.sample_id, m) for m in messages])  # type: ignore[attr-defined]
+    finally:
+        publisher.close()
 
 
 def produce(config: BusConfig, topic: str, ids: Iterable[str], batch: int = 500) -> None:

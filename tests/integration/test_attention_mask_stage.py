@@ -14,7 +14,7 @@ from PIL import Image
 
 from freemask.attention_mask.generation import MaskGenerator
 from freemask.attention_mask.service import GenerateStage, SingleObjectWriter
-from freemask.shared.bus import InboundMessage, OutboundMessage, Publisher, StageWorker, Topics, make_producer
+from freemask.shared.bus import InboundMessage, OutboundMessage, StageWorker, Topics
 from freemask.shared.config import FreemaskConfig
 from freemask.shared.metrics import ServiceMetrics
 from freemask.shared.singles import single_object_from_meta
@@ -22,7 +22,7 @@ from freemask.shared.stack import EmbeddedStack
 from freemask.shared.store import ObjectStore
 from freemask.v1 import dead_letter_pb2, generate_pb2
 
-from bus_helpers import drain_records, unique_topics
+from bus_helpers import drain_records, publish_samples, unique_topics
 from conftest import config_for
 
 pytestmark = pytest.mark.stack
@@ -49,9 +49,7 @@ def generate_request(sample_id: str, cls: str = "cow", background: str = "field"
 def run_stage(config: FreemaskConfig, writer: SingleObjectWriter, requests: list[generate_pb2.GenerateRequest]
               ) -> tuple[StageWorker, list[int]]:
     (source,) = unique_topics(config.bus, "generate")
-    publisher = Publisher(make_producer(config.bus))
-    publisher.publish([OutboundMessage(source, r.sample_id, r) for r in requests])
-    publisher.close()
+    publish_samples(config.bus, source, requests)
     stage = GenerateStage(writer)
     batch_sizes: list[int] = []
 

@@ -27,7 +27,7 @@ from freemask.harmonization.composite import paste
 from freemask.harmonization.rain import RainHarmonizer, RainNet, rain_weights_version, save_rain
 from freemask.harmonization.service import build
 from freemask.shared.image_refs import object_mask
-from freemask.shared.bus import InboundMessage, OutboundMessage, Publisher, StageWorker, Topics, make_producer
+from freemask.shared.bus import InboundMessage, StageWorker, Topics
 from freemask.shared.config import FreemaskConfig
 from freemask.shared.grpc_runtime import start_server
 from freemask.shared.images import encode_png, encode_png16
@@ -37,7 +37,7 @@ from freemask.shared.stack import EmbeddedStack
 from freemask.shared.store import ObjectStore
 from freemask.v1 import common_pb2, compose_pb2, dead_letter_pb2, generate_pb2, harmonization_pb2, samples_pb2
 
-from bus_helpers import drain_records, unique_topics
+from bus_helpers import drain_records, publish_samples, unique_topics
 from conftest import config_for
 
 pytestmark = pytest.mark.stack
@@ -254,13 +254,6 @@ def second_task(placement: compose_pb2.PlacementTask) -> compose_pb2.HarmonizeTa
         step_index=placement.step_index, seed=placement.seed, provenance=placement.provenance)
 
 
-def publish(config: FreemaskConfig, topic: str, tasks: list[compose_pb2.HarmonizeTask]) -> None:
-    publisher = Publisher(make_producer(config.bus))
-    try:
-        publisher.publish([OutboundMessage(topic, t.sample_id, t) for t in tasks])
-    finally:
-        publisher.close()
-
 
 def run_stage(config: FreemaskConfig, parts: ServiceParts, topic: str, count: int) -> StageWorker:
     assert parts.stage is not None and parts.stage.topic == Topics.HARMONIZE
@@ -282,7 +275,7 @@ def test_the_stage_runs_a_two_object_plan_to_a_composed_sample(config: FreemaskC
     bad.CopyFrom(task)
     bad.sample_id, bad.background_name = f"{sample_id}-bad", "moon"
     (topic,) = unique_topics(config.bus, "harmonize")
-    publish(config, topic, [task, bad])
+    publish_samples(config.bus, topic, [task, bad])
 
     worker = run_stage(config, parts, topic, 2)
 
@@ -311,7 +304,7 @@ def test_the_stage_runs_a_two_object_plan_to_a_composed_sample(config: FreemaskC
     # Step 1, the last: the new cat covers the base boat entirely.
     last = second_task(step)
     (topic,) = unique_topics(config.bus, "harmonize")
-    publish(config, topic, [last])
+    publish_samples(config.bus, topic, [last])
     worker = run_stage(config, parts, topic, 1)
 
     assert (worker.stats.processed, worker.stats.dead_lettered) == (1, 0)

@@ -28,7 +28,7 @@ from freemask.placement.placer import PlacementQuery, place
 from freemask.placement.service import build
 from freemask.shared.image_refs import object_mask
 from freemask.placement.triton_repo import write_repository
-from freemask.shared.bus import OutboundMessage, Publisher, StageWorker, Topics, make_producer
+from freemask.shared.bus import StageWorker, Topics
 from freemask.shared.config import FreemaskConfig
 from freemask.shared.grpc_runtime import check_health, start_server
 from freemask.shared.images import encode_png
@@ -40,7 +40,7 @@ from freemask.shared.store import ObjectStore
 from freemask.shared.triton_server import start_tritonserver
 from freemask.v1 import common_pb2, compose_pb2, dead_letter_pb2, generate_pb2, placement_pb2
 
-from bus_helpers import drain_records, unique_topics
+from bus_helpers import drain_records, publish_samples, unique_topics
 from conftest import config_for
 from ports import reserve_ports
 
@@ -334,13 +334,6 @@ def placement_task(run_id: str, sample_id: str, scene_key: str, source: generate
     return compose_pb2.PlacementTask(**{**defaults, **fields})
 
 
-def publish(config: FreemaskConfig, topic: str, tasks: list[compose_pb2.PlacementTask]) -> None:
-    publisher = Publisher(make_producer(config.bus))
-    try:
-        publisher.publish([OutboundMessage(topic, t.sample_id, t) for t in tasks])
-    finally:
-        publisher.close()
-
 
 def run_stage(config: FreemaskConfig, parts: ServiceParts, topic: str, count: int) -> StageWorker:
     assert parts.stage is not None and parts.stage.topic == Topics.PLACE
@@ -375,7 +368,7 @@ def test_the_stage_places_each_object_clear_of_the_scene_objects(config: Freemas
     full = placement_task(run_id, f"c-{run_id}-full", scene_key, source, [(0, 0, SCENE_W, SCENE_H)])
     bad = placement_task(run_id, f"c-{run_id}-bad", scene_key, source, [], background_name="moon")
     (topic,) = unique_topics(config.bus, "place")
-    publish(config, topic, [*tasks, full, bad])
+    publish_samples(config.bus, topic, [*tasks, full, bad])
 
     worker = run_stage(config, parts, topic, 5)
 
@@ -406,7 +399,7 @@ def test_with_triton_down_a_task_is_retried_then_dead_lettered(stack: EmbeddedSt
     scene_key, _ = write_scene(store, run_id, "base", seed=40)
     task = placement_task(run_id, f"c-{run_id}", scene_key, write_source(store, run_id), [(0, 0, 10, 10)])
     (topic,) = unique_topics(config.bus, "place")
-    publish(config, topic, [task])
+    publish_samples(config.bus, topic, [task])
 
     worker = run_stage(config, built(config), topic, 1)
 

@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 import pytest
 
-from freemask.shared.bus import InboundMessage, OutboundMessage, Publisher, StageWorker, Topics, make_producer
+from freemask.shared.bus import InboundMessage, StageWorker, Topics
 from freemask.shared.cli import main as freemask_main
 from freemask.shared.config import FreemaskConfig
 from freemask.shared.errors import InvalidInput, NotFound
@@ -30,7 +30,7 @@ from freemask.thesaurus.index import build_index
 from freemask.thesaurus.service import IndexRepository, ThesaurusApi, build, build_and_publish, normalizer_for
 from freemask.v1 import common_pb2, compose_pb2, dead_letter_pb2, generate_pb2, thesaurus_pb2
 
-from bus_helpers import drain_records, unique_topics
+from bus_helpers import drain_records, publish_samples, unique_topics
 from conftest import config_for
 
 pytestmark = pytest.mark.stack
@@ -180,9 +180,7 @@ def test_the_compose_stage_plans_from_singles_in_the_store(config: FreemaskConfi
     bad = compose_pb2.ComposeRequest(run_id=run_id, round=0, sample_id="c-bad", base_scene=base,
                                      background_name="moon", num_objects_to_add=2, seed=1)
     (source,) = unique_topics(config.bus, "compose")
-    publisher = Publisher(make_producer(config.bus))
-    publisher.publish([OutboundMessage(source, r.sample_id, r) for r in (*requests, bad)])
-    publisher.close()
+    publish_samples(config.bus, source, (*requests, bad))
     worker = StageWorker("thesaurus", source, parts.stage.handler, config.bus, ServiceMetrics("thesaurus"))
     worker.run(max_messages=4, timeout_s=60)
     assert worker.stats.processed == 4 and worker.stats.dead_lettered == 1
