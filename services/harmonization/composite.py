@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from freemask.shared.errors import InvalidInput, Unusable
+from freemask.shared.images import check_cutout, check_rgb, size_text
 
 PixelBox = tuple[int, int, int, int]
 # Harmonizes the pasted pixels: (image uint8 H×W×3, object mask bool H×W) -> image.
@@ -104,30 +105,18 @@ def feather_alpha(mask: np.ndarray, feather_px: int) -> np.ndarray:
     return alpha
 
 
-def _shape(array: np.ndarray) -> str:
-    return "x".join(str(n) for n in array.shape[1::-1]) if array.ndim >= 2 else str(array.shape)
-
-
 def validate_paste(scene: np.ndarray, labels: np.ndarray, instances: np.ndarray, foreground: np.ndarray,
                    mask: np.ndarray, box: PixelBox, class_id: int, instance_id: int) -> None:
     """InvalidInput naming the first thing wrong with a paste, before any pixel changes."""
-    if scene.dtype != np.uint8 or scene.ndim != 3 or scene.shape[2] != 3 or 0 in scene.shape:
-        raise InvalidInput(f"scene image must be a non-empty (H, W, 3) uint8 image, got {scene.shape} {scene.dtype}")
+    check_rgb(scene, "scene image")
     height, width = scene.shape[:2]
     if labels.dtype != np.uint8 or labels.shape != (height, width):
-        raise InvalidInput(f"scene label map is {_shape(labels)} {labels.dtype}; it must be uint8 and the size of "
+        raise InvalidInput(f"scene label map is {size_text(labels)} {labels.dtype}; it must be uint8 and the size of "
                            f"the scene image ({width}x{height})")
     if instances.dtype != np.uint16 or instances.shape != (height, width):
-        raise InvalidInput(f"scene instance map is {_shape(instances)} {instances.dtype}; it must be uint16 and the "
+        raise InvalidInput(f"scene instance map is {size_text(instances)} {instances.dtype}; it must be uint16 and the "
                            f"size of the scene image ({width}x{height})")
-    if foreground.dtype != np.uint8 or foreground.ndim != 3 or foreground.shape[2] != 3 or 0 in foreground.shape:
-        raise InvalidInput(f"foreground must be a non-empty (h, w, 3) uint8 image, got {foreground.shape} "
-                           f"{foreground.dtype}")
-    if mask.dtype != np.bool_ or mask.shape != foreground.shape[:2]:
-        raise InvalidInput(f"foreground mask is {_shape(mask)}; it must be a boolean mask the size of the "
-                           f"foreground ({_shape(foreground)})")
-    if not mask.any():
-        raise InvalidInput("foreground mask is empty: no pixel is marked as the object")
+    check_cutout(foreground, mask)
     x, y, w, h = box
     if w < 1 or h < 1:
         raise InvalidInput(f"box (x={x}, y={y}, width={w}, height={h}) is empty")

@@ -38,6 +38,7 @@ from freemask.placement.geometry import (
     pixel_boxes,
 )
 from freemask.shared.errors import InvalidInput
+from freemask.shared.images import check_cutout, check_rgb
 
 MAX_QUERIES = 64  # PlaceBatchRequest: 1..64 requests
 MAX_CANDIDATES = 100  # PlaceRequest.num_candidates: 0..100
@@ -100,19 +101,9 @@ def place(queries: Sequence[PlacementQuery], source: HeatmapSource) -> list[Plac
 
 def validate_query(query: PlacementQuery) -> None:
     """InvalidInput naming the first thing wrong with `query`."""
-    background, foreground, mask = query.background, query.foreground, query.foreground_mask
-    if background.dtype != np.uint8 or background.ndim != 3 or background.shape[2] != 3 or 0 in background.shape:
-        raise InvalidInput(f"background must be a non-empty (H, W, 3) uint8 image, got {background.shape} "
-                           f"{background.dtype}")
-    if foreground.dtype != np.uint8 or foreground.ndim != 3 or foreground.shape[2] != 3 or 0 in foreground.shape:
-        raise InvalidInput(f"foreground must be a non-empty (h, w, 3) uint8 image, got {foreground.shape} "
-                           f"{foreground.dtype}")
-    if mask.dtype != np.bool_ or mask.shape != foreground.shape[:2]:
-        raise InvalidInput(f"foreground mask is {_size(mask.shape)} {mask.dtype}; it must be a boolean mask the "
-                           f"size of the foreground ({_size(foreground.shape)})")
-    if not mask.any():
-        raise InvalidInput("foreground mask is empty: no pixel is marked as the object")
-    height, width = background.shape[:2]
+    check_rgb(query.background, "background")
+    check_cutout(query.foreground, query.foreground_mask)
+    height, width = query.background.shape[:2]
     for index, (x, y, w, h) in enumerate(query.occupied):
         if not (w >= 1 and h >= 1 and 0 <= x and 0 <= y and x + w <= width and y + h <= height):
             raise InvalidInput(f"occupied box {index} (x={x}, y={y}, width={w}, height={h}) does not lie inside "
@@ -167,8 +158,4 @@ def _overlap_fractions(boxes: np.ndarray, occupied: Sequence[PixelBox]) -> np.nd
     bottom = np.minimum(boxes[:, None, 1] + boxes[:, None, 3], taken[None, :, 1] + taken[None, :, 3])
     intersection = np.clip(right - left, 0, None) * np.clip(bottom - top, 0, None)
     return intersection / (boxes[:, None, 2] * boxes[:, None, 3])
-
-
-def _size(shape: tuple[int, ...]) -> str:
-    return "x".join(str(side) for side in shape[:2][::-1]) if len(shape) >= 2 else str(shape)
 

@@ -7,6 +7,9 @@ decoded, so a decompression bomb (a tiny file declaring 20000×20000 pixels)
 is refused without allocating it. Failures raise `InvalidInput` with a message
 that says what was wrong.
 
+`check_rgb` and `check_cutout` say what is wrong with decoded pixels handed to a
+service core (an RGB scene, a foreground and its object mask).
+
 `encode_png` and `encode_npz` write the same bytes for the same pixels every time, so a
 redelivered message rewrites identical objects in the store.
 """
@@ -131,3 +134,25 @@ def encode_npz(**arrays: np.ndarray) -> bytes:
             info.compress_type = zipfile.ZIP_DEFLATED
             archive.writestr(info, member.getvalue())
     return buffer.getvalue()
+
+
+def size_text(array: np.ndarray) -> str:
+    """An array's picture size as "WxH", for error messages."""
+    return "x".join(str(n) for n in array.shape[1::-1]) if array.ndim >= 2 else str(array.shape)
+
+
+def check_rgb(image: np.ndarray, what: str, dims: str = "(H, W, 3)") -> None:
+    """InvalidInput unless `image` is a non-empty uint8 RGB array."""
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
+        raise InvalidInput(f"{what} must be a non-empty {dims} uint8 image, got {image.shape} {image.dtype}")
+
+
+def check_cutout(foreground: np.ndarray, mask: np.ndarray) -> None:
+    """InvalidInput unless `foreground` is an RGB image and `mask` a non-empty boolean mask of its size:
+    the object to place or paste."""
+    check_rgb(foreground, "foreground", "(h, w, 3)")
+    if mask.dtype != np.bool_ or mask.shape != foreground.shape[:2]:
+        raise InvalidInput(f"foreground mask is {size_text(mask)} {mask.dtype}; it must be a boolean mask the size "
+                           f"of the foreground ({size_text(foreground)})")
+    if not mask.any():
+        raise InvalidInput("foreground mask is empty: no pixel is marked as the object")

@@ -182,7 +182,7 @@ def test_harmonize_with_output_keys_writes_the_store(target: str, store: ObjectS
     (dict(scene_label_map=inline(BASE_LABELS[:, :40])),
      "scene label map is 40x32 uint8; it must be uint8 and the size of the scene image (48x32)"),
     (dict(foreground_mask=inline(FOREGROUND_LABELS[:20])),
-     "foreground mask is 24x20; it must be a boolean mask the size of the foreground (24x24)"),
+     "foreground mask is 24x20 bool; it must be a boolean mask the size of the foreground (24x24)"),
     (dict(box=as_proto((40, 0, 15, 20))), "does not lie inside the 48x32 scene"),
     (dict(class_id=255), "class_id must be in 1..254, got 255"),
     (dict(scene_image=common_pb2.ImageRef(png=b"GIF89a not a png")), "scene image is not a PNG or JPEG image"),

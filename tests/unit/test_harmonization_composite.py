@@ -210,7 +210,7 @@ def _args(**changes):
     (dict(instances=np.zeros((H + 1, W), np.uint16)), "scene instance map is 40x31 uint16; it must be uint16"),
     (dict(instances=np.zeros((H, W), np.uint8)), "scene instance map is 40x30 uint8; it must be uint16"),
     (dict(scene=np.zeros((H, W), np.uint8)), "scene image must be a non-empty (H, W, 3) uint8 image"),
-    (dict(mask=np.ones((6, 5), bool)), "foreground mask is 5x6; it must be a boolean mask the size of the foreground "
+    (dict(mask=np.ones((6, 5), bool)), "foreground mask is 5x6 bool; it must be a boolean mask the size of the foreground "
                                        "(6x6)"),
     (dict(foreground=np.zeros((6, 6, 4), np.uint8)), "foreground must be a non-empty (h, w, 3) uint8 image"),
     (dict(mask=np.zeros((6, 6), bool)), "foreground mask is empty"),
