@@ -14,7 +14,6 @@ step are kept. Seeded; the log goes to `train_log.txt` beside the weights.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from freemask.harmonization.rain import RainConfig, RainNet, save_rain
+from freemask.shared.training import BestWeights, set_cosine_learning_rate, training_main
 from freemask.world import DEFAULT_WORLD, render_lighting_pair, sample_scene_spec
 
 IMAGE_SIDE = 64
@@ -85,13 +85,12 @@ def train(out: Path, minutes: float, seed: int, progress: bool = True) -> dict[s
     log = [json.dumps({"seed": seed, "minutes": minutes, "batch": BATCH, "lr": LEARNING_RATE, "pairs": len(composites),
                        "image_side": IMAGE_SIDE, "config": vars(net.config),
                        "held_out_copy_paste": scores(held_out[0], held_out[1], held_out[2])})]
-    best_fmse, best_state, best_step = float("inf"), None, 0
+    best = BestWeights(higher_is_better=False)
     step = 0
     started = time.perf_counter()
     bar = tqdm(total=int(budget), unit="s", disable=not progress, desc="train rain")
     while (elapsed := time.perf_counter() - started) < budget:
-        for group in optimiser.param_groups:  # cosine decay over the time budget
-            group["lr"] = LEARNING_RATE * 0.5 * (1 + np.cos(np.pi * min(1.0, elapsed / budget)))
+        set_cosine_learning_rate(optimiser, LEARNING_RATE, elapsed, budget)
         net.train()
         index = torch.randint(len(composites), (BATCH,), generator=generator)
         loss = masked_mse(net(composites[index], masks[index]), targets[index], masks[index])
@@ -104,17 +103,14 @@ def train(out: Path, minutes: float, seed: int, progress: bool = True) -> dict[s
             measured = evaluate(net, *held_out)
             log.append(json.dumps({"step": step, "seconds": round(elapsed, 1), "loss": round(float(loss), 6),
                                    **{k: round(v, 3) for k, v in measured.items()}}))
-            if measured["fmse"] < best_fmse:
-                best_fmse, best_step = measured["fmse"], step
-                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            best.offer(net, step, measured["fmse"])
             bar.set_postfix(fmse=round(measured["fmse"], 1), psnr=round(measured["psnr"], 2))
         bar.update(int(time.perf_counter() - started) - bar.n)
     bar.close()
     net.eval()
     kept, final = step, evaluate(net, *held_out)
-    if best_state is not None and final["fmse"] > best_fmse:
-        net.load_state_dict(best_state)
-        kept, final = best_step, evaluate(net, *held_out)
+    if best.restore_if_better(net, final["fmse"]):
+        kept, final = best.step, evaluate(net, *held_out)
     summary = {"steps": step, "seconds": round(time.perf_counter() - started, 1), "kept_step": kept,
                **{k: round(v, 3) for k, v in final.items()}}
     log.append(json.dumps({"final": summary}))
@@ -124,14 +120,7 @@ def train(out: Path, minutes: float, seed: int, progress: bool = True) -> dict[s
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--minutes", type=float, default=10.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    print(json.dumps(train(args.out, args.minutes, args.seed)))
+    training_main(__doc__.split("\n\n")[0], train, default_minutes=10.0)
 
 
 if __name__ == "__main__":

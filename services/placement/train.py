@@ -23,7 +23,6 @@ losses, held-out rule rate, the step kept) goes to `train_log.txt` beside the we
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -45,6 +44,7 @@ from freemask.placement.losses import (
     total_loss,
 )
 from freemask.placement.model import FopaConfig, FopaNet, save_fopa
+from freemask.shared.training import BestWeights, set_cosine_learning_rate, training_main
 
 BATCH = 32
 LEARNING_RATE = 2e-3
@@ -127,11 +127,10 @@ def train(out: Path, minutes: float, seed: int, progress: bool = True) -> dict[s
     log: list[str] = [json.dumps({"seed": seed, "minutes": minutes, "batch": BATCH, "lr": LEARNING_RATE,
                                   "scales": [round(s, 4) for s in SCALES], "config": vars(net.config)})]
     step = 0
-    best_rate, best_state, best_step = -1.0, None, 0
+    best = BestWeights(higher_is_better=True)
     bar = tqdm(total=int(budget), unit="s", disable=not progress, desc="train fopa")
     while (elapsed := time.perf_counter() - started) < budget:
-        for group in optimiser.param_groups:  # cosine decay over the time budget
-            group["lr"] = LEARNING_RATE * 0.5 * (1 + np.cos(np.pi * min(1.0, elapsed / budget)))
+        set_cosine_learning_rate(optimiser, LEARNING_RATE, elapsed, budget)
         net.train()
         parts = losses(net, sampler.batch(BATCH))
         optimiser.zero_grad(set_to_none=True)
@@ -144,17 +143,14 @@ def train(out: Path, minutes: float, seed: int, progress: bool = True) -> dict[s
                      **{k: round(float(v), 5) for k, v in parts.items()},
                      "val_rule_rate": round(rule_rate(net, validation), 4)}
             log.append(json.dumps(entry))
-            if entry["val_rule_rate"] > best_rate:
-                best_rate, best_step = entry["val_rule_rate"], step
-                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            best.offer(net, step, entry["val_rule_rate"])
             bar.set_postfix(loss=entry["total"], rule=entry["val_rule_rate"])
         bar.update(int(time.perf_counter() - started) - bar.n)
     bar.close()
     net.eval()
     kept, final_rate = step, rule_rate(net, validation)
-    if best_state is not None and final_rate < best_rate:
-        net.load_state_dict(best_state)  # the pools are finite: late steps can fit them at the cost of new pairs
-        kept, final_rate = best_step, best_rate
+    if best.restore_if_better(net, final_rate):
+        kept, final_rate = best.step, best.score
     final = {"steps": step, "seconds": round(time.perf_counter() - started, 1), "kept_step": kept,
              "val_rule_rate": round(final_rate, 4)}
     log.append(json.dumps({"final": final}))
@@ -164,14 +160,7 @@ def train(out: Path, minutes: float, seed: int, progress: bool = True) -> dict[s
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--minutes", type=float, default=15.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    print(json.dumps(train(args.out, args.minutes, args.seed)))
+    training_main(__doc__.split("\n\n")[0], train, default_minutes=15.0)
 
 
 if __name__ == "__main__":
