@@ -27,9 +27,9 @@ def test_the_best_weights_come_back_only_when_they_beat_the_final_ones(higher_is
     assert best.step == kept_step and best.score == scores[kept_step - 1]
     net.weight.data.fill_(9.0)
     assert not best.restore_if_better(net, scores[kept_step - 1])  # a tie keeps the final weights
-    assert float(net.weight) == 9.0
+    assert float(net.weight.detach()) == 9.0
     assert best.restore_if_better(net, scores[0])
-    assert float(net.weight) == float(kept_step)
+    assert float(net.weight.detach()) == float(kept_step)
 
 
 def test_nothing_offered_restores_nothing() -> None:
