@@ -11,7 +11,6 @@ retried and then dead-lettered with its original bytes.
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from freemask.shared.triton_server import start_tritonserver
 from freemask.v1 import common_pb2, compose_pb2, dead_letter_pb2, generate_pb2, placement_pb2
 
 from bus_helpers import drain_records, publish_samples, unique_topics
+from polling import settled
 from conftest import config_for
 from ports import reserve_ports
 
@@ -225,15 +225,10 @@ def test_place_batch_is_one_triton_request(target: str, fopa: Fopa) -> None:
     requests = [placement_pb2.PlaceRequest(background=inline(scene_image(10 + i)), foreground=inline(FOREGROUND),
                                            foreground_mask=inline(LABELS), occupied_boxes=[as_proto(OCCUPIED)],
                                            seed=i) for i in range(3)]
-    before = _triton_requests(fopa.url)
+    before = settled(lambda: _triton_requests(fopa.url))
     batch = call(target, "PlaceBatch", placement_pb2.PlaceBatchRequest(requests=requests),
                  placement_pb2.PlaceBatchResponse)
-    # Triton updates its statistics after it has sent the response: wait for them to move.
-    deadline = time.monotonic() + 10
-    while (after := _triton_requests(fopa.url)) == before and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.2)  # and for any further request a wrong batching would have made
-    after = _triton_requests(fopa.url)
+    after = settled(lambda: _triton_requests(fopa.url), other_than=before)
     assert (after[0] - before[0], after[1] - before[1]) == (1, 3)
     assert len(batch.responses) == 3
     for response in batch.responses:

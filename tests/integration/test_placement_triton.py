@@ -23,6 +23,7 @@ from freemask.placement.triton_repo import write_repository
 from freemask.shared.processes import pid_alive, stop_pid
 from freemask.shared.triton_server import start_tritonserver
 
+from polling import settled
 from ports import reserve_ports
 
 pytestmark = pytest.mark.stack
@@ -135,7 +136,7 @@ def test_concurrent_requests_are_batched_and_each_answered(
     client: grpcclient.InferenceServerClient, reference: FopaHeatmap
 ) -> None:
     batches = [_batch(1 + i % 3, seed=10 + i) for i in range(16)]
-    executions_before, requests_before = _executions(client)
+    executions_before, requests_before = settled(lambda: _executions(client))
 
     answers = _send_all(client, batches)
 
