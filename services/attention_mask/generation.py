@@ -30,6 +30,7 @@ from freemask.attention_mask.capture import capture_attention
 from freemask.attention_mask.generator import WEIGHTS_DIR, FreeMaskTextToImagePipeline, token_words
 from freemask.attention_mask.refine import RefineConfig, refine
 from freemask.shared.config import AttentionMaskConfig
+from freemask.shared.devices import resolve_device
 from freemask.shared.errors import InvalidInput, Unusable
 
 SHIPPED_PIPELINE = ("pipeline", FreeMaskTextToImagePipeline.__name__)  # model_index.json's _class_name
@@ -111,14 +112,6 @@ def weights_digest(weights: Path) -> str:
     return "sha256-" + digest.hexdigest()[:16]
 
 
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InvalidInput("attention_mask.device is 'cuda' but no CUDA device is visible")
-    return torch.device(device)
-
-
 def load_pipeline(weights: Path, device: torch.device) -> Any:
     """Open a diffusers folder from disk only (never a hub); fp16 on GPU, fp32 on CPU."""
     from diffusers import DiffusionPipeline  # heavy import, kept off module import
@@ -156,7 +149,7 @@ class MaskGenerator:
     def from_config(cls, config: AttentionMaskConfig) -> MaskGenerator:
         weights = config.weights or WEIGHTS_DIR
         version = config.weights_version or weights_digest(weights)
-        return cls(load_pipeline(weights, _resolve_device(config.device)), config, version)
+        return cls(load_pipeline(weights, resolve_device(config.device, "attention_mask.device")), config, version)
 
     @property
     def native_size(self) -> int:
@@ -228,7 +221,6 @@ class MaskGenerator:
                   ) -> list[GeneratedObject]:
         first = prompts[0]
         height, width = first.height, first.width
-        cross_grids = self.attention_resolutions(height, width)
         affinity_grid = self.affinity_resolution(height, width)
         device = self.pipe.unet.device
         generators = [torch.Generator(device).manual_seed(p.seed) for p in prompts]

@@ -38,7 +38,7 @@ from freemask.shared.scene_steps import (
     validate_scene_step,
 )
 from freemask.shared.store import ObjectStore
-from freemask.v1 import common_pb2, compose_pb2, generate_pb2, harmonization_pb2, samples_pb2
+from freemask.v1 import common_pb2, compose_pb2, harmonization_pb2, samples_pb2
 
 RAIN = RainHarmonizer.method
 RAIN_MODEL_NAME = "rain"

@@ -5,6 +5,7 @@
     freemask run                        the main job on the embedded stack (what `make run` does)
     freemask thesaurus build            count a caption corpus into a thesaurus index in the store
     freemask placement export           FOPA as ONNX in a Triton model repository (embedded or production)
+    freemask scoring train|evaluate     train the segmenter f_t on a labelled manifest, or measure one
 """
 
 from __future__ import annotations
@@ -109,9 +110,12 @@ def _run_command(config: FreemaskConfig, config_path: Path | None) -> int:
             _print(f"{name:<15} grpc {run_config.server.host}:{ports.grpc_port}  metrics :{ports.metrics_port}/metrics")
         _print("== main job")
         singles = _generate_singles(run_config, run_id="make-run")
-        _compose(run_config, singles)
-        _print("stage 1 (attention masks) and stage 2 (thesaurus, FOPA placement, RAIN harmonization) ran end to end")
-        _print("over the bus; scoring and the coordinator arrive with issues #9-#10.")
+        _train_segmenter(run_config, singles)
+        compose_started_ms = int(time.time() * 1000)
+        composed = _compose(run_config, singles)
+        _score(run_config, composed, since_ms=compose_started_ms)
+        _print("stage 1 (attention masks), stage 2 (thesaurus, FOPA placement, RAIN harmonization) and scoring ran")
+        _print("end to end over the bus; the coordinator's rounds arrive with issue #10.")
     finally:
         _print("== shutting down")
         stop_services(services)
@@ -198,8 +202,57 @@ def _generate_singles(config: FreemaskConfig, run_id: str, timeout_s: float = 60
     return singles
 
 
+def _train_segmenter(config: FreemaskConfig, singles: Sequence[generate_pb2.SingleObject],
+                     timeout_s: float = 600.0) -> None:
+    """f_0 of the active-learning loop, trained by the scoring service on the single objects (D_0)."""
+    import grpc
+
+    from freemask.v1 import scoring_pb2, scoring_pb2_grpc
+
+    run_id, round_index = singles[0].run_id, singles[0].round
+    images = [scoring_pb2.LabelledImage(image_key=s.keys.image_key, label_key=s.keys.label_key) for s in singles]
+    target = f"{config.server.host}:{config.server.ports['scoring'].grpc_port}"
+    with grpc.insecure_channel(target) as channel:
+        scoring = scoring_pb2_grpc.ScoringStub(channel)
+        job = scoring.Train(scoring_pb2.TrainRequest(
+            run_id=run_id, round=round_index, seed=0,
+            dataset=scoring_pb2.Dataset(images=scoring_pb2.LabelledImageList(images=images))), timeout=30)
+        deadline = time.monotonic() + timeout_s
+        with tqdm(desc=f"training segmenter {run_id}/{round_index} on {len(images)} single objects", unit="epoch",
+                  file=sys.stdout) as bar:
+            while True:
+                status = scoring.TrainStatus(scoring_pb2.TrainStatusRequest(job_id=job.job_id), timeout=30)
+                bar.total = status.total_epochs
+                bar.update(status.epoch - bar.n)
+                if status.state == scoring_pb2.TRAIN_STATE_SUCCEEDED:
+                    break
+                if status.state == scoring_pb2.TRAIN_STATE_FAILED:
+                    raise StageIncomplete(f"segmenter training failed: {status.error}")
+                if time.monotonic() > deadline:
+                    raise StageIncomplete(f"segmenter training did not finish within {timeout_s:.0f} s")
+                time.sleep(0.5)
+    _print(f"segmenter {status.model.version}: {status.step} steps, loss {status.loss:.3f}, "
+           f"{status.skipped_images} images skipped")
+
+
+def _score(config: FreemaskConfig, composed: Sequence[samples_pb2.Sample], since_ms: int,
+           timeout_s: float = 300.0) -> None:
+    """The scoring stage's S(x) for every composed sample, lowest first: the likeliest wrong labels.
+    Scoring starts as each sample is composed, so results count from the compose publish on."""
+    outcomes = _await(config, {Topics.SCORED: samples_pb2.ScoredSample, Topics.DLQ: dead_letter_pb2.DeadLetter},
+                      [s.sample_id for s in composed], "scored samples", since_ms, timeout_s)
+    scored = sorted((o for o in outcomes.values() if isinstance(o, samples_pb2.ScoredSample)), key=lambda s: s.score)
+    for item in scored:
+        classes = ", ".join(f"{name} {iou:.2f}" for name, iou in sorted(item.class_iou.items()))
+        _print(f"S(x) {item.score:.3f}  {item.sample.sample_id}  by segmenter {item.segmenter.version}  ({classes})")
+    for key, outcome in outcomes.items():
+        if isinstance(outcome, dead_letter_pb2.DeadLetter):
+            _print(f"{key} {_dead_letter_line(outcome)}")
+    _print(f"{len(scored)} of {len(composed)} composed samples scored")
+
+
 def _compose(config: FreemaskConfig, singles: Sequence[generate_pb2.SingleObject], objects_to_add: int = 2,
-             timeout_s: float = 300.0) -> None:
+             timeout_s: float = 300.0) -> list[samples_pb2.Sample]:
     """Stage 2: each single object as a base scene; the thesaurus plans what to add, placement
     chooses where each object goes and harmonization pastes it, until the scene is composed.
 
@@ -226,10 +279,11 @@ def _compose(config: FreemaskConfig, singles: Sequence[generate_pb2.SingleObject
             _print(f"{'':<10}    {obj.class_name:<10} at x={box.x} y={box.y} {box.width}x{box.height} px, "
                    f"{obj.visible_area_pixels} px visible, FOPA score {obj.placement_score:.2f}")
         _print(f"{'':<10}    {outcome.keys.image_key}")
-    composed = sum(isinstance(outcome, samples_pb2.Sample) for outcome in outcomes.values())
-    _print(f"{composed} of {len(requests)} scenes composed; the others are in {Topics.DLQ} with their reason")
-    if composed == 0:
+    composed = [outcome for outcome in outcomes.values() if isinstance(outcome, samples_pb2.Sample)]
+    _print(f"{len(composed)} of {len(requests)} scenes composed; the others are in {Topics.DLQ} with their reason")
+    if not composed:
         raise StageIncomplete("no scene was composed: every composition was dead-lettered")
+    return composed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -258,7 +312,57 @@ def build_parser() -> argparse.ArgumentParser:
                                 "production: onnxruntime backend on GPU (the NGC Triton image)")
     placement.add_argument("--out", type=Path, required=True, help="model repository to write fopa/ into")
     placement.add_argument("--weights", type=Path, help="FOPA weights directory (default: the shipped weights)")
+    scoring = commands.add_parser("scoring", help="the segmenter of the active-learning loop")
+    scoring.add_argument("action", choices=("train", "evaluate"))
+    scoring.add_argument("--manifest", required=True,
+                         help="store key of a JSONL manifest of {image_key, label_key} pairs")
+    scoring.add_argument("--run", help="train: run id of the model (weights under models/segmenter/{run}/{round}/)")
+    scoring.add_argument("--round", type=int, default=0, help="train: round t of f_t (default 0)")
+    scoring.add_argument("--epochs", type=int, help="train: passes over the data (default: scoring config)")
+    scoring.add_argument("--seed", type=int, default=0, help="train: seed of initialisation and augmentation")
+    scoring.add_argument("--init-from", help="train: segmenter version '{run}/{round}' to start from")
+    scoring.add_argument("--model", help="evaluate: segmenter version '{run}/{round}'")
     return parser
+
+
+def _scoring_command(config: FreemaskConfig, args: argparse.Namespace) -> int:
+    """Training in this process, with a progress bar; SIGTERM or Ctrl-C checkpoints and stops."""
+    import signal
+    import threading
+
+    from freemask.scoring.cli import evaluate_manifest, train_manifest
+    from freemask.scoring.train import TrainingStopped
+
+    if args.action == "evaluate":
+        if not args.model:
+            raise InvalidInput("evaluate needs --model {run}/{round}")
+        result = evaluate_manifest(config, args.manifest, args.model)
+        _print(f"segmenter {args.model}: mIoU {result.mean_iou:.4f} over {result.num_images} images "
+               f"({result.skipped_images} skipped)")
+        for name, iou in sorted(result.class_iou.items()):
+            _print(f"  {name:<12} {iou:.4f}")
+        return 0
+    if not args.run:
+        raise InvalidInput("train needs --run")
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    with tqdm(desc="training", unit="step", dynamic_ncols=True) as bar:
+        def report(step: int, total: int, loss: float) -> None:
+            bar.total = total
+            bar.update(step - bar.n)
+            bar.set_postfix(loss=f"{loss:.3f}")
+
+        try:
+            version, progress = train_manifest(config, args.manifest, args.run, args.round, args.epochs, args.seed,
+                                               args.init_from, report, stopping.is_set)
+        except TrainingStopped as err:
+            print(f"freemask: training {err}; the same command resumes from the checkpoint", file=sys.stderr)
+            return 1
+    resumed = f", resumed at step {progress.resumed_from_step}" if progress.resumed_from_step else ""
+    _print(f"segmenter {version.version}: {progress.step} steps, loss {progress.loss:.4f}, {progress.images} images "
+           f"({progress.skipped_images} skipped){resumed}; weights under models/segmenter/{version.version}/")
+    return 0
 
 
 def _thesaurus_command(config: FreemaskConfig, args: argparse.Namespace) -> int:
@@ -304,6 +408,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _thesaurus_command(config, args)
         if args.command == "placement":
             return _placement_command(args)
+        if args.command == "scoring":
+            return _scoring_command(config, args)
         if args.command == "serve":
             from freemask.shared.runner import serve
 

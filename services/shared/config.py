@@ -237,6 +237,33 @@ class HarmonizationConfig(_Frozen):
     feather_px: int = Field(1, ge=0, le=16)
 
 
+class ScoringConfig(_Frozen):
+    """Active learning's discriminator: the Mask2Former segmenter f_t and S(x) = IoU(f_t(x), y_pseudo)."""
+
+    # "tiny" for the embedded default (CPU, 32-64 px images); "r50" or "swin-b" for
+    # the paper's standard shapes on GPUs (services/scoring/segmenter.py).
+    preset: Literal["tiny", "r50", "swin-b"] = "tiny"
+    # Side of the square the network sees; predictions are resized back to each image.
+    input_size: int = Field(64, ge=32, le=2048)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Training: passes over D_t when a Train request leaves epochs unset, AdamW with a
+    # cosine decay over all steps, and a checkpoint every this many steps and at every
+    # epoch's end, so a killed job loses at most that much work.
+    epochs: int = Field(30, ge=1, le=1000)
+    batch_size: int = Field(16, ge=1, le=1024)
+    learning_rate: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.05, ge=0.0)
+    checkpoint_every_steps: int = Field(200, ge=1)
+    # Augmentation: horizontal flips, crops keeping at least this share of each side,
+    # and brightness/contrast gains within ±colour_jitter (the world's lighting varies).
+    min_crop: float = Field(0.7, gt=0.0, le=1.0)
+    colour_jitter: float = Field(0.2, ge=0.0, lt=1.0)
+    # Images per forward pass when scoring or evaluating.
+    score_batch: int = Field(64, ge=1, le=1024)
+    # Segmenters kept loaded (the stage scores each round with that round's f_t).
+    cached_models: int = Field(2, ge=1)
+
+
 class StackConfig(_Frozen):
     """The embedded default stack (`freemask stack up`): where it keeps data and listens."""
 
@@ -265,6 +292,7 @@ class FreemaskConfig(_Frozen):
     thesaurus: ThesaurusConfig = ThesaurusConfig()
     placement: PlacementConfig = PlacementConfig()
     harmonization: HarmonizationConfig = HarmonizationConfig()
+    scoring: ScoringConfig = ScoringConfig()
     stack: StackConfig = StackConfig()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

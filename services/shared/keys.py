@@ -117,6 +117,24 @@ def validate_version(value: str, what: str = "version") -> str:
     return value
 
 
+def segmenter_version(run_id: str, round_index: int) -> str:
+    """The segmenter f_t of a run's round t is versioned "{run}/{round}" (common.proto ModelVersion)."""
+    return f"{validate_id(run_id, 'run id')}/{validate_round(round_index)}"
+
+
+def parse_segmenter_version(version: str) -> tuple[str, int]:
+    """(run, round) of a "{run}/{round}" segmenter version; InvalidInput for anything else."""
+    run_id, _, round_text = version.partition("/") if isinstance(version, str) else ("", "", "")
+    if not round_text.isdigit() or (len(round_text) > 1 and round_text[0] == "0"):
+        raise InvalidIdError(f"segmenter version {version!r} must be '{{run}}/{{round}}', e.g. 'run-1/0'")
+    validate_id(run_id, "segmenter version's run id")
+    return run_id, validate_round(int(round_text))
+
+
+def segmenter_prefix(run_id: str, round_index: int) -> str:
+    return f"models/segmenter/{segmenter_version(run_id, round_index)}/"
+
+
 def thesaurus_prefix(version: str) -> str:
     return f"thesaurus/{validate_version(version, 'thesaurus version')}/"
 

@@ -46,6 +46,9 @@ class StageSpec:
 class ServiceParts:
     grpc_services: list[tuple[ServiceDescriptor, object]]
     stage: StageSpec | None = None
+    # Called once on shutdown, after the stage has stopped and before the server does:
+    # background work (a training job) saves its state here.
+    on_stop: Callable[[], None] | None = None
 
 
 @dataclass
@@ -100,6 +103,8 @@ class ServiceProcess:
             if worker is not None and worker_thread is not None:
                 worker.stop()
                 worker_thread.join()
+            if parts.on_stop is not None:
+                parts.on_stop()
             server.stop(self.config.server.grace_period_s)
         finally:
             stop_metrics()

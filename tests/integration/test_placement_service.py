@@ -40,8 +40,9 @@ from freemask.shared.triton_server import start_tritonserver
 from freemask.v1 import common_pb2, compose_pb2, dead_letter_pb2, generate_pb2, placement_pb2
 
 from bus_helpers import drain_records, publish_samples, unique_topics
-from polling import settled
 from conftest import config_for
+from grpc_helpers import unary_call
+from polling import settled
 from ports import reserve_ports
 
 pytestmark = pytest.mark.stack
@@ -124,11 +125,7 @@ def target(config: FreemaskConfig, parts: ServiceParts) -> Iterator[str]:
 
 
 def call(target: str, method: str, request, response_type):
-    with grpc.insecure_channel(target) as channel:
-        stub = channel.unary_unary(f"/freemask.v1.Placement/{method}",
-                                   request_serializer=type(request).SerializeToString,
-                                   response_deserializer=response_type.FromString)
-        return stub(request, timeout=CALL_TIMEOUT_S)
+    return unary_call(target, "Placement", method, request, response_type, CALL_TIMEOUT_S)
 
 
 # --- pictures --------------------------------------------------------------------------------------------------

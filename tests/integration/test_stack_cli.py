@@ -70,7 +70,7 @@ def test_run_brings_everything_up_and_shuts_it_down(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     result = freemask(config, "run")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert ("stage 1 (attention masks) and stage 2 (thesaurus, FOPA placement, RAIN harmonization) ran end to end"
+    assert ("stage 1 (attention masks), stage 2 (thesaurus, FOPA placement, RAIN harmonization) and scoring ran"
             in result.stdout)
     for cls in ("aeroplane", "bird", "boat", "bus", "car", "cat", "cow", "dog", "horse", "person", "sheep", "train"):
         line = rf"^{cls} +mask +\d+ px  tau 0\.\d\d  runs/make-run/rounds/0/samples/s-0-\d+-[0-9a-f]{{12}}/label\.png$"
@@ -94,10 +94,18 @@ def test_run_brings_everything_up_and_shuts_it_down(tmp_path: Path) -> None:
         assert re.search(r"runs/make-run/rounds/0/samples/c-0-\d+-[0-9a-f]{12}/image\.png$", body, re.MULTILINE)
         composed += 1
     assert composed >= 1 and f"{composed} of 12 scenes composed" in result.stdout
+    # f_0 is trained on the single objects, then every composed sample is scored with it.
+    assert re.search(r"^segmenter make-run/0: \d+ steps, loss \d+\.\d+, 0 images skipped$", result.stdout,
+                     re.MULTILINE), result.stdout
+    scores = re.findall(r"^S\(x\) ([01]\.\d{3})  c-0-\d+-[0-9a-f]{12}  by segmenter make-run/0  \((.+)\)$",
+                        result.stdout, re.MULTILINE)
+    assert len(scores) == composed and f"{composed} of {composed} composed samples scored" in result.stdout
+    assert [float(score) for score, _ in scores] == sorted(float(score) for score, _ in scores)
+    assert all("background" in classes for _, classes in scores)
     for service in ("attention_mask", "thesaurus", "placement", "harmonization", "scoring", "coordinator"):
         assert f"{service} " in result.stdout
     state = json.loads((tmp_path / "stack" / "stack.json").read_text())
     assert state == {}, "run stops the stack it started"
     for log in (tmp_path / "stack" / "logs").glob("*.log"):
-        if log.stem in ("attention_mask", "thesaurus", "placement", "harmonization", "coordinator"):
+        if log.stem in ("attention_mask", "thesaurus", "placement", "harmonization", "scoring", "coordinator"):
             assert '"msg": "stopped"' in log.read_text(), f"{log.stem} did not shut down gracefully"

@@ -32,6 +32,7 @@ from freemask.v1 import common_pb2, compose_pb2, dead_letter_pb2, generate_pb2, 
 
 from bus_helpers import drain_records, publish_samples, unique_topics
 from conftest import config_for
+from grpc_helpers import unary_call
 
 pytestmark = pytest.mark.stack
 CAPTIONS = ["a boat on the sea", "two boats at sea", "a plane over the ocean", "a dog on the grass",
@@ -94,10 +95,7 @@ def server(config: FreemaskConfig, store: ObjectStore) -> Iterator[tuple[str, st
 
 
 def call(target: str, method: str, request, response_type):
-    with grpc.insecure_channel(target) as channel:
-        stub = channel.unary_unary(f"/freemask.v1.Thesaurus/{method}", request_serializer=type(request).SerializeToString,
-                                   response_deserializer=response_type.FromString)
-        return stub(request, timeout=10)
+    return unary_call(target, "Thesaurus", method, request, response_type, 10)
 
 
 def test_relation_and_top_objects_over_grpc(server: tuple[str, str]) -> None:

@@ -300,3 +300,28 @@ def test_within_a_sample_refuses_keys_elsewhere(key: str, problem: str) -> None:
     with pytest.raises(InvalidIdError) as info:
         within_a_sample(key, "out key")
     assert problem in str(info.value)
+
+
+def test_a_segmenter_version_is_run_slash_round_and_parses_back() -> None:
+    from freemask.shared.keys import parse_segmenter_version, segmenter_prefix, segmenter_version
+
+    assert segmenter_version("run-1", 12) == "run-1/12"
+    assert parse_segmenter_version("run-1/12") == ("run-1", 12)
+    assert segmenter_prefix("run-1", 0) == "models/segmenter/run-1/0/"
+
+
+@pytest.mark.parametrize(("version", "problem"), [
+    ("run-1", "must be '{run}/{round}'"),
+    ("run-1/", "must be '{run}/{round}'"),
+    ("run-1/01", "must be '{run}/{round}'"),
+    ("run-1/-1", "must be '{run}/{round}'"),
+    ("run-1/0/x", "must be '{run}/{round}'"),
+    ("Run_1/0", "run id 'Run_1' is not a valid id"),
+    ("run-1/10000", "round 10000 must be an integer"),
+])
+def test_bad_segmenter_versions_are_refused(version: str, problem: str) -> None:
+    from freemask.shared.keys import parse_segmenter_version
+
+    with pytest.raises(InvalidIdError) as info:
+        parse_segmenter_version(version)
+    assert problem in str(info.value)

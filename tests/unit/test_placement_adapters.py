@@ -20,28 +20,13 @@ from freemask.shared.errors import InvalidInput, NotFound, Unavailable, Unusable
 from freemask.shared.image_refs import ImageReader, object_mask
 from freemask.shared.images import encode_png
 from freemask.shared.metrics import ServiceMetrics
-from freemask.shared.store import ObjectInfo, ObjectNotFound
 from freemask.v1 import common_pb2, compose_pb2, generate_pb2, placement_pb2
+
+from memory_store import MemoryStore
 
 SIDE = 64
 PEAK = (3, 8, 8)  # (scale, row, column) of the best cell
 RUNNER_UP = (3, 24, 24)
-
-
-class MemoryStore:
-    """The two reads ImageReader makes, over a dict."""
-
-    def __init__(self) -> None:
-        self.objects: dict[str, bytes] = {}
-
-    def stat(self, key: str) -> ObjectInfo:
-        if key not in self.objects:
-            raise ObjectNotFound(f"no object at {key!r}")
-        return ObjectInfo(key, len(self.objects[key]), "etag")
-
-    def get_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
-        self.stat(key)
-        return self.objects[key]
 
 
 class TwoPeaks:
