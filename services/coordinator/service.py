@@ -1,14 +1,403 @@
-"""Wiring of the coordinator service for `freemask serve coordinator`.
+"""Adapters of the coordinator: gRPC `Coordinator` and the loop that drives runs over the bus.
 
-Until issue #10 lands, the service answers health and reflection and every
-Coordinator RPC is UNIMPLEMENTED; it consumes no topic yet.
+The loop consumes `freemask.singles.v1`, `freemask.scored.v1` and `freemask.dlq.v1`, hands
+each record to its run's state machine (`rounds.py`), and for every polled batch:
+
+1. carries out the actions: manifests written and training started on the scoring
+   service, messages published;
+2. saves every changed run's state to `coordinator/runs/{run}/state.json`;
+3. commits the offsets.
+
+A crash anywhere in between redelivers the batch to a machine rebuilt from the last saved
+state, which derives the same actions again: ids are deterministic, so downstream stages
+rewrite the same objects, and samples already on the accepted topic are read back from
+it at start-up and not published twice.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import grpc
+import yaml
+from kafka import KafkaConsumer
+
+from freemask.coordinator.rounds import (
+    BOOTSTRAP,
+    COMPLETED,
+    FAILED,
+    GENERATE,
+    STOPPED,
+    TRAIN,
+    Action,
+    Publish,
+    RunMachine,
+    RunRecord,
+    RunSettings,
+    Train,
+)
+from freemask.shared.bus import OutboundMessage, Publisher, Topics, make_consumer, make_producer
+from freemask.shared.config import FreemaskConfig
+from freemask.shared.errors import InvalidInput, NotFound, Unavailable
+from freemask.shared.keys import validate_id
 from freemask.shared.runner import ServiceContext, ServiceParts
-from freemask.v1 import coordinator_pb2
+from freemask.shared.store import ObjectNotFound, ObjectStore
+from freemask.v1 import coordinator_pb2, dead_letter_pb2, generate_pb2, samples_pb2, scoring_pb2, scoring_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+STATE_PREFIX = "coordinator/runs/"
+_RUN_SETTINGS = ("rounds", "alpha", "initial_samples", "samples_per_round", "composed_fraction", "objects_to_add",
+                 "train_epochs", "image_size")
+_STATES = {TRAIN: coordinator_pb2.RUN_STATE_RUNNING, GENERATE: coordinator_pb2.RUN_STATE_RUNNING,
+           COMPLETED: coordinator_pb2.RUN_STATE_COMPLETED, FAILED: coordinator_pb2.RUN_STATE_FAILED,
+           STOPPED: coordinator_pb2.RUN_STATE_STOPPED}
+
+
+def run_settings(config: FreemaskConfig, overrides: Mapping[str, str]) -> RunSettings:
+    """The configured run settings with a StartRun's overrides (YAML values) on top."""
+    values: dict[str, Any] = {name: getattr(config.coordinator, name) for name in _RUN_SETTINGS}
+    for name, text in overrides.items():
+        if name not in _RUN_SETTINGS:
+            raise InvalidInput(f"unknown run setting {name!r}; known: {', '.join(_RUN_SETTINGS)}")
+        try:
+            values[name] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise InvalidInput(f"run setting {name!r}: {text!r} is not a YAML value") from None
+    try:
+        checked = type(config.coordinator).model_validate({**config.coordinator.model_dump(), **values})
+    except ValueError as err:
+        raise InvalidInput(f"bad run settings: {err}") from None
+    from freemask.world import DRAWABLE_CLASSES, allowed_backgrounds  # the reference world's placement rules
+
+    classes = tuple(config.world.classes)
+    backgrounds = {cls: tuple(b for b in allowed_backgrounds(cls) if b in config.world.backgrounds)
+                   if cls in DRAWABLE_CLASSES else tuple(config.world.backgrounds) for cls in classes}
+    return RunSettings(**{name: getattr(checked, name) for name in _RUN_SETTINGS}, classes=classes,
+                       backgrounds=backgrounds, prompt_template=config.world.prompt_templates[0])
+
+
+class RunRepository:
+    """Run states in the object store, one JSON document per run."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self._store = store
+
+    @staticmethod
+    def key(run_id: str) -> str:
+        return f"{STATE_PREFIX}{validate_id(run_id, 'run id')}/state.json"
+
+    def save(self, record: RunRecord) -> None:
+        self._store.put_bytes(self.key(record.run_id), json.dumps(record.to_json(), sort_keys=True).encode(),
+                              "application/json")
+
+    def load(self, run_id: str) -> RunRecord | None:
+        try:
+            return RunRecord.from_json(json.loads(self._store.get_bytes(self.key(run_id))))
+        except ObjectNotFound:
+            return None
+
+    def all(self) -> list[RunRecord]:
+        return [RunRecord.from_json(json.loads(self._store.get_bytes(info.key)))
+                for info in self._store.list(STATE_PREFIX) if info.key.endswith("/state.json")]
+
+
+class ScoringClient:
+    """Training f_t on the scoring service, over gRPC."""
+
+    def __init__(self, target: str, timeout_s: float = 30.0) -> None:
+        self._channel = grpc.insecure_channel(target)
+        self._stub = scoring_pb2_grpc.ScoringStub(self._channel)
+        self._timeout_s = timeout_s
+
+    def train(self, run_id: str, action: Train, epochs: int | None, seed: int) -> str:
+        request = scoring_pb2.TrainRequest(run_id=run_id, round=action.round, seed=seed,
+                                           dataset=scoring_pb2.Dataset(manifest_key=action.manifest_key))
+        if epochs is not None:
+            request.epochs = epochs
+        if action.init_from is not None:
+            request.init_from.CopyFrom(action.init_from)
+        return self._call(self._stub.Train, request).job_id
+
+    def status(self, job_id: str) -> scoring_pb2.TrainStatusResponse:
+        return self._call(self._stub.TrainStatus, scoring_pb2.TrainStatusRequest(job_id=job_id))
+
+    def _call(self, method, request):
+        try:
+            return method(request, timeout=self._timeout_s)
+        except grpc.RpcError as err:
+            raise Unavailable(f"scoring service: {err.code().name}: {err.details()}") from None
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+class Coordinator:
+    """The runs this process drives, their state machines, and the side effects of their actions."""
+
+    def __init__(self, config: FreemaskConfig, repository: RunRepository, store: ObjectStore,
+                 scoring: ScoringClient, publish: Callable[[Sequence[OutboundMessage]], None]) -> None:
+        self._config = config
+        self._repository = repository
+        self._store = store
+        self._scoring = scoring
+        self._publish = publish
+        self._machines: dict[str, RunMachine] = {}
+        self._jobs: dict[str, str] = {}  # run id -> training job id of its current round
+        self._lock = threading.RLock()
+
+    def resume(self, already_accepted: Mapping[str, set[str]]) -> None:
+        """Load every run; an unfinished one carries on from its saved phase."""
+        with self._lock:
+            for record in self._repository.all():
+                machine = RunMachine(record)
+                self._machines[record.run_id] = machine
+                if machine.finished:
+                    continue
+                for sample_id in sorted(already_accepted.get(record.run_id, set()) - set(record.accepted)):
+                    record.accepted.append(sample_id)  # published just before a crash: never again
+                self._carry_out(machine, machine.training_again() if record.phase == TRAIN
+                                else machine.start() if record.phase == BOOTSTRAP else [])
+                self._repository.save(record)
+
+    def start_run(self, run_id: str, seed: int, overrides: Mapping[str, str]) -> RunRecord:
+        """Start a run, or return the existing one of that id."""
+        with self._lock:
+            if run_id in self._machines:
+                return self._machines[run_id].record
+            settings = run_settings(self._config, overrides)
+            existing = self._repository.load(run_id)
+            if existing is not None:
+                self._machines[run_id] = RunMachine(existing)
+                return existing
+            machine = RunMachine.new(run_id, seed, settings)
+            self._machines[run_id] = machine
+            self._carry_out(machine, machine.start())
+            self._repository.save(machine.record)
+            return machine.record
+
+    def record(self, run_id: str) -> RunRecord:
+        """A run's state: the live one, or the saved one (a run this process has not resumed yet)."""
+        with self._lock:
+            machine = self._machines.get(validate_id(run_id, "run_id"))
+            if machine is not None:
+                return machine.record
+        saved = self._repository.load(run_id)
+        if saved is None:
+            raise NotFound(f"no run {run_id!r}")
+        return saved
+
+    def stop_run(self, run_id: str, reason: str) -> RunRecord:
+        with self._lock:
+            machine = self._machines.get(validate_id(run_id, "run_id"))
+            if machine is None:
+                saved = self._repository.load(run_id)
+                if saved is None:
+                    raise NotFound(f"no run {run_id!r}")
+                machine = self._machines[run_id] = RunMachine(saved)
+            machine.stop(reason)
+            self._repository.save(machine.record)
+            return machine.record
+
+    def handle(self, records: Sequence[Any]) -> None:
+        """A polled batch of bus records: route, act (publishing first), then save the runs changed."""
+        with self._lock:
+            changed: set[str] = set()
+            for record in records:
+                routed = self._route(record)
+                if routed is not None:
+                    machine, actions = routed
+                    self._carry_out(machine, actions)
+                    changed.add(machine.record.run_id)
+            for run_id in changed:
+                self._repository.save(self._machines[run_id].record)
+
+    def tick(self) -> None:
+        """Poll the training jobs of runs waiting on f_t."""
+        with self._lock:
+            for run_id, machine in self._machines.items():
+                job_id = self._jobs.get(run_id)
+                if machine.record.phase != TRAIN or job_id is None:
+                    continue
+                status = self._scoring.status(job_id)
+                if status.state == scoring_pb2.TRAIN_STATE_SUCCEEDED:
+                    self._carry_out(machine, machine.on_trained(machine.record.round))
+                elif status.state == scoring_pb2.TRAIN_STATE_FAILED:
+                    machine.on_training_failed(status.error)
+                else:
+                    continue
+                self._repository.save(machine.record)
+
+    def _route(self, record: Any) -> tuple[RunMachine, list[Action]] | None:
+        try:
+            if record.topic == Topics.SINGLES:
+                single = generate_pb2.SingleObject.FromString(record.value)
+                machine = self._machines.get(single.run_id)
+                return (machine, machine.on_single(single)) if machine else None
+            if record.topic == Topics.SCORED:
+                scored = samples_pb2.ScoredSample.FromString(record.value)
+                machine = self._machines.get(scored.sample.run_id)
+                return (machine, machine.on_scored(scored)) if machine else None
+            letter = dead_letter_pb2.DeadLetter.FromString(record.value)
+        except Exception:  # noqa: BLE001 - not ours to judge: the stage that made it dead-letters its own
+            log.warning("coordinator skipped an undecodable record", extra={"topic": record.topic})
+            return None
+        key = letter.key.decode("utf-8", "replace")
+        for machine in self._machines.values():  # a dead letter names its sample, not its run
+            if not machine.finished and machine.owns(key):
+                return machine, machine.on_dead_letter(key, f"{letter.stage}: {letter.error}")
+        return None
+
+    def _carry_out(self, machine: RunMachine, actions: Sequence[Action]) -> None:
+        """Manifests and training first, then the messages: all before the state is saved."""
+        record = machine.record
+        for action in actions:
+            if isinstance(action, Train):
+                if action.lines:
+                    self._store.put_bytes(action.manifest_key, ("\n".join(action.lines) + "\n").encode(),
+                                          "application/x-ndjson")
+                self._jobs[record.run_id] = self._scoring.train(record.run_id, action, record.settings.train_epochs,
+                                                                record.seed)
+        self._publish([OutboundMessage(a.topic, a.key, a.message) for a in actions if isinstance(a, Publish)])
+
+
+def run_status(record: RunRecord) -> coordinator_pb2.RunStatus:
+    """The persisted record as the API's RunStatus."""
+    state = coordinator_pb2.RUN_STATE_PENDING if record.phase == "bootstrap" else _STATES[record.phase]
+    if record.stop_requested and state == coordinator_pb2.RUN_STATE_RUNNING:
+        state = coordinator_pb2.RUN_STATE_STOPPING
+    status = coordinator_pb2.RunStatus(run_id=record.run_id, state=state, round=record.round,
+                                       total_rounds=record.settings.rounds, error=record.error)
+    for round_record in record.rounds:
+        slots = round_record.slots
+        scored = sum(slot.score is not None for slot in slots)
+        item = coordinator_pb2.RoundStatus(
+            round=round_record.round, requested=len(slots), received=scored, scored=scored,
+            retained=len(round_record.retained), dead_lettered=sum(slot.dead_letter is not None for slot in slots),
+            score_threshold=round_record.threshold or 0.0)
+        if round_record.segmenter:
+            item.segmenter.name, item.segmenter.version = "segmenter", round_record.segmenter
+        status.rounds.append(item)
+    for field in ("requested", "received", "scored", "retained", "dead_lettered"):
+        setattr(status, field, sum(getattr(item, field) for item in status.rounds))
+    return status
+
+
+def accepted_ids(config: FreemaskConfig) -> dict[str, set[str]]:
+    """Sample ids already on the accepted topic, by run: read from the start, committing nothing."""
+    consumer = KafkaConsumer(bootstrap_servers=config.bus.bootstrap_servers, client_id=config.bus.client_id,
+                             group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
+                             consumer_timeout_ms=2000)
+    try:
+        consumer.subscribe([Topics.ACCEPTED])
+        found: dict[str, set[str]] = {}
+        for record in consumer:
+            accepted = samples_pb2.AcceptedSample.FromString(record.value)
+            found.setdefault(accepted.run_id, set()).add(accepted.sample.sample_id)
+        return found
+    finally:
+        consumer.close()
+
+
+class CoordinatorApi:
+    """gRPC servicer over the Coordinator."""
+
+    def __init__(self, coordinator: Coordinator) -> None:
+        self._coordinator = coordinator
+
+    def StartRun(self, request: coordinator_pb2.StartRunRequest) -> coordinator_pb2.StartRunResponse:
+        run_id = request.run_id or f"run-{uuid.uuid4().hex[:12]}"
+        validate_id(run_id, "run_id")
+        record = self._coordinator.start_run(run_id, request.seed, dict(request.config_overrides))
+        return coordinator_pb2.StartRunResponse(run_id=record.run_id)
+
+    def GetRun(self, request: coordinator_pb2.GetRunRequest) -> coordinator_pb2.GetRunResponse:
+        return coordinator_pb2.GetRunResponse(run=run_status(self._coordinator.record(request.run_id)))
+
+    def StopRun(self, request: coordinator_pb2.StopRunRequest) -> coordinator_pb2.StopRunResponse:
+        return coordinator_pb2.StopRunResponse(run=run_status(self._coordinator.stop_run(request.run_id,
+                                                                                         request.reason)))
+
+
+class LazyPublisher:
+    """A Publisher made on first use, so the service starts (and answers health) while the
+    broker is still coming up."""
+
+    def __init__(self, config: FreemaskConfig) -> None:
+        self._config = config
+        self._publisher: Publisher | None = None
+        self._lock = threading.Lock()
+
+    def publish(self, outputs: Sequence[OutboundMessage]) -> None:
+        if not outputs:
+            return
+        with self._lock:
+            if self._publisher is None:
+                self._publisher = Publisher(make_producer(self._config.bus))
+            self._publisher.publish(outputs)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._publisher is not None:
+                self._publisher.close()
+
+
+class CoordinatorLoop:
+    """The bus side: polls singles, scores and dead letters, and polls training jobs."""
+
+    def __init__(self, config: FreemaskConfig, coordinator: Coordinator) -> None:
+        self._config = config
+        self._coordinator = coordinator
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._supervise, name="coordinator", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float) -> None:
+        self._stop.set()
+        self._thread.join(timeout_s)
+
+    def _supervise(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._run()
+            except Exception:  # noqa: BLE001 - logged; the loop starts over from the committed offsets
+                log.exception("coordinator loop failed; restarting")
+                self._stop.wait(self._config.coordinator.poll_interval_s)
+
+    def _run(self) -> None:
+        self._coordinator.resume(accepted_ids(self._config))
+        consumer = make_consumer(self._config.bus, "coordinator", [Topics.SINGLES, Topics.SCORED, Topics.DLQ])
+        try:
+            while not self._stop.is_set():
+                polled = consumer.poll(timeout_ms=int(self._config.coordinator.poll_interval_s * 1000))
+                records = [record for batch in polled.values() for record in batch]
+                if records:
+                    self._coordinator.handle(records)
+                    consumer.commit()
+                self._coordinator.tick()
+        finally:
+            consumer.close(autocommit=False)
 
 
 def build(context: ServiceContext) -> ServiceParts:
-    return ServiceParts(grpc_services=[(coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"], object())])
+    config = context.config
+    target = config.coordinator.scoring_target or f"{config.server.host}:{config.server.ports['scoring'].grpc_port}"
+    publisher = LazyPublisher(config)
+    coordinator = Coordinator(config, RunRepository(context.store), context.store, ScoringClient(target),
+                              publisher.publish)
+    loop = CoordinatorLoop(config, coordinator)
+    loop.start()
+
+    def stop() -> None:
+        loop.stop(config.server.grace_period_s)
+        publisher.close()
+
+    return ServiceParts(grpc_services=[(coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"],
+                                        CoordinatorApi(coordinator))], on_stop=stop)

@@ -6,6 +6,7 @@
     freemask thesaurus build            count a caption corpus into a thesaurus index in the store
     freemask placement export           FOPA as ONNX in a Triton model repository (embedded or production)
     freemask scoring train|evaluate     train the segmenter f_t on a labelled manifest, or measure one
+    freemask export                     a run's accepted samples as COCO, Pascal-VOC or a JSONL manifest
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def _run_command(config: FreemaskConfig, config_path: Path | None) -> int:
         composed = _compose(run_config, singles)
         _score(run_config, composed, since_ms=compose_started_ms)
         _print("stage 1 (attention masks), stage 2 (thesaurus, FOPA placement, RAIN harmonization) and scoring ran")
-        _print("end to end over the bus; the coordinator's rounds arrive with issue #10.")
+        _print("end to end over the bus; the coordinator's rounds (Coordinator.StartRun) are not driven from here yet.")
     finally:
         _print("== shutting down")
         stop_services(services)
@@ -322,7 +323,25 @@ def build_parser() -> argparse.ArgumentParser:
     scoring.add_argument("--seed", type=int, default=0, help="train: seed of initialisation and augmentation")
     scoring.add_argument("--init-from", help="train: segmenter version '{run}/{round}' to start from")
     scoring.add_argument("--model", help="evaluate: segmenter version '{run}/{round}'")
+    export = commands.add_parser("export", help="a coordinator run's accepted samples as files")
+    export.add_argument("--run", required=True, help="run id")
+    export.add_argument("--format", required=True, choices=("coco", "voc", "jsonl"))
+    export.add_argument("--out", type=Path, required=True, help="directory to create (must not hold anything)")
     return parser
+
+
+def _export_command(config: FreemaskConfig, args: argparse.Namespace) -> int:
+    from freemask.coordinator.exports import ExportMismatch, export_run
+    from freemask.shared.store import ObjectStore
+
+    try:
+        summary = export_run(ObjectStore(config.store), config, args.run, args.format, args.out)
+    except ExportMismatch as err:
+        print(f"freemask: the export failed its check and was not written: {err}", file=sys.stderr)
+        return 1
+    _print(f"run {args.run}: {summary.samples} samples, {summary.annotations} objects as {args.format} in "
+           f"{summary.out_dir}")
+    return 0
 
 
 def _scoring_command(config: FreemaskConfig, args: argparse.Namespace) -> int:
@@ -410,6 +429,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _placement_command(args)
         if args.command == "scoring":
             return _scoring_command(config, args)
+        if args.command == "export":
+            return _export_command(config, args)
         if args.command == "serve":
             from freemask.shared.runner import serve
 

@@ -264,6 +264,28 @@ class ScoringConfig(_Frozen):
     cached_models: int = Field(2, ge=1)
 
 
+class CoordinatorConfig(_Frozen):
+    """Algorithm 1: how many rounds, how much data each, and how much of it is kept.
+
+    A StartRun request may override any of the run settings (rounds .. train_epochs)
+    for its run; the values a run started with are saved with it.
+    """
+
+    rounds: int = Field(2, ge=1, le=100, description="T + 1: rounds of train, generate, score, keep")
+    alpha: float = Field(0.7, gt=0.0, le=1.0, description="share of each round's scored samples kept")
+    initial_samples: int = Field(24, ge=1, le=1_000_000, description="|D_0|: single objects generated first")
+    samples_per_round: int = Field(24, ge=1, le=1_000_000, description="|D'_t|: samples generated per round")
+    # The paper mixes single-object images and edited multi-object scenes in each round.
+    composed_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    objects_to_add: int = Field(2, ge=0, le=16, description="objects the thesaurus adds to a composed scene")
+    train_epochs: int | None = Field(None, ge=1, le=1000, description="unset: scoring.epochs")
+    image_size: int = Field(32, ge=8, le=4096, description="side of generated images, in pixels")
+    # The scoring service that trains f_t: unset = this config's scoring port on server.host.
+    scoring_target: str | None = None
+    # How often running jobs are polled and a quiet bus is checked again.
+    poll_interval_s: float = Field(1.0, gt=0.0)
+
+
 class StackConfig(_Frozen):
     """The embedded default stack (`freemask stack up`): where it keeps data and listens."""
 
@@ -293,6 +315,7 @@ class FreemaskConfig(_Frozen):
     placement: PlacementConfig = PlacementConfig()
     harmonization: HarmonizationConfig = HarmonizationConfig()
     scoring: ScoringConfig = ScoringConfig()
+    coordinator: CoordinatorConfig = CoordinatorConfig()
     stack: StackConfig = StackConfig()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

@@ -69,3 +69,12 @@ def single_object_from_meta(data: bytes, what: str = "meta.json") -> generate_pb
         raise
     except (ValueError, KeyError, TypeError) as err:  # JSON errors are ValueErrors
         raise InvalidInput(f"{what} is not a readable single-object record: {type(err).__name__}: {err}") from None
+
+
+def single_object_instance(single: generate_pb2.SingleObject) -> common_pb2.ObjectInstance:
+    """The generated object of `single` as instance 1 of a scene: the base of a composed
+    sample, or the only object of a single-object sample."""
+    return common_pb2.ObjectInstance(
+        class_id=single.class_id, class_name=single.class_name, instance_id=1, box=single.mask_box,
+        visible_area_pixels=single.mask_area_pixels, origin=common_pb2.OBJECT_ORIGIN_GENERATED,
+        source_sample_id=single.sample_id, source_keys=single.keys, placement_score=0.0)

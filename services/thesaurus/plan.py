@@ -22,7 +22,7 @@ from freemask.shared.config import FreemaskConfig
 from freemask.shared.errors import InvalidInput, Unavailable, Unusable
 from freemask.shared.keys import key_within, sample_prefix, validate_id, validate_round
 from freemask.shared.scene_steps import generation_record
-from freemask.shared.singles import single_object_from_meta
+from freemask.shared.singles import single_object_from_meta, single_object_instance
 from freemask.shared.store import ObjectStore
 from freemask.thesaurus.index import Relation, ThesaurusIndex
 from freemask.v1 import common_pb2, compose_pb2, generate_pb2
@@ -122,7 +122,7 @@ class ComposePlanner:
             background_name=request.background_name,
             scene=compose_pb2.SceneState(keys=common_pb2.SampleKeys(image_key=base.keys.image_key,
                                                                     label_key=base.keys.label_key),
-                                         image_size=base.image_size, objects=[_base_instance(base)]),
+                                         image_size=base.image_size, objects=[single_object_instance(base)]),
             next_object=planned[0], remaining_objects=planned[1:], step_index=0, seed=request.seed,
             provenance=common_pb2.Provenance(
                 generations=[generation_record(base)],
@@ -163,10 +163,3 @@ class ComposePlanner:
         key_within(base.keys.image_key, base_prefix, "base scene image_key")
         key_within(base.keys.label_key, base_prefix, "base scene label_key")
         return base
-
-
-def _base_instance(base: generate_pb2.SingleObject) -> common_pb2.ObjectInstance:
-    return common_pb2.ObjectInstance(
-        class_id=base.class_id, class_name=base.class_name, instance_id=1, box=base.mask_box,
-        visible_area_pixels=base.mask_area_pixels, origin=common_pb2.OBJECT_ORIGIN_GENERATED,
-        source_sample_id=base.sample_id, source_keys=base.keys, placement_score=0.0)
