@@ -115,6 +115,7 @@ class RoundRecord:
     slots: list[Slot] = field(default_factory=list)
     segmenter: str | None = None  # "{run}/{round}" once training was requested
     trained: bool = False
+    validation_mean_iou: float | None = None  # f_t on the validation manifest, when one is configured
     threshold: float | None = None
     retained: list[str] = field(default_factory=list)
 
@@ -236,13 +237,14 @@ class RunMachine:
             return self._after_bootstrap_event()
         return self._after_round_event()
 
-    def on_trained(self, round_index: int) -> list[Action]:
-        """f_t is ready: publish D'_t's GenerateRequests."""
+    def on_trained(self, round_index: int, validation_mean_iou: float | None = None) -> list[Action]:
+        """f_t is ready (with its mIoU on the validation set, if measured): publish D'_t's GenerateRequests."""
         record = self.record
         current = record.rounds[-1] if record.rounds else None
         if record.phase != TRAIN or current is None or current.round != round_index or current.trained:
             return []
         current.trained = True
+        current.validation_mean_iou = validation_mean_iou
         record.phase = GENERATE
         settings = record.settings
         composed = round(settings.composed_fraction * settings.samples_per_round)

@@ -127,6 +127,11 @@ class ScoringClient:
     def status(self, job_id: str) -> scoring_pb2.TrainStatusResponse:
         return self._call(self._stub.TrainStatus, scoring_pb2.TrainStatusRequest(job_id=job_id))
 
+    def mean_iou(self, manifest_key: str, segmenter: str) -> float:
+        request = scoring_pb2.EvaluateRequest(dataset=scoring_pb2.Dataset(manifest_key=manifest_key))
+        request.model.name, request.model.version = "segmenter", segmenter
+        return self._call(self._stub.Evaluate, request).mean_iou
+
     def _call(self, method, request):
         try:
             return method(request, timeout=self._timeout_s)
@@ -226,7 +231,10 @@ class Coordinator:
                     continue
                 status = self._scoring.status(job_id)
                 if status.state == scoring_pb2.TRAIN_STATE_SUCCEEDED:
-                    self._carry_out(machine, machine.on_trained(machine.record.round))
+                    manifest = self._config.coordinator.validation_manifest
+                    miou = (self._scoring.mean_iou(manifest, machine.record.rounds[-1].segmenter)
+                            if manifest else None)
+                    self._carry_out(machine, machine.on_trained(machine.record.round, miou))
                 elif status.state == scoring_pb2.TRAIN_STATE_FAILED:
                     machine.on_training_failed(status.error)
                 else:
@@ -279,7 +287,7 @@ def run_status(record: RunRecord) -> coordinator_pb2.RunStatus:
         item = coordinator_pb2.RoundStatus(
             round=round_record.round, requested=len(slots), received=scored, scored=scored,
             retained=len(round_record.retained), dead_lettered=sum(slot.dead_letter is not None for slot in slots),
-            score_threshold=round_record.threshold or 0.0)
+            score_threshold=round_record.threshold or 0.0, validation_mean_iou=round_record.validation_mean_iou or 0.0)
         if round_record.segmenter:
             item.segmenter.name, item.segmenter.version = "segmenter", round_record.segmenter
         status.rounds.append(item)

@@ -15,21 +15,17 @@ import argparse
 import os
 import sys
 import time
-import uuid
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-from google.protobuf.message import Message
 from tqdm import tqdm
 
-from freemask.shared.bus import OutboundMessage, Publisher, Topics, ensure_topics, make_consumer, make_producer
+from freemask.shared.bus import ensure_topics
 from freemask.shared.config import SERVICE_NAMES, ConfigError, FreemaskConfig, load_config
 from freemask.shared.errors import InvalidInput, NotFound, Unavailable
 from freemask.shared.grpc_runtime import check_health
-from freemask.shared.keys import derive_sample_id
 from freemask.shared.processes import ServerProcess, ServerStartError, start_server, stop_pid, tail
 from freemask.shared.stack import EmbeddedStack, stack_for
-from freemask.v1 import compose_pb2, dead_letter_pb2, generate_pb2, samples_pb2
 
 _SERVICE_START_TIMEOUT_S = 60.0
 
@@ -92,7 +88,20 @@ def stop_services(processes: Sequence[ServerProcess]) -> None:
         stop_pid(process.pid, timeout_s=30.0)
 
 
-def _run_command(config: FreemaskConfig, config_path: Path | None) -> int:
+def _run_command(config: FreemaskConfig, config_path: Path | None, run_id: str | None, seed: int) -> int:
+    """Stack and services up, one coordinator run followed to its end, its exports written, all down."""
+    from freemask.coordinator.job import (
+        REFERENCE_VALIDATION_SCENES,
+        RunFailed,
+        export_accepted,
+        follow_run,
+        summary_lines,
+        write_reference_validation,
+    )
+    from freemask.shared.store import ObjectStore
+    from freemask.v1 import coordinator_pb2
+
+    run_id = run_id or time.strftime("run-%Y%m%d-%H%M%S", time.gmtime())
     stack = stack_for(config)
     started_stack = not all(part.running for part in stack.status())
     _print("== embedded stack")
@@ -104,187 +113,35 @@ def _run_command(config: FreemaskConfig, config_path: Path | None) -> int:
             env["FREEMASK_CONFIG"] = str(config_path.resolve())  # the services read the same file
         run_config = load_config(config_path, environ=env)
         ensure_topics(run_config.bus)
+        if run_config.coordinator.validation_manifest is None:
+            store = ObjectStore(run_config.store)
+            store.ensure_bucket()
+            env["FREEMASK_COORDINATOR__VALIDATION_MANIFEST"] = write_reference_validation(
+                store, run_config.coordinator.image_size, REFERENCE_VALIDATION_SCENES)
+            run_config = load_config(config_path, environ=env)
         _print("== services")
         services = start_services(run_config, env, stack.data_dir / "logs")
         for name in SERVICE_NAMES:
             ports = run_config.server.ports[name]
             _print(f"{name:<15} grpc {run_config.server.host}:{ports.grpc_port}  metrics :{ports.metrics_port}/metrics")
-        _print("== main job")
-        singles = _generate_singles(run_config, run_id="make-run")
-        _train_segmenter(run_config, singles)
-        compose_started_ms = int(time.time() * 1000)
-        composed = _compose(run_config, singles)
-        _score(run_config, composed, since_ms=compose_started_ms)
-        _print("stage 1 (attention masks), stage 2 (thesaurus, FOPA placement, RAIN harmonization) and scoring ran")
-        _print("end to end over the bus; the coordinator's rounds (Coordinator.StartRun) are not driven from here yet.")
+        _print(f"== run {run_id}: Algorithm 1 on the coordinator")
+        status = follow_run(run_config, run_id, seed, {}, timeout_s=run_config.coordinator.run_timeout_s)
+        for line in summary_lines(status):
+            _print(line)
+        if status.state != coordinator_pb2.RUN_STATE_COMPLETED:
+            raise RunFailed(f"run {run_id} did not complete")
+        _print("== exports of the accepted samples")
+        for line in export_accepted(run_config, run_id, stack.data_dir / "exports" / run_id):
+            _print(line)
+    except RunFailed as err:
+        print(f"freemask: {err}", file=sys.stderr)
+        return 1
     finally:
         _print("== shutting down")
         stop_services(services)
         if started_stack:
             stack.down(progress=_print)
     return 0
-
-
-class StageIncomplete(RuntimeError):
-    """The main job's outputs did not all arrive."""
-
-
-def _publish(config: FreemaskConfig, topic: str, requests: Mapping[str, Message]) -> int:
-    """Publish `requests` keyed by sample id; return the publish time in ms (see `_await`)."""
-    published_ms = int(time.time() * 1000)
-    publisher = Publisher(make_producer(config.bus))
-    try:
-        publisher.publish([OutboundMessage(topic, key, request) for key, request in requests.items()])
-    finally:
-        publisher.close()
-    return published_ms
-
-
-def _await(config: FreemaskConfig, results: Mapping[str, type[Message]], keys: Collection[str], what: str,
-           since_ms: int, timeout_s: float) -> dict[str, Message]:
-    """The first record per key on any of the `results` topics (topic -> message type), written
-    at or after `since_ms`; StageIncomplete naming the keys that got none in time.
-
-    Ids are deterministic, so results of an earlier `make run` carry the same keys: only
-    records written after this run's publish count.
-    """
-    consumer = make_consumer(config.bus, f"make-run-{uuid.uuid4().hex[:8]}", list(results))
-    done: dict[str, Message] = {}
-    deadline = time.monotonic() + timeout_s
-    try:
-        with tqdm(total=len(keys), desc=what, unit="msg", file=sys.stdout) as bar:
-            while len(done) < len(keys) and time.monotonic() < deadline:
-                for records in consumer.poll(timeout_ms=500).values():
-                    for record in records:
-                        key = record.key.decode() if record.key else ""
-                        if key in keys and key not in done and record.timestamp >= since_ms:
-                            done[key] = results[record.topic].FromString(record.value)
-                            bar.update(1)
-    finally:
-        consumer.close(autocommit=False)
-    missing = sorted(set(keys) - set(done))
-    if missing:
-        raise StageIncomplete(f"{len(missing)} of {len(keys)} {what} did not arrive within {timeout_s:.0f} s "
-                              f"(see the service logs): {', '.join(missing)}")
-    return done
-
-
-def _dead_letter_line(letter: dead_letter_pb2.DeadLetter) -> str:
-    return f"dead-lettered by {letter.stage or 'a stage'}: {letter.error}"
-
-
-def _generate_singles(config: FreemaskConfig, run_id: str, timeout_s: float = 600.0
-                      ) -> list[generate_pb2.SingleObject]:
-    """Stage 1: one GenerateRequest per configured class; each ends as a SingleObject or a dead letter."""
-    from freemask.world import DRAWABLE_CLASSES, allowed_backgrounds  # the world's plausibility rules
-
-    requests = {}
-    for index, cls in enumerate(config.world.classes):
-        background = allowed_backgrounds(cls)[0] if cls in DRAWABLE_CLASSES else config.world.backgrounds[0]
-        request = generate_pb2.GenerateRequest(
-            run_id=run_id, round=0, sample_id=derive_sample_id(run_id, 0, index), class_name=cls,
-            background_name=background, seed=index,
-            prompt=config.world.prompt_templates[0].format(cls=cls, background=background))
-        requests[request.sample_id] = request
-    published_ms = _publish(config, Topics.GENERATE, requests)
-    outcomes = _await(config, {Topics.SINGLES: generate_pb2.SingleObject, Topics.DLQ: dead_letter_pb2.DeadLetter},
-                      requests.keys(), "single objects", published_ms, timeout_s)
-    singles = []
-    for key, request in requests.items():
-        outcome = outcomes[key]
-        if isinstance(outcome, generate_pb2.SingleObject):
-            singles.append(outcome)
-            _print(f"{outcome.class_name:<10} mask {outcome.mask_area_pixels:>4} px  tau {outcome.threshold:.2f}  "
-                   f"{outcome.keys.label_key}")
-        else:
-            _print(f"{request.class_name:<10} {_dead_letter_line(outcome)}")
-    if not singles:
-        raise StageIncomplete("no single object was generated: every request was dead-lettered")
-    return singles
-
-
-def _train_segmenter(config: FreemaskConfig, singles: Sequence[generate_pb2.SingleObject],
-                     timeout_s: float = 600.0) -> None:
-    """f_0 of the active-learning loop, trained by the scoring service on the single objects (D_0)."""
-    import grpc
-
-    from freemask.v1 import scoring_pb2, scoring_pb2_grpc
-
-    run_id, round_index = singles[0].run_id, singles[0].round
-    images = [scoring_pb2.LabelledImage(image_key=s.keys.image_key, label_key=s.keys.label_key) for s in singles]
-    target = f"{config.server.host}:{config.server.ports['scoring'].grpc_port}"
-    with grpc.insecure_channel(target) as channel:
-        scoring = scoring_pb2_grpc.ScoringStub(channel)
-        job = scoring.Train(scoring_pb2.TrainRequest(
-            run_id=run_id, round=round_index, seed=0,
-            dataset=scoring_pb2.Dataset(images=scoring_pb2.LabelledImageList(images=images))), timeout=30)
-        deadline = time.monotonic() + timeout_s
-        with tqdm(desc=f"training segmenter {run_id}/{round_index} on {len(images)} single objects", unit="epoch",
-                  file=sys.stdout) as bar:
-            while True:
-                status = scoring.TrainStatus(scoring_pb2.TrainStatusRequest(job_id=job.job_id), timeout=30)
-                bar.total = status.total_epochs
-                bar.update(status.epoch - bar.n)
-                if status.state == scoring_pb2.TRAIN_STATE_SUCCEEDED:
-                    break
-                if status.state == scoring_pb2.TRAIN_STATE_FAILED:
-                    raise StageIncomplete(f"segmenter training failed: {status.error}")
-                if time.monotonic() > deadline:
-                    raise StageIncomplete(f"segmenter training did not finish within {timeout_s:.0f} s")
-                time.sleep(0.5)
-    _print(f"segmenter {status.model.version}: {status.step} steps, loss {status.loss:.3f}, "
-           f"{status.skipped_images} images skipped")
-
-
-def _score(config: FreemaskConfig, composed: Sequence[samples_pb2.Sample], since_ms: int,
-           timeout_s: float = 300.0) -> None:
-    """The scoring stage's S(x) for every composed sample, lowest first: the likeliest wrong labels.
-    Scoring starts as each sample is composed, so results count from the compose publish on."""
-    outcomes = _await(config, {Topics.SCORED: samples_pb2.ScoredSample, Topics.DLQ: dead_letter_pb2.DeadLetter},
-                      [s.sample_id for s in composed], "scored samples", since_ms, timeout_s)
-    scored = sorted((o for o in outcomes.values() if isinstance(o, samples_pb2.ScoredSample)), key=lambda s: s.score)
-    for item in scored:
-        classes = ", ".join(f"{name} {iou:.2f}" for name, iou in sorted(item.class_iou.items()))
-        _print(f"S(x) {item.score:.3f}  {item.sample.sample_id}  by segmenter {item.segmenter.version}  ({classes})")
-    for key, outcome in outcomes.items():
-        if isinstance(outcome, dead_letter_pb2.DeadLetter):
-            _print(f"{key} {_dead_letter_line(outcome)}")
-    _print(f"{len(scored)} of {len(composed)} composed samples scored")
-
-
-def _compose(config: FreemaskConfig, singles: Sequence[generate_pb2.SingleObject], objects_to_add: int = 2,
-             timeout_s: float = 300.0) -> list[samples_pb2.Sample]:
-    """Stage 2: each single object as a base scene; the thesaurus plans what to add, placement
-    chooses where each object goes and harmonization pastes it, until the scene is composed.
-
-    A composition can end in the DLQ by design (e.g. no room for an object within
-    `placement.max_overlap`); that is reported, and the job fails only if none is composed.
-    """
-    requests = {}
-    for index, single in enumerate(singles):
-        sample_id = derive_sample_id(single.run_id, single.round, index, kind="c")
-        requests[sample_id] = compose_pb2.ComposeRequest(
-            run_id=single.run_id, round=single.round, sample_id=sample_id, base_scene=single,
-            background_name=single.background_name, num_objects_to_add=objects_to_add, seed=index)
-    published_ms = _publish(config, Topics.COMPOSE, requests)
-    outcomes = _await(config, {Topics.COMPOSED: samples_pb2.Sample, Topics.DLQ: dead_letter_pb2.DeadLetter},
-                      requests.keys(), "composed samples", published_ms, timeout_s)
-    for key, request in requests.items():
-        outcome = outcomes[key]
-        _print(f"{request.base_scene.class_name:<10} on {request.background_name}")
-        if isinstance(outcome, dead_letter_pb2.DeadLetter):
-            _print(f"{'':<10}    {_dead_letter_line(outcome)}")
-            continue
-        for obj in outcome.objects:
-            box = obj.box
-            _print(f"{'':<10}    {obj.class_name:<10} at x={box.x} y={box.y} {box.width}x{box.height} px, "
-                   f"{obj.visible_area_pixels} px visible, FOPA score {obj.placement_score:.2f}")
-        _print(f"{'':<10}    {outcome.keys.image_key}")
-    composed = [outcome for outcome in outcomes.values() if isinstance(outcome, samples_pb2.Sample)]
-    _print(f"{len(composed)} of {len(requests)} scenes composed; the others are in {Topics.DLQ} with their reason")
-    if not composed:
-        raise StageIncomplete("no scene was composed: every composition was dead-lettered")
-    return composed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -297,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     stack.add_argument("action", choices=("up", "down", "status", "env"))
     serve = commands.add_parser("serve", help="run one service until SIGTERM")
     serve.add_argument("service", choices=SERVICE_NAMES)
-    commands.add_parser("run", help="run the main job on the embedded stack")
+    run = commands.add_parser("run", help="run the main job on the embedded stack")
+    run.add_argument("--run-id", help="id of the coordinator run (default: run-{UTC time})")
+    run.add_argument("--seed", type=int, default=0, help="seed of the whole run")
     thesaurus = commands.add_parser("thesaurus", help="thesaurus indexes in the store")
     thesaurus.add_argument("action", choices=("build",))
     thesaurus.add_argument("--corpus", default="reference",
@@ -435,8 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from freemask.shared.runner import serve
 
             return serve(args.service, config)
-        return _run_command(config, args.config)
-    except (ServerStartError, StageIncomplete, InvalidInput, NotFound, Unavailable) as err:
+        return _run_command(config, args.config, args.run_id, args.seed)
+    except (ServerStartError, InvalidInput, NotFound, Unavailable) as err:
         print(f"freemask: {err}", file=sys.stderr)
         return 1
 

@@ -282,8 +282,14 @@ class CoordinatorConfig(_Frozen):
     image_size: int = Field(32, ge=8, le=4096, description="side of generated images, in pixels")
     # The scoring service that trains f_t: unset = this config's scoring port on server.host.
     scoring_target: str | None = None
+    # Store key of a JSONL manifest of labelled real images ({image_key, label_key} per
+    # line): each f_t's mIoU on it is recorded per round. `freemask run` writes the
+    # reference world's validation split and sets it when unset.
+    validation_manifest: str | None = None
     # How often running jobs are polled and a quiet bus is checked again.
     poll_interval_s: float = Field(1.0, gt=0.0)
+    # How long `freemask run` follows its run before giving up on it.
+    run_timeout_s: float = Field(3600.0, gt=0.0)
 
 
 class StackConfig(_Frozen):

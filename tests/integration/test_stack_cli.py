@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -13,12 +14,13 @@ import pytest
 import yaml
 
 from freemask.shared.processes import pid_alive
-from freemask.world import DRAWABLE_CLASSES, class_weights
 
 from conftest import make_stack_config
 from ports import reserve_ports
 
 pytestmark = pytest.mark.stack
+
+ROUNDS, PER_ROUND = 2, 8
 
 
 def write_config(tmp_path: Path) -> Path:
@@ -27,8 +29,10 @@ def write_config(tmp_path: Path) -> Path:
     numbers = iter(reserve_ports(2 * len(names)))
     ports = {name: {"grpc_port": next(numbers), "metrics_port": next(numbers)} for name in names}
     path = tmp_path / "freemask.yaml"
-    path.write_text(yaml.safe_dump({"stack": stack, "server": {"ports": ports},
-                                    "attention_mask": {"num_inference_steps": 4}}))
+    path.write_text(yaml.safe_dump({
+        "stack": stack, "server": {"ports": ports}, "attention_mask": {"num_inference_steps": 4},
+        "scoring": {"input_size": 32, "batch_size": 8},
+        "coordinator": {"rounds": ROUNDS, "initial_samples": 6, "samples_per_round": PER_ROUND, "train_epochs": 2}}))
     return path
 
 
@@ -62,48 +66,28 @@ def test_stack_up_status_down_leaves_nothing_behind(tmp_path: Path) -> None:
     assert status.returncode == 3 and status.stdout.count("stopped") == 3
 
 
-def allowed_on(background: str) -> set[str]:
-    return {cls for cls, weight in class_weights(background, DRAWABLE_CLASSES).items() if weight > 0}
-
-
-def test_run_brings_everything_up_and_shuts_it_down(tmp_path: Path) -> None:
+def test_run_brings_everything_up_runs_algorithm_1_exports_and_shuts_down(tmp_path: Path) -> None:
     config = write_config(tmp_path)
-    result = freemask(config, "run")
+    result = freemask(config, "run", "--run-id", "cli-run", "--seed", "5", timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert ("stage 1 (attention masks), stage 2 (thesaurus, FOPA placement, RAIN harmonization) and scoring ran"
-            in result.stdout)
-    for cls in ("aeroplane", "bird", "boat", "bus", "car", "cat", "cow", "dog", "horse", "person", "sheep", "train"):
-        line = rf"^{cls} +mask +\d+ px  tau 0\.\d\d  runs/make-run/rounds/0/samples/s-0-\d+-[0-9a-f]{{12}}/label\.png$"
-        assert re.search(line, result.stdout, re.MULTILINE), f"no single object for {cls}:\n{result.stdout}"
-    # Each composition ends as a sample (its objects listed, then its image key) or a dead letter
-    # with its reason; the base object comes first, then the two the thesaurus planned.
-    outcomes = re.findall(r"^(\w+) +on (\w+)\n((?: {14}.*\n)+)", result.stdout, re.MULTILINE)
-    assert len(outcomes) == 12, f"expected one composition per single object:\n{result.stdout}"
-    composed = 0
-    for base, background, body in outcomes:
-        if "dead-lettered by" in body:
-            assert re.fullmatch(r" {14}dead-lettered by \w+: .+\n", body), body
-            continue
-        objects = re.findall(r"^ +(\w+) +at x=(\d+) y=(\d+) (\d+)x(\d+) px, (\d+) px visible, FOPA score [01]\.\d\d$",
-                             body, re.MULTILINE)
-        assert [cls for cls, *_ in objects][0] == base and len(objects) == 3, body
-        for cls, x, y, width, height, visible in objects[1:]:
-            assert cls in allowed_on(background)
-            assert int(x) + int(width) <= 32 and int(y) + int(height) <= 32  # inside the 32 px scene
-            assert int(visible) <= int(width) * int(height)
-        assert re.search(r"runs/make-run/rounds/0/samples/c-0-\d+-[0-9a-f]{12}/image\.png$", body, re.MULTILINE)
-        composed += 1
-    assert composed >= 1 and f"{composed} of 12 scenes composed" in result.stdout
-    # f_0 is trained on the single objects, then every composed sample is scored with it.
-    assert re.search(r"^segmenter make-run/0: \d+ steps, loss \d+\.\d+, 0 images skipped$", result.stdout,
-                     re.MULTILINE), result.stdout
-    scores = re.findall(r"^S\(x\) ([01]\.\d{3})  c-0-\d+-[0-9a-f]{12}  by segmenter make-run/0  \((.+)\)$",
-                        result.stdout, re.MULTILINE)
-    assert len(scores) == composed and f"{composed} of {composed} composed samples scored" in result.stdout
-    assert [float(score) for score, _ in scores] == sorted(float(score) for score, _ in scores)
-    assert all("background" in classes for _, classes in scores)
     for service in ("attention_mask", "thesaurus", "placement", "harmonization", "scoring", "coordinator"):
         assert f"{service} " in result.stdout
+    assert f"run cli-run: completed, {ROUNDS} of {ROUNDS} rounds" in result.stdout, result.stdout
+    rounds = re.findall(r"^round (\d): (\d+) requested, (\d+) scored, (\d+) dead-lettered, (\d+) kept at "
+                        r"S\(x\) >= ([01]\.\d{3}), segmenter cli-run/(\d) \(validation mIoU ([01]\.\d{3})\)$",
+                        result.stdout, re.MULTILINE)
+    assert [int(r[0]) for r in rounds] == list(range(ROUNDS)), result.stdout
+    kept = 0
+    for index, requested, scored, dead, retained, _cut, segmenter_round, _miou in rounds:
+        assert int(requested) == PER_ROUND and int(scored) + int(dead) == PER_ROUND
+        assert int(retained) >= math.ceil(0.7 * int(scored)) and segmenter_round == index
+        kept += int(retained)
+    exports = tmp_path / "stack" / "exports" / "cli-run"
+    for fmt in ("coco", "voc", "jsonl"):
+        assert re.search(rf"^{fmt} +{kept} samples, \d+ objects: {re.escape(str(exports / fmt))}$", result.stdout,
+                         re.MULTILINE), result.stdout
+    assert len(json.loads((exports / "coco" / "coco" / "annotations" / "instances.json").read_text())["images"]) == kept
+    assert len((exports / "voc" / "voc" / "ImageSets" / "Segmentation" / "train.txt").read_text().split()) == kept
     state = json.loads((tmp_path / "stack" / "stack.json").read_text())
     assert state == {}, "run stops the stack it started"
     for log in (tmp_path / "stack" / "logs").glob("*.log"):

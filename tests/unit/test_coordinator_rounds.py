@@ -194,8 +194,9 @@ def test_phases_in_order_and_events_of_other_phases_ignored() -> None:
         for kind, payload in pipeline.events(action):
             deliver(machine, kind, payload)
     assert machine.record.phase == TRAIN
-    generate = machine.on_trained(0)
+    generate = machine.on_trained(0, validation_mean_iou=0.42)
     assert machine.record.phase == GENERATE and len(generate) == 10
+    assert machine.record.rounds[0].validation_mean_iou == 0.42
     assert machine.on_trained(0) == []  # a second notice is ignored
 
 

@@ -1,0 +1,109 @@
+"""The main job as a user runs it (`freemask run`): start a run on the coordinator, follow its
+rounds with progress bars, print what each round kept, and export the accepted samples."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import grpc
+from tqdm import tqdm
+
+from freemask.coordinator.exports import export_run
+from freemask.shared.config import FreemaskConfig
+from freemask.shared.errors import Unavailable
+from freemask.shared.store import ObjectStore
+from freemask.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+EXPORT_FORMATS = ("coco", "voc", "jsonl")
+REFERENCE_VALIDATION_SCENES = 200
+_ENDED = (coordinator_pb2.RUN_STATE_COMPLETED, coordinator_pb2.RUN_STATE_STOPPED, coordinator_pb2.RUN_STATE_FAILED)
+
+
+class RunFailed(RuntimeError):
+    """The run ended FAILED, or did not end in time."""
+
+
+def follow_run(config: FreemaskConfig, run_id: str, seed: int, overrides: Mapping[str, str],
+               timeout_s: float) -> coordinator_pb2.RunStatus:
+    """StartRun, then one progress bar per round (samples scored or dead-lettered) until the run ends."""
+    target = f"{config.server.host}:{config.server.ports['coordinator'].grpc_port}"
+    with grpc.insecure_channel(target) as channel:
+        coordinator = coordinator_pb2_grpc.CoordinatorStub(channel)
+        coordinator.StartRun(coordinator_pb2.StartRunRequest(run_id=run_id, seed=seed,
+                                                             config_overrides=dict(overrides)), timeout=30)
+        bootstrap = tqdm(desc="D_0: generating single objects", bar_format="{desc} {elapsed}", file=sys.stdout)
+        bars: dict[int, tqdm] = {}
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                status = coordinator.GetRun(coordinator_pb2.GetRunRequest(run_id=run_id), timeout=30).run
+                if status.rounds:
+                    bootstrap.close()  # D_0 is in: closing twice is a no-op
+                else:
+                    bootstrap.refresh()  # keeps its clock running while D_0 is generated
+                for item in status.rounds:
+                    bar = bars.get(item.round)
+                    if bar is None:
+                        bar = bars[item.round] = tqdm(desc=f"round {item.round}: scored or dead-lettered",
+                                                      unit="sample", file=sys.stdout)
+                    bar.total = item.requested or None
+                    bar.update(item.scored + item.dead_lettered - bar.n)
+                if status.state in _ENDED:
+                    return status
+                if time.monotonic() > deadline:
+                    raise RunFailed(f"run {run_id} did not end within {timeout_s:.0f} s (state "
+                                    f"{coordinator_pb2.RunState.Name(status.state)})")
+                time.sleep(1.0)
+        except grpc.RpcError as err:
+            raise Unavailable(f"coordinator at {target}: {err.code().name}: {err.details()}") from None
+        finally:
+            bootstrap.close()
+            for bar in bars.values():
+                bar.close()
+
+
+def summary_lines(status: coordinator_pb2.RunStatus) -> list[str]:
+    lines = [f"run {status.run_id}: {coordinator_pb2.RunState.Name(status.state).removeprefix('RUN_STATE_').lower()}"
+             f", {len(status.rounds)} of {status.total_rounds} rounds"]
+    for item in status.rounds:
+        measured = f" (validation mIoU {item.validation_mean_iou:.3f})" if item.validation_mean_iou else ""
+        lines.append(f"round {item.round}: {item.requested} requested, {item.scored} scored, {item.dead_lettered} "
+                     f"dead-lettered, {item.retained} kept at S(x) >= {item.score_threshold:.3f}, segmenter "
+                     f"{item.segmenter.version}{measured}")
+    if status.error:
+        lines.append(f"error: {status.error}")
+    return lines
+
+
+def export_accepted(config: FreemaskConfig, run_id: str, out_dir: Path) -> list[str]:
+    """Every export format of the run's accepted samples under `out_dir/{format}/`."""
+    store = ObjectStore(config.store)
+    lines = []
+    for fmt in EXPORT_FORMATS:
+        summary = export_run(store, config, run_id, fmt, out_dir / fmt)
+        lines.append(f"{fmt:<6} {summary.samples} samples, {summary.annotations} objects: {summary.out_dir}")
+    return lines
+
+
+def write_reference_validation(store: ObjectStore, image_size: int, count: int) -> str:
+    """The reference world's validation scenes and exact labels in the store, as a manifest; returns its key.
+
+    The "real" labelled set each round's f_t is measured on when the config names none.
+    """
+    from freemask.shared.images import encode_png
+    from freemask.world import dataset
+
+    lines = []
+    for index in tqdm(range(count), desc="reference validation scenes", unit="scene", file=sys.stdout):
+        scene = dataset("val", index, image_size)
+        image_key, label_key = (f"reference/val/{image_size}/{index}/{name}" for name in ("image.png", "label.png"))
+        store.put_bytes(image_key, encode_png(scene.image), "image/png")
+        store.put_bytes(label_key, encode_png(scene.label), "image/png")
+        lines.append(json.dumps({"image_key": image_key, "label_key": label_key}))
+    key = f"reference/val/{image_size}/manifest.jsonl"
+    store.put_bytes(key, ("\n".join(lines) + "\n").encode(), "application/x-ndjson")
+    return key
