@@ -44,12 +44,12 @@ from freemask.scoring.models import SEGMENTER_MODEL_NAME
 from freemask.shared.config import FreemaskConfig
 from freemask.shared.errors import InvalidInput, NotFound
 from freemask.shared.image_refs import ImageReader
-from freemask.shared.images import encode_png, encode_png16
+from freemask.shared.images import encode_png, encode_png16, voc_colour_map
 from freemask.shared.store import ObjectStore
 from freemask.v1 import common_pb2, samples_pb2
+from freemask.world.names import IGNORE_ID
 
 FORMATS = ("coco", "voc", "jsonl")
-IGNORE_ID = 255
 COCO_ANNOTATIONS = Path("coco/annotations/instances.json")
 VOC_TRAIN_LIST = Path("voc/ImageSets/Segmentation/train.txt")
 MANIFEST = Path("manifest.jsonl")
@@ -163,19 +163,7 @@ def coco_rle(mask: np.ndarray) -> dict[str, Any]:
     return {"size": [int(n) for n in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
-def voc_palette() -> list[int]:
-    """The Pascal-VOC colour map (index 255, the ignore label, is (224, 224, 192)), flat RGB."""
-    palette = []
-    for index in range(256):
-        rgb = [0, 0, 0]
-        for bit in range(8):
-            for channel in range(3):
-                rgb[channel] |= ((index >> (3 * bit + channel)) & 1) << (7 - bit)
-        palette += rgb
-    return palette
-
-
-VOC_PALETTE = voc_palette()
+VOC_PALETTE = voc_colour_map().flatten().tolist()  # flat RGB, as PIL's putpalette takes it
 
 
 def write_palette_png(path: Path, indices: np.ndarray) -> None:

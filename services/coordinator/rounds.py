@@ -134,6 +134,14 @@ class RunRecord:
     accepted: list[str] = field(default_factory=list)  # sample ids published on the accepted topic
     error: str = ""
     stop_requested: str = ""
+    # Unix seconds, stamped by the service when it saves the record (the machine keeps no clock).
+    created_at: float | None = None
+    updated_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.phase in (COMPLETED, FAILED, STOPPED)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -148,6 +156,8 @@ class RunRecord:
         record.bootstrap = [Slot(**slot) for slot in data["bootstrap"]]
         record.rounds = [RoundRecord(**{**r, "slots": [Slot(**slot) for slot in r["slots"]]}) for r in data["rounds"]]
         record.accepted, record.error, record.stop_requested = data["accepted"], data["error"], data["stop_requested"]
+        record.created_at, record.updated_at, record.finished_at = (data.get(name) for name in (
+            "created_at", "updated_at", "finished_at"))
         return record
 
 
@@ -167,7 +177,7 @@ class RunMachine:
 
     @property
     def finished(self) -> bool:
-        return self.record.phase in (COMPLETED, FAILED, STOPPED)
+        return self.record.finished
 
     # --- starting ------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -93,6 +94,12 @@ class RunRepository:
         return f"{STATE_PREFIX}{validate_id(run_id, 'run id')}/state.json"
 
     def save(self, record: RunRecord) -> None:
+        """Stamp the record's times and write it."""
+        now = time.time()
+        record.created_at = record.created_at or now
+        record.updated_at = now
+        if record.finished and record.finished_at is None:
+            record.finished_at = now
         self._store.put_bytes(self.key(record.run_id), json.dumps(record.to_json(), sort_keys=True).encode(),
                               "application/json")
 
@@ -293,6 +300,10 @@ def run_status(record: RunRecord) -> coordinator_pb2.RunStatus:
         status.rounds.append(item)
     for field in ("requested", "received", "scored", "retained", "dead_lettered"):
         setattr(status, field, sum(getattr(item, field) for item in status.rounds))
+    for field in ("created_at", "updated_at", "finished_at"):
+        seconds = getattr(record, field)
+        if seconds is not None:
+            getattr(status, field).FromNanoseconds(int(seconds * 1e9))
     return status
 
 

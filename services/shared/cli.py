@@ -7,6 +7,7 @@
     freemask placement export           FOPA as ONNX in a Triton model repository (embedded or production)
     freemask scoring train|evaluate     train the segmenter f_t on a labelled manifest, or measure one
     freemask export                     a run's accepted samples as COCO, Pascal-VOC or a JSONL manifest
+    freemask report                     a run as one HTML page: rounds, scores, mIoU, sample overlays
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ def _run_command(config: FreemaskConfig, config_path: Path | None, run_id: str |
         summary_lines,
         write_reference_validation,
     )
+    from freemask.coordinator.report import write_report
     from freemask.shared.store import ObjectStore
     from freemask.v1 import coordinator_pb2
 
@@ -133,6 +135,9 @@ def _run_command(config: FreemaskConfig, config_path: Path | None, run_id: str |
         _print("== exports of the accepted samples")
         for line in export_accepted(run_config, run_id, stack.data_dir / "exports" / run_id):
             _print(line)
+        report = write_report(ObjectStore(run_config.store), run_config, run_id,
+                              stack.data_dir / "exports" / run_id / "report.html")
+        _print(f"report: {report}")
     except RunFailed as err:
         print(f"freemask: {err}", file=sys.stderr)
         return 1
@@ -182,11 +187,22 @@ def build_parser() -> argparse.ArgumentParser:
     scoring.add_argument("--seed", type=int, default=0, help="train: seed of initialisation and augmentation")
     scoring.add_argument("--init-from", help="train: segmenter version '{run}/{round}' to start from")
     scoring.add_argument("--model", help="evaluate: segmenter version '{run}/{round}'")
+    report = commands.add_parser("report", help="a coordinator run as one self-contained HTML page")
+    report.add_argument("--run", required=True, help="run id")
+    report.add_argument("--out", type=Path, required=True, help="HTML file to write")
     export = commands.add_parser("export", help="a coordinator run's accepted samples as files")
     export.add_argument("--run", required=True, help="run id")
     export.add_argument("--format", required=True, choices=("coco", "voc", "jsonl"))
     export.add_argument("--out", type=Path, required=True, help="directory to create (must not hold anything)")
     return parser
+
+
+def _report_command(config: FreemaskConfig, args: argparse.Namespace) -> int:
+    from freemask.coordinator.report import write_report
+    from freemask.shared.store import ObjectStore
+
+    _print(f"report of run {args.run}: {write_report(ObjectStore(config.store), config, args.run, args.out)}")
+    return 0
 
 
 def _export_command(config: FreemaskConfig, args: argparse.Namespace) -> int:
@@ -290,6 +306,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _scoring_command(config, args)
         if args.command == "export":
             return _export_command(config, args)
+        if args.command == "report":
+            return _report_command(config, args)
         if args.command == "serve":
             from freemask.shared.runner import serve
 

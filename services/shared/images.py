@@ -156,3 +156,14 @@ def check_cutout(foreground: np.ndarray, mask: np.ndarray) -> None:
                            f"of the foreground ({size_text(foreground)})")
     if not mask.any():
         raise InvalidInput("foreground mask is empty: no pixel is marked as the object")
+
+
+def voc_colour_map() -> np.ndarray:
+    """Pascal VOC's label colours, 256×3 uint8: the bits of an id interleaved into R, G and B
+    from the top bit down (0 is black; 255, the ignore id, is (224, 224, 192))."""
+    colours = np.zeros((256, 3), dtype=np.uint8)
+    for index in range(256):
+        for bit in range(8):
+            for channel in range(3):
+                colours[index, channel] |= ((index >> (3 * bit + channel)) & 1) << (7 - bit)
+    return colours

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from freemask.shared.images import voc_colour_map
 from freemask.world.composition import sample_scene_spec
 from freemask.world.scene import render_lighting_pair, render_scene
 from freemask.world.splits import dataset
@@ -19,16 +20,8 @@ from freemask.world.vocabulary import DEFAULT_WORLD, World
 
 
 def label_colours(num_classes: int) -> np.ndarray:
-    """A fixed colour per label id (VOC's bit-interleaved palette); 255 is white."""
-    palette = np.zeros((256, 3), dtype=np.uint8)
-    for i in range(256):
-        c, r, g, b = i, 0, 0, 0
-        for bit in range(8):
-            r |= ((c >> 0) & 1) << (7 - bit)
-            g |= ((c >> 1) & 1) << (7 - bit)
-            b |= ((c >> 2) & 1) << (7 - bit)
-            c >>= 3
-        palette[i] = (r, g, b)
+    """A fixed colour per label id (VOC's palette); 255 is white here, to stand out in previews."""
+    palette = voc_colour_map()
     palette[255] = (255, 255, 255)
     return palette
 

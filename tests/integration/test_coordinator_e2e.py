@@ -130,6 +130,8 @@ def test_a_run_completes_both_rounds_with_exactly_once_acceptance_across_a_coord
     assert killed, "the run finished before the coordinator could be killed"
     assert status.state == coordinator_pb2.RUN_STATE_COMPLETED, status
     assert status.total_rounds == ROUNDS and len(status.rounds) == ROUNDS
+    created, finished = status.created_at.ToNanoseconds(), status.finished_at.ToNanoseconds()
+    assert 0 < created < finished <= status.updated_at.ToNanoseconds() <= time.time_ns()
     for item in status.rounds:
         assert item.requested == PER_ROUND and item.scored + item.dead_lettered == PER_ROUND, item
         assert item.scored >= 1, item

@@ -88,6 +88,9 @@ def test_run_brings_everything_up_runs_algorithm_1_exports_and_shuts_down(tmp_pa
                          re.MULTILINE), result.stdout
     assert len(json.loads((exports / "coco" / "coco" / "annotations" / "instances.json").read_text())["images"]) == kept
     assert len((exports / "voc" / "voc" / "ImageSets" / "Segmentation" / "train.txt").read_text().split()) == kept
+    assert f"report: {exports / 'report.html'}" in result.stdout
+    page = (exports / "report.html").read_text()
+    assert "cli-run" in page and page.count('class="round-row"') == ROUNDS and "data:image/png;base64," in page
     state = json.loads((tmp_path / "stack" / "stack.json").read_text())
     assert state == {}, "run stops the stack it started"
     for log in (tmp_path / "stack" / "logs").glob("*.log"):
