@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 import sys
 import time
+import urllib.request
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
 from freemask.coordinator.exports import export_run
@@ -27,6 +30,38 @@ class RunFailed(RuntimeError):
     """The run ended FAILED, or did not end in time."""
 
 
+# The services whose stage workers a run passes through, in pipeline order.
+STAGE_SERVICES = ("attention_mask", "thesaurus", "placement", "harmonization", "scoring")
+
+
+@dataclass(frozen=True)
+class StageTotals:
+    messages: int  # handled successfully
+    seconds: float  # spent handling messages (outputs included)
+
+
+def stage_totals(config: FreemaskConfig) -> dict[str, StageTotals]:
+    """Each stage's work so far, read from its service's Prometheus endpoint (a service that does
+    not answer is left out)."""
+    totals = {}
+    for name in STAGE_SERVICES:
+        url = f"http://{config.server.host}:{config.server.ports[name].metrics_port}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - our own loopback endpoint
+                text = response.read().decode("utf-8")
+        except OSError:
+            continue
+        messages, seconds = 0.0, 0.0
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "freemask_stage_messages_total" and sample.labels.get("outcome") == "ok":
+                    messages += sample.value
+                elif sample.name == "freemask_stage_processing_seconds_sum":
+                    seconds += sample.value
+        totals[name] = StageTotals(int(messages), seconds)
+    return totals
+
+
 def follow_run(config: FreemaskConfig, run_id: str, seed: int, overrides: Mapping[str, str],
                timeout_s: float) -> coordinator_pb2.RunStatus:
     """StartRun, then one progress bar per round (samples scored or dead-lettered) until the run ends."""
@@ -36,11 +71,15 @@ def follow_run(config: FreemaskConfig, run_id: str, seed: int, overrides: Mappin
         coordinator.StartRun(coordinator_pb2.StartRunRequest(run_id=run_id, seed=seed,
                                                              config_overrides=dict(overrides)), timeout=30)
         bootstrap = tqdm(desc="D_0: generating single objects", bar_format="{desc} {elapsed}", file=sys.stdout)
+        stages = {name: tqdm(desc=f"{name:<15} messages handled", unit="msg", file=sys.stdout)
+                  for name in STAGE_SERVICES}
         bars: dict[int, tqdm] = {}
         deadline = time.monotonic() + timeout_s
         try:
             while True:
                 status = coordinator.GetRun(coordinator_pb2.GetRunRequest(run_id=run_id), timeout=30).run
+                for name, totals in stage_totals(config).items():
+                    stages[name].update(totals.messages - stages[name].n)
                 if status.rounds:
                     bootstrap.close()  # D_0 is in: closing twice is a no-op
                 else:
@@ -61,9 +100,13 @@ def follow_run(config: FreemaskConfig, run_id: str, seed: int, overrides: Mappin
         except grpc.RpcError as err:
             raise Unavailable(f"coordinator at {target}: {err.code().name}: {err.details()}") from None
         finally:
-            bootstrap.close()
-            for bar in bars.values():
+            for bar in (bootstrap, *stages.values(), *bars.values()):
                 bar.close()
+
+
+def stage_lines(totals: Mapping[str, StageTotals]) -> list[str]:
+    return [f"{name:<15} {t.messages} messages, {t.seconds / t.messages:.3f} s each" if t.messages
+            else f"{name:<15} no messages" for name, t in totals.items()]
 
 
 def summary_lines(status: coordinator_pb2.RunStatus) -> list[str]:

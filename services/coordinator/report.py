@@ -30,12 +30,13 @@ import io
 import math
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from freemask.coordinator.job import StageTotals
 from freemask.coordinator.rounds import BOOTSTRAP, GENERATE, TRAIN, RoundRecord, RunRecord, Slot
 from freemask.coordinator.service import RunRepository
 from freemask.shared.config import FreemaskConfig, LimitsConfig
@@ -92,22 +93,23 @@ svg text { font-family: system-ui, sans-serif; font-size: 11px; fill: #333; }
 
 
 def write_report(store: ObjectStore, config: FreemaskConfig, run_id: str, out_path: Path,
-                 samples_per_round: int = 8) -> Path:
+                 samples_per_round: int = 8, stages: Mapping[str, StageTotals] | None = None) -> Path:
     """Write `run_id`'s report to `out_path` (one HTML file) and return its path; NotFound if no such run."""
     if samples_per_round < 0:
         raise InvalidInput(f"samples_per_round must be at least 0; got {samples_per_round}")
     record = RunRepository(store).load(run_id)
     if record is None:
         raise NotFound(f"no run {run_id!r}: coordinator/runs/{run_id}/state.json does not exist")
-    page = render_report(record, store, config, samples_per_round)
+    page = render_report(record, store, config, samples_per_round, stages)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     _write_atomically(out_path, page.encode("utf-8"))
     return out_path
 
 
-def render_report(record: RunRecord, store: ObjectStore, config: FreemaskConfig, samples_per_round: int = 8) -> str:
-    """The report's HTML text for a loaded run."""
+def render_report(record: RunRecord, store: ObjectStore, config: FreemaskConfig, samples_per_round: int = 8,
+                  stages: Mapping[str, StageTotals] | None = None) -> str:
+    """The report's HTML text for a loaded run; `stages` (from the services' metrics) adds where time went."""
     reader = ImageReader(store, config.limits)
     classes = tuple(config.world.classes)
     parts = [
@@ -117,11 +119,22 @@ def render_report(record: RunRecord, store: ObjectStore, config: FreemaskConfig,
         _header(record),
         _rounds_table(record),
         _miou_section(record),
+        _stages_table(stages) if stages else "",
     ]
     for round_record in record.rounds:
         parts.append(_round_section(round_record, store, reader, config.limits, classes, samples_per_round))
     parts.append("</body>\n</html>\n")
     return "".join(parts)
+
+
+def _stages_table(stages: Mapping[str, StageTotals]) -> str:
+    rows = "".join(f"<tr><td>{_e(name)}</td><td>{t.messages}</td><td>{_number(t.seconds, 1)}</td>"
+                   f"<td>{_number(t.seconds / t.messages if t.messages else None, 3)}</td></tr>\n"
+                   for name, t in stages.items())
+    return ("<h2>Where the time went</h2>\n<p>Messages each stage handled and the seconds it spent on them, "
+            "from the services' Prometheus metrics at the end of the run.</p>\n<table class=\"stages\">"
+            "<tr><th>stage</th><th>messages</th><th>seconds</th><th>seconds per message</th></tr>\n"
+            f"{rows}</table>\n")
 
 
 # --- text ------------------------------------------------------------------------------

@@ -96,6 +96,8 @@ def _run_command(config: FreemaskConfig, config_path: Path | None, run_id: str |
         RunFailed,
         export_accepted,
         follow_run,
+        stage_lines,
+        stage_totals,
         summary_lines,
         write_reference_validation,
     )
@@ -130,13 +132,17 @@ def _run_command(config: FreemaskConfig, config_path: Path | None, run_id: str |
         status = follow_run(run_config, run_id, seed, {}, timeout_s=run_config.coordinator.run_timeout_s)
         for line in summary_lines(status):
             _print(line)
+        stages = stage_totals(run_config)
+        _print("== where the time went (Prometheus stage metrics)")
+        for line in stage_lines(stages):
+            _print(line)
         if status.state != coordinator_pb2.RUN_STATE_COMPLETED:
             raise RunFailed(f"run {run_id} did not complete")
         _print("== exports of the accepted samples")
         for line in export_accepted(run_config, run_id, stack.data_dir / "exports" / run_id):
             _print(line)
         report = write_report(ObjectStore(run_config.store), run_config, run_id,
-                              stack.data_dir / "exports" / run_id / "report.html")
+                              stack.data_dir / "exports" / run_id / "report.html", stages=stages)
         _print(f"report: {report}")
     except RunFailed as err:
         print(f"freemask: {err}", file=sys.stderr)

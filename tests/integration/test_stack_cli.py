@@ -82,6 +82,10 @@ def test_run_brings_everything_up_runs_algorithm_1_exports_and_shuts_down(tmp_pa
         assert int(requested) == PER_ROUND and int(scored) + int(dead) == PER_ROUND
         assert int(retained) >= math.ceil(0.7 * int(scored)) and segmenter_round == index
         kept += int(retained)
+    # Every stage did work, and its share of the time is reported from its Prometheus metrics.
+    for stage in ("attention_mask", "thesaurus", "placement", "harmonization", "scoring"):
+        assert re.search(rf"^{stage} +[1-9]\d* messages, \d+\.\d{{3}} s each$", result.stdout, re.MULTILINE), (
+            result.stdout)
     exports = tmp_path / "stack" / "exports" / "cli-run"
     for fmt in ("coco", "voc", "jsonl"):
         assert re.search(rf"^{fmt} +{kept} samples, \d+ objects: {re.escape(str(exports / fmt))}$", result.stdout,
@@ -91,6 +95,7 @@ def test_run_brings_everything_up_runs_algorithm_1_exports_and_shuts_down(tmp_pa
     assert f"report: {exports / 'report.html'}" in result.stdout
     page = (exports / "report.html").read_text()
     assert "cli-run" in page and page.count('class="round-row"') == ROUNDS and "data:image/png;base64," in page
+    assert "Where the time went" in page
     state = json.loads((tmp_path / "stack" / "stack.json").read_text())
     assert state == {}, "run stops the stack it started"
     for log in (tmp_path / "stack" / "logs").glob("*.log"):

@@ -310,3 +310,16 @@ def test_every_string_is_escaped(tmp_path: Path) -> None:
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
     assert f"r0-{evil}" in "".join(page.text) and f"{evil} ({class_id})" in "".join(page.text)
     assert page.problems == [] and page.stack == []
+
+
+def test_stage_totals_add_a_table_of_where_the_time_went(store: MemoryStore) -> None:
+    from freemask.coordinator.job import StageTotals
+    from freemask.coordinator.report import render_report
+
+    record = RunRepository(store).load(RUN)
+    page = render_report(record, store, CONFIG, stages={"placement": StageTotals(40, 2.0),
+                                                        "scoring": StageTotals(0, 0.0)})
+    assert "Where the time went" in page
+    assert "<td>placement</td><td>40</td><td>2.0</td><td>0.050</td>" in page
+    assert "<td>scoring</td><td>0</td><td>0.0</td><td>—</td>" in page
+    assert "Where the time went" not in render_report(record, store, CONFIG)
