@@ -26,7 +26,7 @@ from typing import Any
 
 import grpc
 import yaml
-from kafka import KafkaConsumer
+from kafka import KafkaConsumer, TopicPartition
 
 from freemask.coordinator.rounds import (
     BOOTSTRAP,
@@ -307,17 +307,29 @@ def run_status(record: RunRecord) -> coordinator_pb2.RunStatus:
     return status
 
 
-def accepted_ids(config: FreemaskConfig) -> dict[str, set[str]]:
-    """Sample ids already on the accepted topic, by run: read from the start, committing nothing."""
+def accepted_ids(config: FreemaskConfig, timeout_s: float = 60.0) -> dict[str, set[str]]:
+    """Sample ids already on the accepted topic, by run: every partition read from its start up to
+    the end offset it had when reading began (so a slow broker cannot cut the read short), committing
+    nothing."""
     consumer = KafkaConsumer(bootstrap_servers=config.bus.bootstrap_servers, client_id=config.bus.client_id,
-                             group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
-                             consumer_timeout_ms=2000)
+                             group_id=None, enable_auto_commit=False)
     try:
-        consumer.subscribe([Topics.ACCEPTED])
+        consumer.topics()  # loads the cluster metadata, so the topic's partitions are known
+        partitions = [TopicPartition(Topics.ACCEPTED, p) for p in consumer.partitions_for_topic(Topics.ACCEPTED) or ()]
+        if not partitions:
+            return {}
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        end = consumer.end_offsets(partitions)
         found: dict[str, set[str]] = {}
-        for record in consumer:
-            accepted = samples_pb2.AcceptedSample.FromString(record.value)
-            found.setdefault(accepted.run_id, set()).add(accepted.sample.sample_id)
+        deadline = time.monotonic() + timeout_s
+        while any(consumer.position(partition) < end[partition] for partition in partitions):
+            if time.monotonic() > deadline:
+                raise Unavailable(f"reading {Topics.ACCEPTED} back took over {timeout_s:.0f} s")
+            for batch in consumer.poll(timeout_ms=500).values():
+                for record in batch:
+                    accepted = samples_pb2.AcceptedSample.FromString(record.value)
+                    found.setdefault(accepted.run_id, set()).add(accepted.sample.sample_id)
         return found
     finally:
         consumer.close()

@@ -1,0 +1,33 @@
+"""The coordinator's memory of the accepted topic, on the real broker: what it reads back at
+start-up is what keeps a sample published just before a crash from being published again."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from freemask.coordinator.service import accepted_ids
+from freemask.shared.bus import OutboundMessage, Publisher, Topics, ensure_topics, make_producer
+from freemask.shared.stack import EmbeddedStack
+from freemask.v1 import samples_pb2
+
+from conftest import config_for
+
+pytestmark = pytest.mark.stack
+
+
+def test_accepted_ids_reads_back_every_run_s_published_samples(stack: EmbeddedStack) -> None:
+    config = config_for(stack)
+    ensure_topics(config.bus, [Topics.ACCEPTED])
+    runs = {f"acc-{uuid.uuid4().hex[:8]}": [f"s-{i}" for i in range(3)], f"acc-{uuid.uuid4().hex[:8]}": ["s-9"]}
+    publisher = Publisher(make_producer(config.bus))
+    try:
+        publisher.publish([OutboundMessage(Topics.ACCEPTED, sample_id, samples_pb2.AcceptedSample(
+            schema_version=1, run_id=run_id, sample=samples_pb2.Sample(sample_id=sample_id, run_id=run_id)))
+            for run_id, ids in runs.items() for sample_id in ids])
+    finally:
+        publisher.close()
+    found = accepted_ids(config)
+    for run_id, ids in runs.items():
+        assert found.get(run_id) == set(ids)
