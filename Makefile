@@ -32,6 +32,7 @@ bench: $(INSTALLED) $(PROTO_STAMP) $(TRITON_FOPA)
 	$(PY) tests/benchmarks/bench_placement.py
 	$(PY) tests/benchmarks/bench_harmonization.py
 	$(PY) tests/benchmarks/bench_scoring.py
+	$(PY) tests/benchmarks/bench_pipeline.py
 
 ## models: retrain the shipped small models from scratch on 2 CPU cores (seeded, logged next to the weights)
 models: $(INSTALLED) $(PROTO_STAMP)

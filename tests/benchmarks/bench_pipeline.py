@@ -1,0 +1,216 @@
+"""Pipeline benchmark: what the bus costs, and where the time goes.
+
+    .venv/bin/python tests/benchmarks/bench_pipeline.py [--samples 24]
+
+The same work twice, on one private embedded stack (SeaweedFS, Tansu, tritonserver):
+
+1. **Services.** Every service as its own process; the coordinator runs one round of
+   Algorithm 1 (D_0 of `--samples` single objects, f_0 trained on it, then D'_0 of
+   `--samples` slots, half of them composed scenes, each scored). Timed: D'_0, from the
+   moment its slots exist (f_0 trained) until the round is complete.
+2. **One process.** The same run settings and seed, so the same prompts, seeds and
+   classes: the coordinator's state machine and every stage's own handler, called
+   directly with the messages the bus would have carried (a polled batch of up to
+   `bus.max_poll_records` per call, as the workers do), against the same store and
+   tritonserver. Timed the same way.
+
+`bus_throughput_ratio` = samples/s through the services ÷ samples/s in one process (1.0
+means the bus costs nothing). `stage_seconds` = seconds each stage spent per message it
+handled, from the services' Prometheus metrics.
+
+Writes tests/benchmarks/results/pipeline.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+sys.path.insert(0, str(HERE.parent / "integration"))
+
+from ports import reserve_ports  # noqa: E402
+
+from freemask.coordinator.job import stage_totals  # noqa: E402
+from freemask.coordinator.rounds import GENERATE, Publish, RunMachine, Train  # noqa: E402
+from freemask.coordinator.service import run_settings  # noqa: E402
+from freemask.scoring.data import LabelledPair  # noqa: E402
+from freemask.scoring.models import SegmenterStore  # noqa: E402
+from freemask.scoring.scorer import label_names  # noqa: E402
+from freemask.scoring.train import SegmenterTrainer, TrainSpec  # noqa: E402
+from freemask.shared.bus import InboundMessage, OutboundMessage, Topics, ensure_topics  # noqa: E402
+from freemask.shared.cli import start_services, stop_services  # noqa: E402
+from freemask.shared.config import SERVICE_NAMES, FreemaskConfig, StackConfig, load_config  # noqa: E402
+from freemask.shared.image_refs import ImageReader  # noqa: E402
+from freemask.shared.metrics import ServiceMetrics  # noqa: E402
+from freemask.shared.runner import ServiceContext, load_builder  # noqa: E402
+from freemask.shared.stack import EmbeddedStack  # noqa: E402
+from freemask.shared.store import ObjectStore  # noqa: E402
+from freemask.v1 import coordinator_pb2, coordinator_pb2_grpc  # noqa: E402
+
+RESULTS = HERE / "results"
+SEED = 0
+STAGES = ("attention_mask", "thesaurus", "placement", "harmonization", "scoring")
+
+
+def services_run(config: FreemaskConfig, env: dict[str, str], log_dir: Path, overrides: dict[str, str]
+                 ) -> tuple[float, int, dict[str, float]]:
+    """(seconds of D'_0, samples scored, seconds per message by stage) with every service a process."""
+    import grpc
+
+    processes = start_services(config, env, log_dir)
+    try:
+        target = f"127.0.0.1:{config.server.ports['coordinator'].grpc_port}"
+        with grpc.insecure_channel(target) as channel:
+            coordinator = coordinator_pb2_grpc.CoordinatorStub(channel)
+            coordinator.StartRun(coordinator_pb2.StartRunRequest(run_id="bench-services", seed=SEED,
+                                                                 config_overrides=overrides), timeout=30)
+            started = None
+            while True:
+                run = coordinator.GetRun(coordinator_pb2.GetRunRequest(run_id="bench-services"), timeout=30).run
+                if started is None and run.rounds and run.rounds[0].requested:
+                    started = time.perf_counter()
+                if run.state in (coordinator_pb2.RUN_STATE_COMPLETED, coordinator_pb2.RUN_STATE_FAILED):
+                    break
+                time.sleep(0.1)
+        elapsed = time.perf_counter() - started
+        if run.state != coordinator_pb2.RUN_STATE_COMPLETED:
+            raise RuntimeError(f"the services' run failed: {run.error}")
+        totals = stage_totals(config)
+        return elapsed, run.rounds[0].scored, {name: round(t.seconds / t.messages, 4) for name, t in totals.items()
+                                                if t.messages}
+    finally:
+        stop_services(processes)
+
+
+def in_process_run(config: FreemaskConfig, overrides: dict[str, str]) -> tuple[float, int]:
+    """(seconds of D'_0, samples scored) with the machine and every stage handler in this process."""
+    context = {name: ServiceContext(name, config, ServiceMetrics(name)) for name in STAGES}
+    parts = {name: load_builder(name)(context[name]) for name in STAGES}
+    stages = {part.stage.topic: part.stage for part in parts.values()}
+    store = ObjectStore(config.store)
+    names = label_names(config)
+    trainer = SegmenterTrainer(config.scoring, names, SegmenterStore(store), ImageReader(store, config.limits))
+    machine = RunMachine.new("bench-in-process", SEED, run_settings(config, overrides))
+    pending: deque[OutboundMessage] = deque()
+    started = None
+
+    def act(actions: list) -> None:
+        nonlocal started
+        for action in actions:
+            if isinstance(action, Publish):
+                pending.append(OutboundMessage(action.topic, action.key, action.message))
+                continue
+            assert isinstance(action, Train)
+            pairs = tuple(LabelledPair(**json.loads(line)) for line in action.lines)
+            trainer.run(TrainSpec(machine.record.run_id, action.round, pairs,
+                                  epochs=machine.record.settings.train_epochs or config.scoring.epochs, seed=SEED))
+            act(machine.on_trained(action.round))
+            if machine.record.phase == GENERATE:
+                started = time.perf_counter()
+
+    act(machine.start())
+    while pending:
+        topic = pending[0].topic
+        batch = []
+        while pending and pending[0].topic == topic and len(batch) < config.bus.max_poll_records:
+            batch.append(pending.popleft())
+        if topic == Topics.SINGLES:
+            for out in batch:
+                act(machine.on_single(out.message))
+        elif topic == Topics.SCORED:
+            for out in batch:
+                act(machine.on_scored(out.message))
+        elif topic == Topics.ACCEPTED:
+            continue
+        else:
+            handle(stages[topic], batch, machine, act, pending)
+    elapsed = time.perf_counter() - started
+    for part in parts.values():
+        if part.on_stop is not None:
+            part.on_stop()
+    return elapsed, sum(slot.score is not None for slot in machine.record.rounds[0].slots)
+
+
+def handle(stage, batch: list[OutboundMessage], machine: RunMachine, act, pending: deque) -> None:
+    """One polled batch through a stage's handler: its outputs queued, a failure dead-lettered."""
+    messages = [InboundMessage(out.topic, 0, 0, out.key, out.message.SerializeToString(), {}) for out in batch]
+    try:
+        results = stage.batch_handler(messages) if stage.batch_handler and len(messages) > 1 else None
+    except Exception:  # noqa: BLE001 - as the worker does: fall back to one at a time
+        results = None
+    if results is None:
+        results = []
+        for message in messages:
+            try:
+                results.append(stage.handler(message))
+            except Exception as err:  # noqa: BLE001 - the worker would retry, then dead-letter it
+                results.append([])
+                act(machine.on_dead_letter(message.key, str(err)))
+    for outputs in results:
+        pending.extend(outputs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--samples", type=int, default=24, help="|D_0| and |D'_0|")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    overrides = {"rounds": "1", "initial_samples": str(args.samples), "samples_per_round": str(args.samples),
+                 "train_epochs": "2"}
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        base = reserve_ports(17 + 2 * len(SERVICE_NAMES))[0]
+        stack = EmbeddedStack(StackConfig(
+            data_dir=Path(tmp) / "stack", s3_port=base, kafka_port=base + 1, triton_http_port=base + 2,
+            triton_grpc_port=base + 3, triton_metrics_port=base + 4, seaweed_port_base=base + 5,
+            model_repository=ROOT / "deploy" / "triton" / "models"))
+        stack.up(progress=print)
+        try:
+            ports = {}
+            for index, name in enumerate(SERVICE_NAMES):
+                ports[f"FREEMASK_SERVER__PORTS__{name.upper()}__GRPC_PORT"] = str(base + 17 + 2 * index)
+                ports[f"FREEMASK_SERVER__PORTS__{name.upper()}__METRICS_PORT"] = str(base + 18 + 2 * index)
+            env = {**{k: v for k, v in os.environ.items() if not k.startswith("FREEMASK_")}, **stack.client_env(),
+                   **ports, "FREEMASK_SCORING__INPUT_SIZE": "32"}
+            config = load_config(environ=env)
+            ensure_topics(config.bus)
+            services_s, services_scored, stage_seconds = services_run(config, env, Path(tmp) / "logs", overrides)
+            in_process_s, in_process_scored = in_process_run(config, overrides)
+        finally:
+            stack.down(progress=print)
+    services_rate, in_process_rate = services_scored / services_s, in_process_scored / in_process_s
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
+    result = {
+        "samples_per_s_services": round(services_rate, 3),
+        "samples_per_s_in_process": round(in_process_rate, 3),
+        "bus_throughput_ratio": round(services_rate / in_process_rate, 3),
+        "stage_seconds": stage_seconds,
+        "samples_scored": {"services": services_scored, "in_process": in_process_scored},
+        "seconds": {"services": round(services_s, 1), "in_process": round(in_process_s, 1)},
+        "bench_seconds": round(time.perf_counter() - started, 1),
+        "commit": commit or None,
+        "seed": SEED,
+        "config": {"run_overrides": overrides, "composed_fraction": config.coordinator.composed_fraction,
+                   "max_poll_records": config.bus.max_poll_records,
+                   "num_inference_steps": config.attention_mask.num_inference_steps, "scoring_input_size": 32,
+                   "cpus": os.cpu_count()},
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "pipeline.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
