@@ -89,23 +89,27 @@ def stop_services(processes: Sequence[ServerProcess]) -> None:
         stop_pid(process.pid, timeout_s=30.0)
 
 
-def _run_command(config: FreemaskConfig, config_path: Path | None, run_id: str | None, seed: int) -> int:
-    """Stack and services up, one coordinator run followed to its end, its exports written, all down."""
-    from freemask.coordinator.job import (
-        REFERENCE_VALIDATION_SCENES,
-        RunFailed,
-        export_accepted,
-        follow_run,
-        stage_lines,
-        stage_totals,
-        summary_lines,
-        write_reference_validation,
-    )
-    from freemask.coordinator.report import write_report
-    from freemask.shared.store import ObjectStore
-    from freemask.v1 import coordinator_pb2
+def _run_command(config: FreemaskConfig, config_path: Path | None, run_id: str | None, seed: int,
+                 attach: bool, out: Path | None) -> int:
+    """One coordinator run followed to its end, its exports and report written. Embedded (the
+    default): the stack and every service are brought up first and taken down after. With
+    `attach`: the run goes to the platform the config points at, which must be running."""
+    from freemask.coordinator.job import RunFailed
 
     run_id = run_id or time.strftime("run-%Y%m%d-%H%M%S", time.gmtime())
+    try:
+        if attach:
+            return _follow_and_export(config, run_id, seed, out or Path("freemask-runs") / run_id)
+        return _embedded_run(config, config_path, run_id, seed, out)
+    except RunFailed as err:
+        print(f"freemask: {err}", file=sys.stderr)
+        return 1
+
+
+def _embedded_run(config: FreemaskConfig, config_path: Path | None, run_id: str, seed: int, out: Path | None) -> int:
+    from freemask.coordinator.job import REFERENCE_VALIDATION_SCENES, write_reference_validation
+    from freemask.shared.store import ObjectStore
+
     stack = stack_for(config)
     started_stack = not all(part.running for part in stack.status())
     _print("== embedded stack")
@@ -128,30 +132,41 @@ def _run_command(config: FreemaskConfig, config_path: Path | None, run_id: str |
         for name in SERVICE_NAMES:
             ports = run_config.server.ports[name]
             _print(f"{name:<15} grpc {run_config.server.host}:{ports.grpc_port}  metrics :{ports.metrics_port}/metrics")
-        _print(f"== run {run_id}: Algorithm 1 on the coordinator")
-        status = follow_run(run_config, run_id, seed, {}, timeout_s=run_config.coordinator.run_timeout_s)
-        for line in summary_lines(status):
-            _print(line)
-        stages = stage_totals(run_config)
-        _print("== where the time went (Prometheus stage metrics)")
-        for line in stage_lines(stages):
-            _print(line)
-        if status.state != coordinator_pb2.RUN_STATE_COMPLETED:
-            raise RunFailed(f"run {run_id} did not complete")
-        _print("== exports of the accepted samples")
-        for line in export_accepted(run_config, run_id, stack.data_dir / "exports" / run_id):
-            _print(line)
-        report = write_report(ObjectStore(run_config.store), run_config, run_id,
-                              stack.data_dir / "exports" / run_id / "report.html", stages=stages)
-        _print(f"report: {report}")
-    except RunFailed as err:
-        print(f"freemask: {err}", file=sys.stderr)
-        return 1
+        return _follow_and_export(run_config, run_id, seed, out or stack.data_dir / "exports" / run_id)
     finally:
         _print("== shutting down")
         stop_services(services)
         if started_stack:
             stack.down(progress=_print)
+
+
+def _follow_and_export(config: FreemaskConfig, run_id: str, seed: int, out: Path) -> int:
+    from freemask.coordinator.job import (
+        RunFailed,
+        export_accepted,
+        follow_run,
+        stage_lines,
+        stage_totals,
+        summary_lines,
+    )
+    from freemask.coordinator.report import write_report
+    from freemask.shared.store import ObjectStore
+    from freemask.v1 import coordinator_pb2
+
+    _print(f"== run {run_id}: Algorithm 1 on the coordinator")
+    status = follow_run(config, run_id, seed, {}, timeout_s=config.coordinator.run_timeout_s)
+    for line in summary_lines(status):
+        _print(line)
+    stages = stage_totals(config)
+    _print("== where the time went (Prometheus stage metrics)")
+    for line in stage_lines(stages):
+        _print(line)
+    if status.state != coordinator_pb2.RUN_STATE_COMPLETED:
+        raise RunFailed(f"run {run_id} did not complete")
+    _print("== exports of the accepted samples")
+    for line in export_accepted(config, run_id, out):
+        _print(line)
+    _print(f"report: {write_report(ObjectStore(config.store), config, run_id, out / 'report.html', stages=stages)}")
     return 0
 
 
@@ -168,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the main job on the embedded stack")
     run.add_argument("--run-id", help="id of the coordinator run (default: run-{UTC time})")
     run.add_argument("--seed", type=int, default=0, help="seed of the whole run")
+    run.add_argument("--attach", action="store_true",
+                     help="run on the platform the config points at (already running) instead of the embedded one")
+    run.add_argument("--out", type=Path,
+                     help="where exports and report go (default: .stack/exports/{run}, or freemask-runs/{run} "
+                          "with --attach)")
     thesaurus = commands.add_parser("thesaurus", help="thesaurus indexes in the store")
     thesaurus.add_argument("action", choices=("build",))
     thesaurus.add_argument("--corpus", default="reference",
@@ -318,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from freemask.shared.runner import serve
 
             return serve(args.service, config)
-        return _run_command(config, args.config, args.run_id, args.seed)
+        return _run_command(config, args.config, args.run_id, args.seed, args.attach, args.out)
     except (ServerStartError, InvalidInput, NotFound, Unavailable) as err:
         print(f"freemask: {err}", file=sys.stderr)
         return 1

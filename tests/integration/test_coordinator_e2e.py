@@ -168,3 +168,12 @@ def test_a_run_completes_both_rounds_with_exactly_once_acceptance_across_a_coord
     assert len(coco["images"]) == len(ids) and coco["annotations"]
     manifest = (out / "jsonl" / "manifest.jsonl").read_text().splitlines()
     assert sorted(json.loads(line)["sample_id"] for line in manifest) == sorted(ids)
+
+    # `freemask run --attach` follows a run on this running platform (here: the finished one,
+    # StartRun being idempotent) and writes its exports and report.
+    attached = subprocess.run([sys.executable, "-m", "freemask.shared.cli", "run", "--attach", "--run-id", run_id,
+                               "--out", str(out / "attached")], capture_output=True, text=True, env=env, timeout=300)
+    assert attached.returncode == 0, attached.stdout + attached.stderr
+    assert f"run {run_id}: completed, {ROUNDS} of {ROUNDS} rounds" in attached.stdout
+    assert "== embedded stack" not in attached.stdout and "== shutting down" not in attached.stdout
+    assert (out / "attached" / "report.html").exists() and (out / "attached" / "jsonl" / "manifest.jsonl").exists()
