@@ -20,7 +20,8 @@ pytestmark = pytest.mark.stack
 def test_accepted_ids_reads_back_every_run_s_published_samples(stack: EmbeddedStack) -> None:
     config = config_for(stack)
     ensure_topics(config.bus, [Topics.ACCEPTED])
-    runs = {f"acc-{uuid.uuid4().hex[:8]}": [f"s-{i}" for i in range(3)], f"acc-{uuid.uuid4().hex[:8]}": ["s-9"]}
+    first, second = (f"acc-{uuid.uuid4().hex[:8]}" for _ in range(2))
+    runs = {first: [f"s-{i}" for i in range(3)], second: ["s-9"]}
     publisher = Publisher(make_producer(config.bus))
     try:
         publisher.publish([OutboundMessage(Topics.ACCEPTED, sample_id, samples_pb2.AcceptedSample(

@@ -29,7 +29,6 @@ from freemask.harmonization.service import build
 from freemask.shared.image_refs import object_mask
 from freemask.shared.bus import InboundMessage, StageWorker, Topics
 from freemask.shared.config import FreemaskConfig
-from freemask.shared.grpc_runtime import start_server
 from freemask.shared.images import encode_png, encode_png16
 from freemask.shared.metrics import ServiceMetrics
 from freemask.shared.runner import ServiceContext, ServiceParts
@@ -39,6 +38,7 @@ from freemask.v1 import common_pb2, compose_pb2, dead_letter_pb2, generate_pb2, 
 
 from bus_helpers import drain_records, publish_samples, unique_topics
 from conftest import config_for
+from grpc_helpers import serving
 
 pytestmark = pytest.mark.stack
 
@@ -76,9 +76,8 @@ def parts(config: FreemaskConfig) -> ServiceParts:
 
 @pytest.fixture(scope="module")
 def target(config: FreemaskConfig, parts: ServiceParts) -> Iterator[str]:
-    running = start_server(config.server, 0, parts.grpc_services, ServiceMetrics("harmonization"))
-    yield f"127.0.0.1:{running.port}"
-    running.stop(1.0)
+    with serving(config, parts.grpc_services, "harmonization") as target:
+        yield target
 
 
 def harmonize(target: str, request: harmonization_pb2.HarmonizeRequest) -> harmonization_pb2.HarmonizeResponse:

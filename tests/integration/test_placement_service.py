@@ -41,7 +41,7 @@ from freemask.v1 import common_pb2, compose_pb2, dead_letter_pb2, generate_pb2, 
 
 from bus_helpers import drain_records, publish_samples, unique_topics
 from conftest import config_for
-from grpc_helpers import unary_call
+from grpc_helpers import serving, unary_call
 from polling import settled
 from ports import reserve_ports
 
@@ -119,9 +119,8 @@ def parts(config: FreemaskConfig) -> ServiceParts:
 
 @pytest.fixture(scope="module")
 def target(config: FreemaskConfig, parts: ServiceParts) -> Iterator[str]:
-    running = start_server(config.server, 0, parts.grpc_services, ServiceMetrics("placement"))
-    yield f"127.0.0.1:{running.port}"
-    running.stop(1.0)
+    with serving(config, parts.grpc_services, "placement") as target:
+        yield target
 
 
 def call(target: str, method: str, request, response_type):

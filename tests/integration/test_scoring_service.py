@@ -38,7 +38,6 @@ from freemask.scoring.scorer import label_names
 from freemask.scoring.service import build
 from freemask.shared.bus import StageWorker, Topics
 from freemask.shared.config import FreemaskConfig
-from freemask.shared.grpc_runtime import start_server
 from freemask.shared.images import encode_png
 from freemask.shared.metrics import ServiceMetrics
 from freemask.shared.runner import ServiceContext, ServiceParts
@@ -49,7 +48,7 @@ from freemask.world import dataset
 
 from bus_helpers import drain_records, publish_samples, unique_topics
 from conftest import config_for
-from grpc_helpers import unary_call
+from grpc_helpers import serving, unary_call
 
 pytestmark = pytest.mark.stack
 
@@ -86,9 +85,8 @@ def parts(config: FreemaskConfig, one_torch_thread: None) -> Iterator[ServicePar
 
 @pytest.fixture(scope="module")
 def target(config: FreemaskConfig, parts: ServiceParts) -> Iterator[str]:
-    running = start_server(config.server, 0, parts.grpc_services, ServiceMetrics("scoring"))
-    yield f"127.0.0.1:{running.port}"
-    running.stop(1.0)
+    with serving(config, parts.grpc_services, "scoring") as target:
+        yield target
 
 
 def call(target: str, method: str, request, response_type):
