@@ -3,7 +3,6 @@ rounds with progress bars, print what each round kept, and export the accepted s
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 import urllib.request
@@ -130,23 +129,3 @@ def export_accepted(config: FreemaskConfig, run_id: str, out_dir: Path) -> list[
         summary = export_run(store, config, run_id, fmt, out_dir / fmt)
         lines.append(f"{fmt:<6} {summary.samples} samples, {summary.annotations} objects: {summary.out_dir}")
     return lines
-
-
-def write_reference_validation(store: ObjectStore, image_size: int, count: int) -> str:
-    """The reference world's validation scenes and exact labels in the store, as a manifest; returns its key.
-
-    The "real" labelled set each round's f_t is measured on when the config names none.
-    """
-    from freemask.shared.images import encode_png
-    from freemask.world import dataset
-
-    lines = []
-    for index in tqdm(range(count), desc="reference validation scenes", unit="scene", file=sys.stdout):
-        scene = dataset("val", index, image_size)
-        image_key, label_key = (f"reference/val/{image_size}/{index}/{name}" for name in ("image.png", "label.png"))
-        store.put_bytes(image_key, encode_png(scene.image), "image/png")
-        store.put_bytes(label_key, encode_png(scene.label), "image/png")
-        lines.append(json.dumps({"image_key": image_key, "label_key": label_key}))
-    key = f"reference/val/{image_size}/manifest.jsonl"
-    store.put_bytes(key, ("\n".join(lines) + "\n").encode(), "application/x-ndjson")
-    return key

@@ -22,7 +22,6 @@ publishes the actions, persists the state and talks to the scoring service.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -30,6 +29,7 @@ import numpy as np
 from google.protobuf import json_format
 
 from freemask.coordinator.selection import retained as select_retained
+from freemask.scoring.data import LabelledPair
 from freemask.scoring.models import model_version
 from freemask.shared.bus import Topics
 from freemask.shared.errors import InvalidInput
@@ -79,11 +79,11 @@ class Publish:
 
 @dataclass(frozen=True)
 class Train:
-    """Train f_t on the manifest (`lines`, JSONL) under `manifest_key`."""
+    """Train f_t on D_t: `pairs` written as the manifest `manifest_key` (none: it is written already)."""
 
     round: int
     manifest_key: str
-    lines: tuple[str, ...]
+    pairs: tuple[LabelledPair, ...]
     init_from: common_pb2.ModelVersion | None
 
 
@@ -294,7 +294,7 @@ class RunMachine:
         if not dataset:
             self.record.phase, self.record.error = FAILED, "no single object of D_0 was generated"
             return []
-        return self._train_round(0, [(s["keys"]["image_key"], s["keys"]["label_key"]) for s in dataset])
+        return self._train_round(0, [LabelledPair(s["keys"]["image_key"], s["keys"]["label_key"]) for s in dataset])
 
     def _after_round_event(self) -> list[Action]:
         record = self.record
@@ -318,11 +318,11 @@ class RunMachine:
         if current.round + 1 >= record.settings.rounds:
             record.phase = COMPLETED
             return actions
-        pairs = [(by_id[i].sample["keys"]["image_key"], by_id[i].sample["keys"]["label_key"])
+        pairs = [LabelledPair(by_id[i].sample["keys"]["image_key"], by_id[i].sample["keys"]["label_key"])
                  for i in current.retained]
         return actions + self._train_round(current.round + 1, pairs)
 
-    def _train_round(self, round_index: int, pairs: list[tuple[str, str]]) -> list[Action]:
+    def _train_round(self, round_index: int, pairs: list[LabelledPair]) -> list[Action]:
         record = self.record
         if record.stop_requested:
             record.phase = STOPPED
@@ -332,19 +332,18 @@ class RunMachine:
             return []
         record.phase, record.round = TRAIN, round_index
         record.rounds.append(RoundRecord(round=round_index, segmenter=f"{record.run_id}/{round_index}"))
-        lines = tuple(json.dumps({"image_key": image, "label_key": label}) for image, label in pairs)
-        return [self._train(lines)]
+        return [self._train(tuple(pairs))]
 
     def training_again(self) -> list[Action]:
         """The current round's Train once more, for a coordinator that resumes a run waiting on f_t:
         the scoring service answers a repeated Train with the same job (the manifest is written)."""
         return [self._train(())] if self.record.phase == TRAIN else []
 
-    def _train(self, lines: tuple[str, ...]) -> Train:
+    def _train(self, pairs: tuple[LabelledPair, ...]) -> Train:
         record = self.record
         round_index = record.rounds[-1].round
         init_from = model_version(record.run_id, round_index - 1) if round_index > 0 else None
-        return Train(round_index, f"runs/{record.run_id}/rounds/{round_index}/dataset.jsonl", lines, init_from)
+        return Train(round_index, f"runs/{record.run_id}/rounds/{round_index}/dataset.jsonl", pairs, init_from)
 
 
 def single_sample(single: generate_pb2.SingleObject) -> samples_pb2.Sample:

@@ -42,6 +42,7 @@ from freemask.coordinator.rounds import (
     RunSettings,
     Train,
 )
+from freemask.scoring.data import write_manifest
 from freemask.shared.bus import OutboundMessage, Publisher, Topics, make_consumer, make_producer
 from freemask.shared.config import FreemaskConfig
 from freemask.shared.errors import InvalidInput, NotFound, Unavailable
@@ -273,9 +274,8 @@ class Coordinator:
         record = machine.record
         for action in actions:
             if isinstance(action, Train):
-                if action.lines:
-                    self._store.put_bytes(action.manifest_key, ("\n".join(action.lines) + "\n").encode(),
-                                          "application/x-ndjson")
+                if action.pairs:
+                    write_manifest(self._store, action.manifest_key, action.pairs)
                 self._jobs[record.run_id] = self._scoring.train(record.run_id, action, record.settings.train_epochs,
                                                                 record.seed)
         self._publish([OutboundMessage(a.topic, a.key, a.message) for a in actions if isinstance(a, Publish)])

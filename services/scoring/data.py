@@ -16,13 +16,17 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TextIO
 
 import numpy as np
+from tqdm import tqdm
 
 from freemask.shared.errors import InvalidInput, NotFound
 from freemask.shared.image_refs import ImageReader
+from freemask.shared.images import encode_png
 from freemask.shared.keys import validate_key
 from freemask.shared.store import ObjectStore
 from freemask.v1 import scoring_pb2
@@ -69,6 +73,30 @@ def _manifest_pairs(store: ObjectStore, key: str) -> list[LabelledPair]:
         if len(pairs) > MAX_DATASET_IMAGES:
             break
     return pairs
+
+
+def write_manifest(store: ObjectStore, key: str, pairs: Sequence[LabelledPair]) -> None:
+    """`pairs` as the JSONL manifest `dataset_pairs` reads: one {image_key, label_key} object per line."""
+    lines = "".join(json.dumps({"image_key": p.image_key, "label_key": p.label_key}) + "\n" for p in pairs)
+    store.put_bytes(validate_key(key, "manifest key"), lines.encode("utf-8"), "application/x-ndjson")
+
+
+def write_reference_split(store: ObjectStore, split: str, image_size: int, count: int,
+                          progress_file: TextIO = sys.stderr) -> tuple[list[LabelledPair], str]:
+    """The reference world's first `count` scenes of `split` and their exact label maps in the store,
+    under `reference/{split}/{size}/`, with their manifest; returns the pairs and the manifest's key."""
+    from freemask.world import dataset
+
+    prefix = f"reference/{split}/{image_size}"
+    pairs = []
+    for index in tqdm(range(count), desc=f"reference {split} scenes", unit="scene", file=progress_file):
+        scene = dataset(split, index, image_size)
+        pair = LabelledPair(f"{prefix}/{index}/image.png", f"{prefix}/{index}/label.png")
+        store.put_bytes(pair.image_key, encode_png(scene.image), "image/png")
+        store.put_bytes(pair.label_key, encode_png(scene.label), "image/png")
+        pairs.append(pair)
+    write_manifest(store, f"{prefix}/manifest.jsonl", pairs)
+    return pairs, f"{prefix}/manifest.jsonl"
 
 
 def dataset_pairs(dataset: scoring_pb2.Dataset, store: ObjectStore) -> list[LabelledPair]:

@@ -107,7 +107,8 @@ def _run_command(config: FreemaskConfig, config_path: Path | None, run_id: str |
 
 
 def _embedded_run(config: FreemaskConfig, config_path: Path | None, run_id: str, seed: int, out: Path | None) -> int:
-    from freemask.coordinator.job import REFERENCE_VALIDATION_SCENES, write_reference_validation
+    from freemask.coordinator.job import REFERENCE_VALIDATION_SCENES
+    from freemask.scoring.data import write_reference_split
     from freemask.shared.store import ObjectStore
 
     stack = stack_for(config)
@@ -124,8 +125,9 @@ def _embedded_run(config: FreemaskConfig, config_path: Path | None, run_id: str,
         if run_config.coordinator.validation_manifest is None:
             store = ObjectStore(run_config.store)
             store.ensure_bucket()
-            env["FREEMASK_COORDINATOR__VALIDATION_MANIFEST"] = write_reference_validation(
-                store, run_config.coordinator.image_size, REFERENCE_VALIDATION_SCENES)
+            # the "real" labelled set each round's f_t is measured on when the config names none
+            _, env["FREEMASK_COORDINATOR__VALIDATION_MANIFEST"] = write_reference_split(
+                store, "val", run_config.coordinator.image_size, REFERENCE_VALIDATION_SCENES, progress_file=sys.stdout)
             run_config = load_config(config_path, environ=env)
         _print("== services")
         services = start_services(run_config, env, stack.data_dir / "logs")

@@ -44,7 +44,6 @@ from ports import reserve_ports  # noqa: E402
 from freemask.coordinator.job import stage_totals  # noqa: E402
 from freemask.coordinator.rounds import GENERATE, Publish, RunMachine, Train  # noqa: E402
 from freemask.coordinator.service import run_settings  # noqa: E402
-from freemask.scoring.data import LabelledPair  # noqa: E402
 from freemask.scoring.models import SegmenterStore  # noqa: E402
 from freemask.scoring.scorer import label_names  # noqa: E402
 from freemask.scoring.train import SegmenterTrainer, TrainSpec  # noqa: E402
@@ -112,8 +111,7 @@ def in_process_run(config: FreemaskConfig, overrides: dict[str, str]) -> tuple[f
                 pending.append(OutboundMessage(action.topic, action.key, action.message))
                 continue
             assert isinstance(action, Train)
-            pairs = tuple(LabelledPair(**json.loads(line)) for line in action.lines)
-            trainer.run(TrainSpec(machine.record.run_id, action.round, pairs,
+            trainer.run(TrainSpec(machine.record.run_id, action.round, action.pairs,
                                   epochs=machine.record.settings.train_epochs or config.scoring.epochs, seed=SEED))
             act(machine.on_trained(action.round))
             if machine.record.phase == GENERATE:

@@ -34,7 +34,7 @@ sys.path.insert(0, str(HERE.parent / "integration"))
 
 from ports import reserve_ports  # noqa: E402
 
-from freemask.scoring.data import LabelledPair  # noqa: E402
+from freemask.scoring.data import write_reference_split  # noqa: E402
 from freemask.scoring.models import SegmenterStore  # noqa: E402
 from freemask.scoring.scorer import Scorer, SegmenterCache, label_names  # noqa: E402
 from freemask.scoring.train import SegmenterTrainer, TrainProgress, TrainSpec  # noqa: E402
@@ -51,17 +51,6 @@ RESULTS = HERE / "results"
 SEED = 0
 IMAGE_SIZE = 32  # the size the embedded pipeline generates
 RUN_ID = "bench-scoring"
-
-
-def write_split(store: ObjectStore, split: str, count: int) -> list[LabelledPair]:
-    pairs = []
-    for index in tqdm(range(count), desc=f"writing {split} scenes", file=sys.stderr):
-        scene = dataset(split, index, IMAGE_SIZE)
-        pair = LabelledPair(f"reference/{split}/{index}/image.png", f"reference/{split}/{index}/label.png")
-        store.put_bytes(pair.image_key, encode_png(scene.image), "image/png")
-        store.put_bytes(pair.label_key, encode_png(scene.label), "image/png")
-        pairs.append(pair)
-    return pairs
 
 
 def write_samples(store: ObjectStore, count: int) -> list[samples_pb2.Sample]:
@@ -116,8 +105,8 @@ def main() -> None:
         try:
             store = ObjectStore(stack.store_config())
             store.ensure_bucket()
-            train_pairs = write_split(store, "train", args.train)
-            val_pairs = write_split(store, "val", args.val)
+            train_pairs, _ = write_reference_split(store, "train", IMAGE_SIZE, args.train)
+            val_pairs, _ = write_reference_split(store, "val", IMAGE_SIZE, args.val)
             device = torch.device("cpu")
             trainer = SegmenterTrainer(config.scoring, names, SegmenterStore(store),
                                        ImageReader(store, config.limits), device)

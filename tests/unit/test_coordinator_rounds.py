@@ -118,7 +118,7 @@ def test_a_two_round_run_trains_generates_scores_and_keeps_the_top_alpha() -> No
     record = machine.record
     assert record.phase == COMPLETED and machine.finished
     assert [t.round for t in pipeline.trained] == [0, 1]
-    assert len(pipeline.trained[0].lines) == 4  # D_0: every bootstrap single
+    assert len(pipeline.trained[0].pairs) == 4  # D_0: every bootstrap single
     assert pipeline.trained[0].init_from is None
     assert pipeline.trained[1].init_from == common_pb2.ModelVersion(name="segmenter", version="run-a/0")
     assert pipeline.composed_requests == 10  # 5 composed slots in each of the 2 rounds
@@ -128,7 +128,7 @@ def test_a_two_round_run_trains_generates_scores_and_keeps_the_top_alpha() -> No
         assert round_record.retained == ranked[:7]  # ceil(0.7 * 10)
         assert round_record.threshold == pytest.approx(scores[ranked[6]])
     # D_1 is exactly round 0's retained samples
-    kept = {json.loads(line)["image_key"] for line in pipeline.trained[1].lines}
+    kept = {pair.image_key for pair in pipeline.trained[1].pairs}
     assert kept == {sample_key("run-a", 0, i, "image.png") for i in record.rounds[0].retained}
     ids = [a.sample.sample_id for a in pipeline.accepted]
     assert len(ids) == 14 and len(set(ids)) == 14

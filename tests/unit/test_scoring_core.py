@@ -111,6 +111,14 @@ def test_a_manifest_lists_pairs_and_a_malformed_one_is_refused(store: MemoryStor
         dataset_pairs(scoring_pb2.Dataset(images=scoring_pb2.LabelledImageList()), store)
 
 
+def test_a_written_manifest_reads_back_as_the_same_pairs(store: MemoryStore) -> None:
+    from freemask.scoring.data import write_manifest
+
+    pairs = [LabelledPair(f"d/{i}/image.png", f"d/{i}/label.png") for i in range(3)]
+    write_manifest(store, "m/written.jsonl", pairs)
+    assert dataset_pairs(scoring_pb2.Dataset(manifest_key="m/written.jsonl"), store) == pairs
+
+
 # --- stored segmenters ------------------------------------------------------------------
 
 def saved_segmenter(store: MemoryStore, config: FreemaskConfig, run_id: str = "run-a", round_index: int = 0
