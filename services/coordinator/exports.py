@@ -45,6 +45,7 @@ from freemask.shared.config import FreemaskConfig
 from freemask.shared.errors import InvalidInput, NotFound
 from freemask.shared.image_refs import ImageReader
 from freemask.shared.images import encode_png, encode_png16, voc_colour_map
+from freemask.shared.keys import segmenter_version
 from freemask.shared.store import ObjectStore
 from freemask.v1 import common_pb2, samples_pb2
 from freemask.world.names import IGNORE_ID
@@ -102,7 +103,7 @@ def accepted_entries(record: RunRecord) -> list[AcceptedEntry]:
             accepted.append(AcceptedEntry(
                 sample=json_format.ParseDict(slot.sample, samples_pb2.Sample()), kind=slot.kind, score=slot.score,
                 score_threshold=round_record.threshold or 0.0, round_accepted=round_record.round,
-                segmenter=round_record.segmenter or f"{record.run_id}/{round_record.round}"))
+                segmenter=segmenter_version(record.run_id, round_record.round)))
     return accepted
 
 

@@ -43,7 +43,7 @@ from freemask.shared.config import FreemaskConfig, LimitsConfig
 from freemask.shared.errors import InvalidInput, NotFound, Unavailable
 from freemask.shared.image_refs import ImageReader
 from freemask.shared.images import encode_png, voc_colour_map
-from freemask.shared.keys import validate_key
+from freemask.shared.keys import segmenter_version, validate_key
 from freemask.shared.store import ObjectNotFound, ObjectStore
 from freemask.world.names import IGNORE_ID
 
@@ -122,7 +122,8 @@ def render_report(record: RunRecord, store: ObjectStore, config: FreemaskConfig,
         _stages_table(stages) if stages else "",
     ]
     for round_record in record.rounds:
-        parts.append(_round_section(round_record, store, reader, config.limits, classes, samples_per_round))
+        parts.append(_round_section(record.run_id, round_record, store, reader, config.limits, classes,
+                                    samples_per_round))
     parts.append("</body>\n</html>\n")
     return "".join(parts)
 
@@ -196,9 +197,10 @@ def _rounds_table(record: RunRecord) -> str:
     for round_record in record.rounds:
         requested, scored, dead, kept = _round_counts(round_record)
         cells = [round_record.round, requested, scored, dead, kept, _number(round_record.threshold)]
+        segmenter = segmenter_version(record.run_id, round_record.round)
         lines.append(f"<tr class=\"round-row\" data-round=\"{_e(round_record.round)}\">"
                      + "".join(f"<td>{_e(c)}</td>" for c in cells)
-                     + f"<td class=\"text\"><code>{_e(round_record.segmenter or '—')}</code></td>"
+                     + f"<td class=\"text\"><code>{_e(segmenter)}</code></td>"
                      + f"<td>{_e(_number(round_record.validation_mean_iou))}</td></tr>\n")
     lines.append("</tbody>\n</table>\n</section>\n")
     return "".join(lines)
@@ -503,12 +505,12 @@ def _key(keys: dict, field: str, what: str) -> str:
     return str(key)
 
 
-def _round_section(round_record: RoundRecord, store: ObjectStore, reader: ImageReader,
+def _round_section(run_id: str, round_record: RoundRecord, store: ObjectStore, reader: ImageReader,
                    limits: LimitsConfig, classes: tuple[str, ...], samples_per_round: int) -> str:
     index = round_record.round
     requested, scored, dead, kept = _round_counts(round_record)
     out = [f"<section id=\"round-{_e(index)}\" class=\"round\">\n<h2>Round {_e(index)}</h2>\n",
-           f"<p>segmenter <code>{_e(round_record.segmenter or '—')}</code>; {requested} requested, {scored} scored, "
+           f"<p>segmenter <code>{_e(segmenter_version(run_id, index))}</code>; {requested} requested, {scored} scored, "
            f"{dead} dead-lettered, {kept} retained; cut {_e(_number(round_record.threshold))}.</p>\n",
            "<h3>S(x)</h3>\n"]
     scores = [slot.score for slot in round_record.slots if slot.score is not None]

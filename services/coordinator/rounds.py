@@ -113,11 +113,13 @@ class Slot:
 class RoundRecord:
     round: int
     slots: list[Slot] = field(default_factory=list)
-    segmenter: str | None = None  # "{run}/{round}" once training was requested
     trained: bool = False
     validation_mean_iou: float | None = None  # f_t on the validation manifest, when one is configured
     threshold: float | None = None
     retained: list[str] = field(default_factory=list)
+
+
+_ROUND_FIELDS = frozenset(RoundRecord.__dataclass_fields__) - {"slots"}
 
 
 @dataclass
@@ -154,7 +156,9 @@ class RunRecord:
                "backgrounds": {k: tuple(v) for k, v in settings["backgrounds"].items()}}))
         record.phase, record.round = data["phase"], data["round"]
         record.bootstrap = [Slot(**slot) for slot in data["bootstrap"]]
-        record.rounds = [RoundRecord(**{**r, "slots": [Slot(**slot) for slot in r["slots"]]}) for r in data["rounds"]]
+        # Only known fields: a state saved by an earlier version may hold ones since dropped (derivable ones).
+        record.rounds = [RoundRecord(**{k: v for k, v in r.items() if k in _ROUND_FIELDS},
+                                     slots=[Slot(**slot) for slot in r["slots"]]) for r in data["rounds"]]
         record.accepted, record.error, record.stop_requested = data["accepted"], data["error"], data["stop_requested"]
         record.created_at, record.updated_at, record.finished_at = (data.get(name) for name in (
             "created_at", "updated_at", "finished_at"))
@@ -331,7 +335,7 @@ class RunMachine:
             record.phase, record.error = FAILED, f"D_{round_index} is empty: nothing was retained"
             return []
         record.phase, record.round = TRAIN, round_index
-        record.rounds.append(RoundRecord(round=round_index, segmenter=f"{record.run_id}/{round_index}"))
+        record.rounds.append(RoundRecord(round=round_index))
         return [self._train(tuple(pairs))]
 
     def training_again(self) -> list[Action]:

@@ -43,13 +43,22 @@ from freemask.coordinator.rounds import (
     Train,
 )
 from freemask.scoring.data import write_manifest
+from freemask.scoring.models import model_version
 from freemask.shared.bus import OutboundMessage, Publisher, Topics, make_consumer, make_producer
 from freemask.shared.config import FreemaskConfig
 from freemask.shared.errors import InvalidInput, NotFound, Unavailable
 from freemask.shared.keys import validate_id
 from freemask.shared.runner import ServiceContext, ServiceParts
 from freemask.shared.store import ObjectNotFound, ObjectStore
-from freemask.v1 import coordinator_pb2, dead_letter_pb2, generate_pb2, samples_pb2, scoring_pb2, scoring_pb2_grpc
+from freemask.v1 import (
+    common_pb2,
+    coordinator_pb2,
+    dead_letter_pb2,
+    generate_pb2,
+    samples_pb2,
+    scoring_pb2,
+    scoring_pb2_grpc,
+)
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +144,8 @@ class ScoringClient:
     def status(self, job_id: str) -> scoring_pb2.TrainStatusResponse:
         return self._call(self._stub.TrainStatus, scoring_pb2.TrainStatusRequest(job_id=job_id))
 
-    def mean_iou(self, manifest_key: str, segmenter: str) -> float:
-        request = scoring_pb2.EvaluateRequest(dataset=scoring_pb2.Dataset(manifest_key=manifest_key))
-        request.model.name, request.model.version = "segmenter", segmenter
+    def mean_iou(self, manifest_key: str, segmenter: common_pb2.ModelVersion) -> float:
+        request = scoring_pb2.EvaluateRequest(dataset=scoring_pb2.Dataset(manifest_key=manifest_key), model=segmenter)
         return self._call(self._stub.Evaluate, request).mean_iou
 
     def _call(self, method, request):
@@ -240,7 +248,7 @@ class Coordinator:
                 status = self._scoring.status(job_id)
                 if status.state == scoring_pb2.TRAIN_STATE_SUCCEEDED:
                     manifest = self._config.coordinator.validation_manifest
-                    miou = (self._scoring.mean_iou(manifest, machine.record.rounds[-1].segmenter)
+                    miou = (self._scoring.mean_iou(manifest, model_version(run_id, machine.record.round))
                             if manifest else None)
                     self._carry_out(machine, machine.on_trained(machine.record.round, miou))
                 elif status.state == scoring_pb2.TRAIN_STATE_FAILED:
@@ -295,8 +303,7 @@ def run_status(record: RunRecord) -> coordinator_pb2.RunStatus:
             round=round_record.round, requested=len(slots), received=scored, scored=scored,
             retained=len(round_record.retained), dead_lettered=sum(slot.dead_letter is not None for slot in slots),
             score_threshold=round_record.threshold or 0.0, validation_mean_iou=round_record.validation_mean_iou or 0.0)
-        if round_record.segmenter:
-            item.segmenter.name, item.segmenter.version = "segmenter", round_record.segmenter
+        item.segmenter.CopyFrom(model_version(record.run_id, round_record.round))  # each round trains its own f_t
         status.rounds.append(item)
     for field in ("requested", "received", "scored", "retained", "dead_lettered"):
         setattr(status, field, sum(getattr(item, field) for item in status.rounds))

@@ -28,7 +28,7 @@ from safetensors.torch import save as save_safetensors
 
 from freemask.scoring.segmenter import Segmenter
 from freemask.shared.errors import InvalidInput, NotFound
-from freemask.shared.keys import parse_segmenter_version, segmenter_prefix
+from freemask.shared.keys import parse_segmenter_version, segmenter_prefix, segmenter_version
 from freemask.shared.store import ObjectNotFound, ObjectStore
 from freemask.v1 import common_pb2
 
@@ -45,8 +45,7 @@ class ModelMismatch(InvalidInput):
 
 
 def model_version(run_id: str, round_index: int) -> common_pb2.ModelVersion:
-    prefix = segmenter_prefix(run_id, round_index)
-    return common_pb2.ModelVersion(name=SEGMENTER_MODEL_NAME, version=prefix[len("models/segmenter/"):-1])
+    return common_pb2.ModelVersion(name=SEGMENTER_MODEL_NAME, version=segmenter_version(run_id, round_index))
 
 
 def check_model_version(model: common_pb2.ModelVersion) -> tuple[str, int]:

@@ -18,12 +18,17 @@ from freemask.scoring.iou import ConfusionAccumulator, sample_score
 from freemask.scoring.metrics import ScoringMetrics
 from freemask.scoring.models import LoadedSegmenter, SegmenterStore, check_model_version, model_version
 from freemask.shared.config import FreemaskConfig
+from freemask.shared.devices import resolve_device
 from freemask.shared.errors import InvalidInput, Unusable
 from freemask.shared.image_refs import ImageReader
 from freemask.shared.keys import key_within, sample_prefix, validate_id, validate_round
 from freemask.v1 import common_pb2, samples_pb2, scoring_pb2
 
 BACKGROUND_NAME = "background"
+
+
+def scoring_device(config: FreemaskConfig) -> torch.device:
+    return resolve_device(config.scoring.device, "scoring.device")
 
 
 def label_names(config: FreemaskConfig) -> tuple[str, ...]:
@@ -86,13 +91,13 @@ class Scorer:
         if model is not None:
             check_model_version(model)
         pixels = [self._read(sample) for sample in samples]
-        by_model: dict[str, list[int]] = {}
+        by_model: dict[str, tuple[common_pb2.ModelVersion, list[int]]] = {}
         for index, sample in enumerate(samples):
             version = model if model is not None else model_version(sample.run_id, sample.round)
-            by_model.setdefault(version.version, []).append(index)
+            by_model.setdefault(version.version, (version, []))[1].append(index)
         scored: list[samples_pb2.ScoredSample | None] = [None] * len(samples)
-        for version, indices in by_model.items():
-            loaded = self._cache.get(common_pb2.ModelVersion(name="segmenter", version=version))
+        for version, indices in by_model.values():
+            loaded = self._cache.get(version)
             predictions = self._predict(loaded, [pixels[i][0] for i in indices])
             for index, prediction in zip(indices, predictions):
                 result = sample_score(pixels[index][1], prediction, len(self._names))

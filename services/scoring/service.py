@@ -19,11 +19,10 @@ from freemask.scoring.data import dataset_pairs
 from freemask.scoring.jobs import TrainJobs
 from freemask.scoring.metrics import ScoringMetrics
 from freemask.scoring.models import SegmenterStore
-from freemask.scoring.scorer import Scorer, SegmenterCache, label_names
+from freemask.scoring.scorer import Scorer, SegmenterCache, label_names, scoring_device
 from freemask.scoring.train import SegmenterTrainer, TrainSpec
 from freemask.shared.bus import InboundMessage, OutboundMessage, Topics
 from freemask.shared.config import FreemaskConfig
-from freemask.shared.devices import resolve_device
 from freemask.shared.errors import InvalidInput
 from freemask.shared.image_refs import ImageReader
 from freemask.shared.keys import validate_id, validate_round
@@ -85,7 +84,7 @@ class ScoreStage:
 
 def build(context: ServiceContext) -> ServiceParts:
     config = context.config
-    device = resolve_device(config.scoring.device, "scoring.device")
+    device = scoring_device(config)
     models = SegmenterStore(context.store)
     reader = ImageReader(context.store, config.limits)
     metrics = ScoringMetrics(context.metrics)

@@ -76,7 +76,7 @@ def sample_of(sample_id: str, round_index: int, kind: str, scene: Scene) -> samp
 def save_run(store: MemoryStore, retained: dict[int, list[str]] | None = None) -> None:
     """The run's state and every sample's files in the store."""
     retained = {0: [OCCLUDED, SINGLE], 1: [RIMMED]} if retained is None else retained
-    rounds = {r: RoundRecord(round=r, segmenter=f"{RUN}/{r}", trained=True, threshold=0.7 - 0.1 * r,
+    rounds = {r: RoundRecord(round=r, trained=True, threshold=0.7 - 0.1 * r,
                              retained=retained.get(r, [])) for r in (0, 1)}
     for sample_id, (round_index, kind, score, scene) in SCENES.items():
         sample = sample_of(sample_id, round_index, kind, scene)

@@ -89,7 +89,7 @@ def softmap_of(scene: Scene) -> np.ndarray:
 
 def save_run(store: MemoryStore, specs: list[Spec] = SPECS, miou: dict[int, float | None] = MIOU,
              retained: dict[int, list[str]] = RETAINED) -> None:
-    rounds = {r: RoundRecord(round=r, segmenter=f"{RUN}/{r}", trained=True, threshold=THRESHOLDS[r],
+    rounds = {r: RoundRecord(round=r, trained=True, threshold=THRESHOLDS[r],
                              validation_mean_iou=miou.get(r), retained=list(retained[r])) for r in (0, 1)}
     for spec in specs:
         sample = sample_json(spec)
