@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 PARTS = ("seaweedfs", "tansu", "tritonserver")
+READY_PROBE_KEY = "stack/ready-probe"
 DEFAULT_MODEL_REPOSITORY = Path(__file__).resolve().parents[2] / "deploy" / "triton" / "models"
 
 
@@ -173,7 +174,15 @@ class EmbeddedStack:
                 return False
             data_store.ensure_bucket()
             broker_store.ensure_bucket()  # Tansu keeps its records and offsets here
-            return True
+            # The S3 gateway answers before the volume server has re-registered its
+            # volumes with the master; until then reads of stored objects fail with
+            # 500. Only a byte round trip shows that the data path is up.
+            probe = secrets.token_bytes(16)
+            data_store.put_bytes(READY_PROBE_KEY, probe)
+            try:
+                return data_store.get_bytes(READY_PROBE_KEY) == probe
+            finally:
+                data_store.delete(READY_PROBE_KEY)
 
         wait_until_ready(server, buckets_ready, self.config.start_timeout_s, poll_s=0.25)
         return server, binary
