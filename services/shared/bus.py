@@ -153,8 +153,11 @@ def make_consumer(config: BusConfig, group: str, topics: Iterable[str]) -> Kafka
     return consumer
 
 
-def ensure_topics(config: BusConfig, topics: Iterable[str] = Topics.ALL) -> None:
-    """Create missing topics; existing ones are left as they are."""
+def ensure_topics(config: BusConfig, topics: Iterable[str] = Topics.ALL) -> list[str]:
+    """Create missing topics and return their names; existing ones are left as they are."""
+    unknown = sorted(set(config.topic_partitions) - set(Topics.ALL))
+    if unknown:
+        raise InvalidInput(f"bus.topic_partitions names topics that do not exist: {unknown}; known: {Topics.ALL}")
     admin = KafkaAdminClient(
         bootstrap_servers=config.bootstrap_servers, client_id=config.client_id, **_security_options(config)
     )
@@ -163,9 +166,12 @@ def ensure_topics(config: BusConfig, topics: Iterable[str] = Topics.ALL) -> None
         missing = [t for t in topics if t not in existing]
         if missing:
             try:
-                admin.create_topics([NewTopic(t, config.partitions, 1) for t in missing])
+                admin.create_topics(
+                    [NewTopic(t, config.partitions_of(t), config.replication_factor) for t in missing]
+                )
             except TopicAlreadyExistsError:
                 pass  # another process created them between our list and create
+        return missing
     finally:
         admin.close()
 

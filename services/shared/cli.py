@@ -8,6 +8,8 @@
     freemask scoring train|evaluate     train the segmenter f_t on a labelled manifest, or measure one
     freemask export                     a run's accepted samples as COCO, Pascal-VOC or a JSONL manifest
     freemask report                     a run as one HTML page: rounds, scores, mIoU, sample overlays
+    freemask topics create              create the platform's topics that do not exist yet (Helm's topic Job)
+    freemask health <service>           exit 0 if the service answers gRPC health SERVING (container HEALTHCHECK)
 """
 
 from __future__ import annotations
@@ -222,7 +224,34 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--run", required=True, help="run id")
     export.add_argument("--format", required=True, choices=("coco", "voc", "jsonl"))
     export.add_argument("--out", type=Path, required=True, help="directory to create (must not hold anything)")
+    topics = commands.add_parser("topics", help="the platform's Kafka topics")
+    topics.add_argument("action", choices=("create",))
+    health = commands.add_parser("health", help="ask one service's gRPC health endpoint")
+    health.add_argument("service", choices=SERVICE_NAMES)
+    health.add_argument("--target", help="host:port to ask (default: 127.0.0.1 and the service's configured port)")
+    health.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the answer")
     return parser
+
+
+def _topics_command(config: FreemaskConfig) -> int:
+    from freemask.shared.bus import Topics
+
+    created = set(ensure_topics(config.bus))
+    for topic in Topics.ALL:
+        state = "created" if topic in created else "exists"
+        _print(f"{topic:<30} {state:<8} partitions {config.bus.partitions_of(topic)}")
+    return 0
+
+
+def _health_command(config: FreemaskConfig, args: argparse.Namespace) -> int:
+    # A container probe runs inside the service's own network namespace, so the
+    # loopback address reaches a server bound to any interface.
+    target = args.target or f"127.0.0.1:{config.server.ports[args.service].grpc_port}"
+    if check_health(target, timeout_s=args.timeout):
+        _print(f"{args.service} at {target}: SERVING")
+        return 0
+    print(f"freemask: {args.service} at {target} is not serving", file=sys.stderr)
+    return 1
 
 
 def _report_command(config: FreemaskConfig, args: argparse.Namespace) -> int:
@@ -336,6 +365,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _export_command(config, args)
         if args.command == "report":
             return _report_command(config, args)
+        if args.command == "topics":
+            return _topics_command(config)
+        if args.command == "health":
+            return _health_command(config, args)
         if args.command == "serve":
             from freemask.shared.runner import serve
 

@@ -88,11 +88,26 @@ class BusConfig(_Frozen):
     retry_backoff_max_s: float = Field(5.0, ge=0.0)
     max_message_bytes: int = Field(1024 * 1024, ge=1024)
     partitions: int = Field(3, ge=1, description="partitions per topic when the platform creates topics")
+    # Topics that need more parallelism than the rest (the slow stages' inputs), by
+    # full topic name; a topic not named here gets `partitions`.
+    topic_partitions: dict[str, int] = Field(default_factory=dict)
+    replication_factor: int = Field(1, ge=1, description="replicas per topic when the platform creates topics")
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: SecretStr | None = None
     sasl_password: SecretStr | None = None
     sasl_password_file: Path | None = None
+
+    @field_validator("topic_partitions")
+    @classmethod
+    def _positive_partitions(cls, given: dict[str, int]) -> dict[str, int]:
+        bad = {topic: count for topic, count in given.items() if count < 1}
+        if bad:
+            raise ValueError(f"partitions must be at least 1: {bad}")
+        return given
+
+    def partitions_of(self, topic: str) -> int:
+        return self.topic_partitions.get(topic, self.partitions)
 
     @model_validator(mode="after")
     def _load_secret_files(self) -> BusConfig:

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from kafka import KafkaAdminClient
 
 from freemask.shared.bus import (
     InboundMessage, OutboundMessage, Publisher, StageWorker, Topics, ensure_topics, make_consumer, make_producer,
 )
-from freemask.shared.config import BusConfig, FreemaskConfig
+from freemask.shared.config import BusConfig, FreemaskConfig, load_config
 from freemask.shared.metrics import ServiceMetrics
 from freemask.shared.processes import stop_pid
 from freemask.v1 import dead_letter_pb2, generate_pb2
@@ -213,3 +215,29 @@ def test_sigterm_finishes_the_batch_in_hand_and_commits(stack_config: FreemaskCo
         second.wait(timeout=20)
     # a graceful stop commits everything it published: each message exactly once
     assert sorted(keys) == sorted(ids)
+
+
+def test_topics_create_makes_every_topic_once_with_its_configured_partitions(private_stack) -> None:
+    """`freemask topics create` is the chart's topic Job: idempotent, partitions per topic from config."""
+    stack = private_stack.up(("seaweedfs", "tansu"))
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("FREEMASK_")}, **stack.client_env(),
+           "FREEMASK_BUS__PARTITIONS": "2", "FREEMASK_BUS__TOPIC_PARTITIONS": f"{{{Topics.PLACE}: 5}}"}
+
+    def topics_create(**extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "freemask.shared.cli", "topics", "create"],
+                              env={**env, **extra}, capture_output=True, text=True, timeout=120)
+
+    first = topics_create()
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert first.stdout.count(" created ") == len(Topics.ALL)
+    admin = KafkaAdminClient(bootstrap_servers=load_config(environ=env).bus.bootstrap_servers)
+    try:
+        partitions = {described["name"]: len(described["partitions"])
+                      for described in admin.describe_topics(list(Topics.ALL))}
+    finally:
+        admin.close()
+    assert partitions == {topic: 5 if topic == Topics.PLACE else 2 for topic in Topics.ALL}
+    again = topics_create()
+    assert again.returncode == 0 and again.stdout.count(" exists ") == len(Topics.ALL), again.stdout
+    unknown = topics_create(FREEMASK_BUS__TOPIC_PARTITIONS="{freemask.plaec.v1: 4}")
+    assert unknown.returncode == 1 and "freemask.plaec.v1" in unknown.stderr, unknown.stderr

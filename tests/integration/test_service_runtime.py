@@ -97,6 +97,16 @@ def test_health_and_reflection(service: Service) -> None:
     assert {"freemask.v1.AttentionMask", "grpc.health.v1.Health"} <= names
 
 
+def test_health_command_answers_for_a_serving_service_and_fails_for_a_silent_port(service: Service) -> None:
+    """`freemask health` is the containers' HEALTHCHECK: exit 0 only while the server answers SERVING."""
+    (silent_port,) = reserve_ports(1)
+    for target, code in ((service.target, 0), (f"127.0.0.1:{silent_port}", 1)):
+        probe = subprocess.run(
+            [sys.executable, "-m", "freemask.shared.cli", "health", "attention_mask", "--target", target,
+             "--timeout", "1"], capture_output=True, text=True, timeout=60)
+        assert probe.returncode == code, probe.stdout + probe.stderr
+
+
 def test_bytes_that_are_not_the_request_type(service: Service) -> None:
     assert_invalid(service.call_raw(b"\xff\xff\xff\xff garbage"), "not a valid freemask.v1.GenerateRequest")
     truncated = valid_request().SerializeToString()[:-5]

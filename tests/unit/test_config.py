@@ -338,3 +338,11 @@ def test_thesaurus_synonyms_come_from_the_packaged_defaults_and_env_adds_to_them
 def test_thesaurus_version_must_be_a_safe_key_segment(version: str) -> None:
     with pytest.raises(ConfigError, match="thesaurus.version"):
         load_config(environ={"FREEMASK_THESAURUS__VERSION": version})
+
+
+def test_partitions_per_topic_fall_back_to_the_bus_default_and_must_be_positive() -> None:
+    bus = load_config(environ={"FREEMASK_BUS__PARTITIONS": "4",
+                               "FREEMASK_BUS__TOPIC_PARTITIONS": "{freemask.place.v1: 12}"}).bus
+    assert (bus.partitions_of("freemask.place.v1"), bus.partitions_of("freemask.compose.v1")) == (12, 4)
+    with pytest.raises(ConfigError, match="partitions must be at least 1"):
+        load_config(environ={"FREEMASK_BUS__TOPIC_PARTITIONS": "{freemask.place.v1: 0}"})
