@@ -53,6 +53,17 @@ class HeatmapSource(Protocol):
     def __call__(self, backgrounds: np.ndarray, foregrounds: np.ndarray) -> np.ndarray: ...
 
 
+class UniformHeatmaps:
+    """Every candidate box scores the same, so `choose` draws the box uniformly among the valid
+    ones from the query's seed: placement without FOPA (the ablation), with the same geometry."""
+
+    def __call__(self, backgrounds: np.ndarray, foregrounds: np.ndarray) -> np.ndarray:
+        return np.full((len(backgrounds), NUM_SCALES, HEATMAP_SIDE, HEATMAP_SIDE), 0.5, np.float32)
+
+    def model_version(self) -> str:
+        return "v1"
+
+
 class HeatmapError(RuntimeError):
     """The heatmap source answered something unusable (wrong shape, NaN): a fault of the model
     or its server, not of the request, so it is retried rather than refused."""

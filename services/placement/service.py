@@ -25,6 +25,7 @@ from freemask.placement.placer import (
     Placement,
     PlacementQuery,
     PlacementResult,
+    UniformHeatmaps,
     place,
 )
 from freemask.shared.bus import InboundMessage, OutboundMessage, Topics
@@ -37,6 +38,7 @@ from freemask.shared.scene_steps import validate_planned_source, validate_scene_
 from freemask.v1 import common_pb2, compose_pb2, placement_pb2
 
 FOPA_MODEL_NAME = "fopa"
+UNIFORM_MODEL_NAME = "uniform-placement"
 _SCORE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 
 
@@ -63,13 +65,15 @@ class PlacementMetrics:
 class Placer:
     """The core with its model, shared by both adapters: places queries and names the weights."""
 
-    def __init__(self, model: HeatmapModel, metrics: PlacementMetrics | None = None) -> None:
+    def __init__(self, model: HeatmapModel, metrics: PlacementMetrics | None = None,
+                 model_name: str = FOPA_MODEL_NAME) -> None:
         self._model = model
         self._metrics = metrics
+        self._model_name = model_name
 
     def run(self, queries: Sequence[PlacementQuery]) -> tuple[list[PlacementResult], common_pb2.ModelVersion]:
         results = place(queries, self._model)
-        version = common_pb2.ModelVersion(name=FOPA_MODEL_NAME, version=self._model.model_version())
+        version = common_pb2.ModelVersion(name=self._model_name, version=self._model.model_version())
         if self._metrics is not None:
             self._metrics.observe(results)
         return results, version
@@ -208,8 +212,10 @@ def build(context: ServiceContext) -> ServiceParts:
     # Lives as long as the process: the runner has no shutdown hook, and the client's
     # channel closes with it. Creating it does not connect, so the service starts and
     # answers health while Triton is down, and each call answers UNAVAILABLE until it is up.
-    heatmaps = TritonHeatmaps(config.triton)
-    placer = Placer(heatmaps, PlacementMetrics(context.metrics))
+    if config.placement.model == "uniform":
+        placer = Placer(UniformHeatmaps(), PlacementMetrics(context.metrics), model_name=UNIFORM_MODEL_NAME)
+    else:
+        placer = Placer(TritonHeatmaps(config.triton), PlacementMetrics(context.metrics))
     reader = ImageReader(context.store, config.limits)
     stage = PlaceStage(reader, placer, config)
     descriptor = placement_pb2.DESCRIPTOR.services_by_name["Placement"]

@@ -218,6 +218,10 @@ class ThesaurusConfig(_Frozen):
     synonyms: dict[str, tuple[str, ...]] = Field(default_factory=dict)
     # The stage draws objects in proportion to R(o, b) among those with R >= this.
     min_relation: float = Field(0.05, ge=0.0, le=1.0)
+    # "relation" draws by eq. 3 as above; "uniform" draws every class that has a generated
+    # source with equal probability, ignoring the captions (the paper's ablation without
+    # the thesaurus).
+    object_choice: Literal["relation", "uniform"] = "relation"
     # Indexes other than the served one stay loaded for requests that name them.
     cached_versions: int = Field(4, ge=1)
 
@@ -231,6 +235,10 @@ class PlacementConfig(_Frozen):
     # stand in front of one another; occlusion keeps the label maps exact. Used when
     # a PlaceRequest leaves max_overlap unset, and by the stage always.
     max_overlap: float = Field(0.3, ge=0.0, le=1.0)
+    # "fopa" ranks the candidate boxes by FOPA's heatmaps (served by Triton); "uniform" gives
+    # every candidate the same score, so the box is drawn uniformly from the valid ones by
+    # the query's seed (the paper's ablation without FOPA; Triton is then not called).
+    model: Literal["fopa", "uniform"] = "fopa"
 
 
 class HarmonizationConfig(_Frozen):

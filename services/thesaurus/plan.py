@@ -55,6 +55,18 @@ def draw_objects(index: ThesaurusIndex, background: str, count: int, min_relatio
     return [candidates[int(i)] for i in picks]
 
 
+def draw_uniformly(index: ThesaurusIndex, background: str, count: int, rng: np.random.Generator,
+                   available: Collection[str]) -> list[Relation]:
+    """`count` objects drawn with replacement, each `available` object equally likely whatever
+    R(o, b) says: the thesaurus ablation (the relation is still recorded with each choice)."""
+    if count < 1:
+        raise InvalidInput(f"count must be >= 1, got {count}")
+    candidates = sorted(available)
+    if not candidates:
+        raise Unusable("no object has a generated source to draw from")
+    return [index.relation(candidates[int(i)], background) for i in rng.integers(len(candidates), size=count)]
+
+
 class SingleObjectPool:
     """The generated single objects of one run's round, read from their `meta.json` files.
 
@@ -114,8 +126,11 @@ class ComposePlanner:
             raise Unavailable(f"no generated single objects in run {request.run_id!r} round {request.round} to "
                               "paste from yet")
         rng = plan_rng(request.seed, request.sample_id)
-        drawn = draw_objects(self.index, request.background_name, request.num_objects_to_add,
-                             self.config.thesaurus.min_relation, rng, available=set(sources))
+        if self.config.thesaurus.object_choice == "uniform":
+            drawn = draw_uniformly(self.index, request.background_name, request.num_objects_to_add, rng, sources)
+        else:
+            drawn = draw_objects(self.index, request.background_name, request.num_objects_to_add,
+                                 self.config.thesaurus.min_relation, rng, available=set(sources))
         planned = [self._planned(choice, sources[choice.object_name], rng) for choice in drawn]
         return compose_pb2.PlacementTask(
             run_id=request.run_id, round=request.round, sample_id=request.sample_id,

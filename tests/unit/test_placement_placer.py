@@ -12,6 +12,7 @@ from freemask.placement.placer import (
     HeatmapError,
     PlacementQuery,
     PlacementResult,
+    UniformHeatmaps,
     place,
 )
 from freemask.shared.errors import InvalidInput
@@ -221,3 +222,15 @@ def test_a_broken_heatmap_source_is_a_server_fault_not_bad_input(answer, fragmen
         place([query(), query()], answer)
     assert fragment in str(info.value)
     assert isinstance(info.value, RuntimeError) and not isinstance(info.value, InvalidInput)
+
+
+def test_uniform_heatmaps_spread_boxes_over_the_valid_positions_and_keep_the_overlap_limit() -> None:
+    """The no-FOPA ablation: any valid box may be drawn, one per seed, never over the limit."""
+    occupied = ((0, 0, 32, 32),)
+    boxes = [place([query(seed=seed, occupied=occupied, max_overlap=0.0)], UniformHeatmaps())[0].best.box
+             for seed in range(200)]
+    assert len(set(boxes)) > 50
+    assert all(overlap((x, y, w, h), occupied[0]) == 0.0 and x >= 0 and y >= 0 and x + w <= 64 and y + h <= 64
+               for x, y, w, h in boxes)
+    centres = np.array([(x + w / 2, y + h / 2) for x, y, w, h in boxes])
+    assert centres[:, 0].min() < 24 and centres[:, 0].max() > 40  # spread across, not one FOPA-like peak

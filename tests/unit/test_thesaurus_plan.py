@@ -11,7 +11,7 @@ import pytest
 from freemask.shared.config import FreemaskConfig, load_config
 from freemask.shared.errors import InvalidInput, Unavailable, Unusable
 from freemask.thesaurus.index import ThesaurusIndex, build_index
-from freemask.thesaurus.plan import ComposePlanner, draw_objects, plan_rng
+from freemask.thesaurus.plan import ComposePlanner, draw_objects, draw_uniformly, plan_rng
 from freemask.thesaurus.service import normalizer_for
 from freemask.v1 import common_pb2, compose_pb2, generate_pb2
 
@@ -45,6 +45,16 @@ def test_draws_keep_to_available_objects_and_fail_clearly_without_any(index: The
         draw_objects(index, "sea", 3, 0.7, np.random.default_rng(1))
     with pytest.raises(Unusable, match="among those with a generated source"):
         draw_objects(index, "sea", 3, 0.0, np.random.default_rng(1), available={"car"})
+
+
+def test_uniform_draws_ignore_r_and_still_record_it(index: ThesaurusIndex) -> None:
+    """The no-thesaurus ablation: a car (R = 0 on the sea) is as likely as a boat."""
+    drawn = draw_uniformly(index, "sea", 20_000, np.random.default_rng(0), {"boat", "car"})
+    counts = Counter(r.object_name for r in drawn)
+    assert counts["car"] / 20_000 == pytest.approx(0.5, abs=0.02)
+    assert {(r.object_name, r.relation) for r in drawn} == {("boat", 0.6), ("car", 0.0)}
+    with pytest.raises(Unusable, match="no object has a generated source"):
+        draw_uniformly(index, "sea", 3, np.random.default_rng(0), set())
 
 
 def test_the_plan_seed_depends_on_seed_and_sample() -> None:
