@@ -217,6 +217,46 @@ class MaskGenerator:
                     results[index] = result
         return [r for r in results if r is not None]
 
+    @torch.no_grad()
+    def segment(self, image: np.ndarray, prompt: str, class_names: Sequence[str], seed: int = 0,
+                noise_level: float = 0.3) -> np.ndarray:
+        """Generate-then-segment: each class word's fused cross-attention map on an existing image.
+
+        The image is noised to `noise_level` of the schedule (seeded) and denoised for one
+        UNet step with `prompt`, which must name every class; the class words' maps are fused
+        as generation fuses them (eq. 1/2). Returns (len(class_names), H, W) float32 maps, each
+        in [0, 1]. This is the path that segments a multi-object picture with attention alone,
+        the baseline edited scenes are compared with: it has no notion of which object is in
+        front where two overlap.
+        """
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise InvalidInput(f"image must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
+        height, width = image.shape[:2]
+        if height % (self.latent_scale * 8) or width % (self.latent_scale * 8):
+            raise InvalidInput(f"image size {width}x{height} must be a multiple of {self.latent_scale * 8} "
+                               "for this generator")
+        if not class_names:
+            raise InvalidInput("name at least one class to segment")
+        if not 0.0 <= noise_level < 1.0:
+            raise InvalidInput(f"noise_level must be in [0, 1), got {noise_level}")
+        positions = [class_token_positions(self.pipe.tokenizer, prompt, name) for name in class_names]
+        unet, device = self.pipe.unet, self.pipe.unet.device
+        pixels = torch.from_numpy(image).permute(2, 0, 1)[None].float().div(127.5).sub(1.0).to(device, unet.dtype)
+        vae = getattr(self.pipe, "vae", None)
+        latents = (pixels if vae is None
+                   else vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor)
+        timestep = torch.tensor([round(noise_level * (self.pipe.scheduler.config.num_train_timesteps - 1))])
+        noise = torch.randn(latents.shape, generator=torch.Generator("cpu").manual_seed(seed))
+        noisy = self.pipe.scheduler.add_noise(latents, noise.to(device, latents.dtype), timestep.to(device))
+        embeds, _ = self.pipe.encode_prompt([prompt], device, len(class_names), do_classifier_free_guidance=False)
+        with capture_attention(unet, [list(p) for p in positions]) as store:
+            unet(noisy.repeat(len(class_names), 1, 1, 1), timestep.to(device), encoder_hidden_states=embeds,
+                 return_dict=False)
+        cross = store.cross_attention_means()
+        fused = soft_maps({res: level.float().cpu() for res, level in cross.items()}, store.token_mask,
+                          (height, width))
+        return fused.numpy().astype(np.float32)
+
     def _one_pass(self, prompts: Sequence[ObjectPrompt], positions: Sequence[tuple[int, ...]]
                   ) -> list[GeneratedObject]:
         first = prompts[0]

@@ -3,6 +3,7 @@ batched passes, determinism, untouched pixels, and clear errors."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -150,3 +151,29 @@ def test_a_folder_that_is_not_a_diffusers_model_is_refused(tmp_path: Path) -> No
         load_pipeline(tmp_path, torch.device("cpu"))
     with pytest.raises(InvalidInput, match="no diffusers weights"):
         weights_digest(tmp_path)
+
+
+def test_segmenting_an_existing_image_gives_one_unit_map_per_class_that_finds_the_object(
+        gen: MaskGenerator, dog: GeneratedObject) -> None:
+    """Generate-then-segment: the dog word's attention on the dog's own image sits on the dog."""
+    maps = gen.segment(dog.image, "a photo of a dog on the grass", ["dog", "grass"], seed=1)
+    assert maps.shape == (2, *dog.image.shape[:2]) and maps.dtype == np.float32
+    assert maps.min() >= 0.0 and maps.max() == pytest.approx(1.0)
+    assert maps[0][dog.mask].mean() > maps[0][~dog.mask].mean()
+    np.testing.assert_array_equal(maps, gen.segment(dog.image, "a photo of a dog on the grass", ["dog", "grass"],
+                                                    seed=1))
+    assert not np.array_equal(maps, gen.segment(dog.image, "a photo of a dog on the grass", ["dog", "grass"],
+                                                seed=2, noise_level=0.6))
+
+
+@pytest.mark.parametrize(("image", "classes", "noise_level", "fragment"), [
+    (np.zeros((32, 32, 3), np.uint8), ["cat"], 0.3, "no token for the class 'cat'"),
+    (np.zeros((32, 32, 3), np.uint8), [], 0.3, "at least one class"),
+    (np.zeros((30, 32, 3), np.uint8), ["dog"], 0.3, "must be a multiple of"),
+    (np.zeros((32, 32), np.uint8), ["dog"], 0.3, "uint8 (H, W, 3)"),
+    (np.zeros((32, 32, 3), np.uint8), ["dog"], 1.0, "noise_level"),
+])
+def test_segmenting_refuses_bad_input(gen: MaskGenerator, image: np.ndarray, classes: list[str], noise_level: float,
+                                      fragment: str) -> None:
+    with pytest.raises(InvalidInput, match=re.escape(fragment)):
+        gen.segment(image, "a photo of a dog on the grass", classes, noise_level=noise_level)
