@@ -20,73 +20,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTokenizer
 
 from freemask.attention_mask.generation import GeneratedObject, MaskGenerator, class_token_positions
 from freemask.attention_mask.refine import DEFAULT_THRESHOLDS
 from freemask.shared.config import AttentionMaskConfig
 from freemask.shared.errors import InvalidInput
 
+from sd_layout import TINY, build_sd_layout, write_bpe_files
+
 WORDS = ("a", "photo", "of", "dog", "dogs", "on", "the", "grass")
 PROMPT = "a photo of a dog on the grass"
-MAX_LENGTH = 16
-CROSS_ATTENTION_DIM = 16
-LATENT_SIDE = 8
+MAX_LENGTH = TINY.max_length
 VAE_SCALE = 2
-IMAGE_SIDE = LATENT_SIDE * VAE_SCALE
-
-
-def write_bpe_files(folder: Path) -> None:
-    """A CLIP-style vocab.json and merges.txt in which every word of WORDS is one `word</w>` token."""
-    vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    merges: list[str] = []
-    for word in WORDS:
-        pieces = [*word[:-1], word[-1] + "</w>"]
-        for piece in pieces:
-            vocab.setdefault(piece, len(vocab))
-        merged = pieces[0]
-        for piece in pieces[1:]:
-            merges.append(f"{merged} {piece}")
-            merged += piece
-            vocab.setdefault(merged, len(vocab))
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n", encoding="utf-8")
-
-
-def build_tiny_sd(tokenizer_files: Path) -> StableDiffusionPipeline:
-    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_files, model_max_length=MAX_LENGTH)
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=LATENT_SIDE, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(8, 16, 16, 16), norm_num_groups=8, attention_head_dim=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=CROSS_ATTENTION_DIM,
-    )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=8, sample_size=IMAGE_SIDE,
-    )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=CROSS_ATTENTION_DIM, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=MAX_LENGTH, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    ))
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+IMAGE_SIDE = TINY.image_side
 
 
 @pytest.fixture(scope="module")
 def sd_dir(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) -> Path:
     root = tmp_path_factory.mktemp("tiny_sd")
-    write_bpe_files(root / "bpe")
-    build_tiny_sd(root / "bpe").save_pretrained(root / "sd", safe_serialization=True)
+    write_bpe_files(root / "bpe", WORDS)
+    build_sd_layout(root / "bpe", TINY).save_pretrained(root / "sd", safe_serialization=True)
     return root / "sd"
 
 

@@ -1,0 +1,170 @@
+"""GPU benchmark (#11): the attention-mask path at Stable Diffusion 1.5's size, FOPA and RAIN, on one card.
+
+    .venv/bin/python tests/benchmarks/bench_gpu.py [--dtype float16] [--batches 1 2 4 8 16] [--steps 20]
+    .venv/bin/python tests/benchmarks/bench_gpu.py --smoke      # the tiny layout on CPU: checks the script only
+
+No SD weights are reachable here, so the pipeline has SD 1.5's exact shapes (UNet, VAE,
+CLIP text encoder; sd_layout.SD15) with random weights: speed does not depend on the
+weights. Measured, at 512 x 512, with classifier-free guidance:
+
+- `images_per_s[b]`: MaskGenerator.generate at batch b (diffusion with the capture
+  processors, soft maps and the affinity refinement), and the same pipeline call without
+  capture (`plain_images_per_s`); `capture_overhead` = captured time / plain time at the
+  largest batch (target <= 1.10);
+- `latency_50_steps_s`: one image, 50 steps, batch 1, with capture (ONNX Runtime's optimised
+  SD 1.5 pipeline is reported at 0.572 s on an H100-80GB);
+- `flops_fraction[b]`: FLOPs of the plain pipeline call (torch.utils.flop_counter) per second
+  of it, over the card's dense peak for the dtype (target >= 0.40 at b >= 8);
+- FOPA pairs/s and RAIN images/s: the shipped torch models on the same card, batch 64.
+
+Writes tests/benchmarks/results/gpu.json (not with --smoke, unless --out is given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "integration"))
+
+from freemask.attention_mask.generation import MaskGenerator  # noqa: E402
+from freemask.harmonization.rain import load_rain  # noqa: E402
+from freemask.placement.model import FopaHeatmap, load_fopa  # noqa: E402
+from freemask.shared.config import AttentionMaskConfig  # noqa: E402
+from sd_layout import SD15, TINY, build_sd_layout, write_bpe_files  # noqa: E402
+
+RESULTS = HERE / "results"
+SEED = 0
+PROMPT = "a photo of a dog on the grass"
+WORDS = ("a", "photo", "of", "dog", "on", "the", "grass")
+GUIDANCE = 7.5
+# Dense tensor-core peaks (no sparsity) from NVIDIA's data sheets, FLOP/s, by a substring of
+# torch.cuda.get_device_name(); fp16 and bf16 are the same on these cards.
+PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12}
+
+
+def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Median seconds of `repeats` calls, after one warm-up call."""
+    fn()
+    seconds = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    return sorted(seconds)[len(seconds) // 2]
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_FLOPS.items() if key in name), None)
+
+
+def small_model_rates(device: torch.device, dtype: torch.dtype, batch: int, repeats: int) -> dict[str, float]:
+    fopa = FopaHeatmap(load_fopa()).eval().to(device, dtype)
+    rain = load_rain().eval().to(device, dtype)
+    backgrounds = torch.rand(batch, 3, 64, 64, device=device, dtype=dtype)
+    foregrounds = torch.rand(batch, 4, 32, 32, device=device, dtype=dtype)
+    composites = torch.rand(batch, 3, 64, 64, device=device, dtype=dtype) * 2 - 1
+    masks = (torch.rand(batch, 1, 64, 64, device=device) > 0.7).to(dtype)
+    with torch.inference_mode():
+        fopa_s = timed(lambda: fopa(backgrounds, foregrounds), device, repeats)
+        rain_s = timed(lambda: rain(composites, masks), device, repeats)
+    return {"fopa_pairs_per_s": round(batch / fopa_s, 1), "rain_images_per_s": round(batch / rain_s, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps of the throughput runs")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true", help="the tiny layout on CPU in float32: checks the script")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    if args.smoke:
+        device, dtype, shape = torch.device("cpu"), torch.float32, TINY
+    elif torch.cuda.is_available():
+        device, dtype, shape = torch.device("cuda"), getattr(torch, args.dtype), SD15
+    else:
+        raise SystemExit("no CUDA device: run on a GPU machine, or pass --smoke to check the script on CPU")
+    torch.manual_seed(SEED)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        write_bpe_files(Path(tmp) / "bpe", WORDS)
+        pipe = build_sd_layout(Path(tmp) / "bpe", shape, seed=SEED)
+    pipe.set_progress_bar_config(disable=True)
+    pipe = pipe.to(device, dtype)
+    config = AttentionMaskConfig(num_inference_steps=args.steps, guidance_scale=GUIDANCE,
+                                 max_batch=max(args.batches), device=device.type)
+    generator = MaskGenerator(pipe, config, "random-" + ("tiny" if args.smoke else "sd15"))
+    side = shape.image_side
+    peak = peak_flops(device)
+    plain_rate, captured_rate, overhead, flops_fraction, flops_per_image = {}, {}, {}, {}, {}
+    for batch in args.batches:
+        prompts = [generator.prompt_for(PROMPT, "dog", seed=SEED + i) for i in range(batch)]
+
+        def plain() -> object:
+            seeds = [torch.Generator(device).manual_seed(p.seed) for p in prompts]
+            return pipe([PROMPT] * batch, height=side, width=side, num_inference_steps=args.steps,
+                        guidance_scale=GUIDANCE, generator=seeds, output_type="pt").images
+
+        plain_s = timed(plain, device, args.repeats)
+        captured_s = timed(lambda: generator.generate(prompts), device, args.repeats)
+        with FlopCounterMode(display=False) as counter:
+            plain()
+        flops = counter.get_total_flops()
+        plain_rate[batch] = round(batch / plain_s, 3)
+        captured_rate[batch] = round(batch / captured_s, 3)
+        overhead[batch] = round(captured_s / plain_s, 3)
+        flops_per_image[batch] = flops / batch
+        flops_fraction[batch] = round(flops / plain_s / peak, 3) if peak else None
+        print(f"batch {batch}: {captured_rate[batch]} images/s with capture, {plain_rate[batch]} without "
+              f"(x{overhead[batch]}), {flops / plain_s / 1e12:.1f} TFLOP/s", flush=True)
+    single = [generator.prompt_for(PROMPT, "dog", seed=SEED, num_inference_steps=50)]
+    latency = timed(lambda: generator.generate(single), device, args.repeats)
+    small = small_model_rates(device, dtype, 64, args.repeats)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke run)",
+        "capture_overhead": overhead[max(args.batches)],
+        "images_per_s": captured_rate,
+        "plain_images_per_s": plain_rate,
+        "capture_overhead_by_batch": overhead,
+        "latency_50_steps_s": round(latency, 4),
+        "flops_fraction": flops_fraction,
+        "gflops_per_image": {b: round(f / 1e9, 3) for b, f in flops_per_image.items()},
+        "peak_flops": peak,
+        **small,
+        "bench_seconds": round(time.perf_counter() - started, 1),
+        "commit": commit or None,
+        "seed": SEED,
+        "config": {"layout": "tiny" if args.smoke else "sd15", "image_side": side, "dtype": str(dtype),
+                   "steps": args.steps, "guidance_scale": GUIDANCE, "batches": args.batches,
+                   "repeats": args.repeats, "torch": torch.__version__,
+                   "unet_parameters": sum(p.numel() for p in pipe.unet.parameters())},
+    }
+    out = args.out or (None if args.smoke else RESULTS)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "gpu.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
