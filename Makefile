@@ -13,7 +13,7 @@ FOPA_WEIGHTS := $(wildcard services/placement/weights/fopa/*)
 FOPA_SOURCES := $(addprefix services/placement/,export.py triton_repo.py triton_model.py model.py geometry.py)
 TRITON_FOPA := deploy/triton/models/fopa/config.pbtxt
 
-.PHONY: run test protos bench models clean stack-up stack-down triton-production
+.PHONY: run test protos bench bench-gpu models clean stack-up stack-down triton-production images chart
 
 ## run: install, bring up the embedded stack and every service, run the main job, shut down
 run: $(INSTALLED) $(PROTO_STAMP) $(TRITON_FOPA)
@@ -33,6 +33,11 @@ bench: $(INSTALLED) $(PROTO_STAMP) $(TRITON_FOPA)
 	$(PY) tests/benchmarks/bench_harmonization.py
 	$(PY) tests/benchmarks/bench_scoring.py
 	$(PY) tests/benchmarks/bench_pipeline.py
+	$(PY) tests/benchmarks/bench_evaluation.py
+
+## bench-gpu: on a machine with an NVIDIA GPU, the SD-1.5-sized attention-mask path, FOPA and RAIN (results/gpu.json)
+bench-gpu: $(INSTALLED) $(PROTO_STAMP)
+	$(PY) tests/benchmarks/bench_gpu.py
 
 ## models: retrain the shipped small models from scratch on 2 CPU cores (seeded, logged next to the weights)
 models: $(INSTALLED) $(PROTO_STAMP)
@@ -46,6 +51,23 @@ protos: $(PROTO_STAMP)
 ## triton-production: FOPA for the NGC Triton image (onnxruntime backend, GPU) in build/triton-production
 triton-production: $(INSTALLED) $(PROTO_STAMP)
 	$(VENV)/bin/freemask placement export --target production --out build/triton-production
+
+# Container images (deploy/docker): the GPU image for the model services, the CPU image for the rest
+IMAGE_REPO ?= freemask
+IMAGE_TAG ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
+VCS_REF := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
+
+## images: build $(IMAGE_REPO)-gpu and $(IMAGE_REPO)-cpu:$(IMAGE_TAG) with a local Docker engine (deploy/README.md)
+images:
+	@docker info > /dev/null 2>&1 || { echo "make images: no Docker engine here (no docker command, or no daemon" \
+		"answering it); tests/unit/test_deploy_files.py checks the Dockerfiles statically" >&2; exit 1; }
+	docker build -f deploy/docker/Dockerfile.gpu --build-arg VCS_REF=$(VCS_REF) -t $(IMAGE_REPO)-gpu:$(IMAGE_TAG) .
+	docker build -f deploy/docker/Dockerfile.cpu --build-arg VCS_REF=$(VCS_REF) -t $(IMAGE_REPO)-cpu:$(IMAGE_TAG) .
+
+## chart: lint and render charts/freemask with every ci/*.yaml, validate the manifests (Kubernetes 1.30) and check them
+chart: $(INSTALLED) $(PROTO_STAMP)
+	$(PY) charts/sync_config_schema.py --check
+	$(PY) -m pytest tests/unit/test_chart.py
 
 # the whole fopa/ directory is rebuilt and swapped in at once, so its config.pbtxt dates it
 $(TRITON_FOPA): $(FOPA_WEIGHTS) $(FOPA_SOURCES) $(INSTALLED) $(PROTO_STAMP)

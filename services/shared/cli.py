@@ -4,7 +4,7 @@
     freemask serve <service>            one service: gRPC + health + metrics + its stage worker
     freemask run                        the main job on the embedded stack (what `make run` does)
     freemask thesaurus build            count a caption corpus into a thesaurus index in the store
-    freemask placement export           FOPA as ONNX in a Triton model repository (embedded or production)
+    freemask placement export|publish   FOPA as ONNX in a Triton model repository, on disk or in the store
     freemask scoring train|evaluate     train the segmenter f_t on a labelled manifest, or measure one
     freemask export                     a run's accepted samples as COCO, Pascal-VOC or a JSONL manifest
     freemask report                     a run as one HTML page: rounds, scores, mIoU, sample overlays
@@ -200,13 +200,22 @@ def build_parser() -> argparse.ArgumentParser:
     thesaurus.add_argument("--seed", type=int, help="seed of the reference captions (default: thesaurus config)")
     thesaurus.add_argument("--version", help="version to publish as (default: the index's content digest)")
     placement = commands.add_parser("placement", help="the FOPA placement model")
-    placement.add_argument("action", choices=("export",))
+    placement_actions = placement.add_subparsers(dest="action", required=True)
+    placement_export = placement_actions.add_parser("export", help="write fopa/ into a local model repository")
+    placement_publish = placement_actions.add_parser(
+        "publish", help="upload fopa/ under a store key prefix, for a Triton reading its repository from S3")
     # the choices are triton_repo.TARGETS, spelled out so that `--help` need not import torch
-    placement.add_argument("--target", required=True, choices=("embedded", "production"),
-                           help="embedded: python backend on CPU (the embedded stack); "
-                                "production: onnxruntime backend on GPU (the NGC Triton image)")
-    placement.add_argument("--out", type=Path, required=True, help="model repository to write fopa/ into")
-    placement.add_argument("--weights", type=Path, help="FOPA weights directory (default: the shipped weights)")
+    target_help = ("embedded: python backend on CPU (the embedded stack); "
+                   "production: onnxruntime backend on GPU (the NGC Triton image)")
+    placement_export.add_argument("--target", required=True, choices=("embedded", "production"), help=target_help)
+    placement_export.add_argument("--out", type=Path, required=True, help="model repository to write fopa/ into")
+    placement_publish.add_argument("--prefix", required=True,
+                                   help="store key prefix of the repository (under store.prefix), e.g. "
+                                        "triton/repository")
+    placement_publish.add_argument("--target", default="production", choices=("embedded", "production"),
+                                   help=f"{target_help} (default: production)")
+    for action in (placement_export, placement_publish):
+        action.add_argument("--weights", type=Path, help="FOPA weights directory (default: the shipped weights)")
     scoring = commands.add_parser("scoring", help="the segmenter of the active-learning loop")
     scoring.add_argument("action", choices=("train", "evaluate"))
     scoring.add_argument("--manifest", required=True,
@@ -330,18 +339,25 @@ def _thesaurus_command(config: FreemaskConfig, args: argparse.Namespace) -> int:
     return 0
 
 
-def _placement_command(args: argparse.Namespace) -> int:
+def _placement_command(config: FreemaskConfig, args: argparse.Namespace) -> int:
     from freemask.placement.export import ExportMismatch
     from freemask.placement.model import DEFAULT_WEIGHTS_DIR, weights_version
+    from freemask.placement.publish import publish_repository, repository_url
     from freemask.placement.triton_repo import write_repository
+    from freemask.shared.store import ObjectStore
 
     weights = args.weights or DEFAULT_WEIGHTS_DIR
+    described = f"fopa ({args.target}), weights {weights_version(weights)} from {weights}"
     try:
-        model_dir = write_repository(args.target, args.out, weights)
+        if args.action == "export":
+            _print(f"{described}: written to {write_repository(args.target, args.out, weights)}")
+            return 0
+        for key in publish_repository(ObjectStore(config.store), args.prefix, args.target, weights):
+            _print(f"uploaded {key}")
     except ExportMismatch as err:
         print(f"freemask: {err}; the repository was left as it was", file=sys.stderr)
         return 1
-    _print(f"fopa ({args.target}) written to {model_dir}, weights {weights_version(weights)} from {weights}")
+    _print(f"{described}: serve it with tritonserver --model-repository={repository_url(config.store, args.prefix)}")
     return 0
 
 
@@ -358,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "thesaurus":
             return _thesaurus_command(config, args)
         if args.command == "placement":
-            return _placement_command(args)
+            return _placement_command(config, args)
         if args.command == "scoring":
             return _scoring_command(config, args)
         if args.command == "export":

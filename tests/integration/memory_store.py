@@ -1,10 +1,12 @@
 """An ObjectStore stand-in over a dict, for unit tests of cores that read and write keys.
 
-It implements the calls the cores make (stat, get_bytes, put_bytes, exists, delete)
+It implements the calls the cores make (stat, get_bytes, put_bytes, put_file, exists, delete)
 with the store's errors; tests that need the real S3 API use the embedded stack.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from freemask.shared.store import ObjectInfo, ObjectNotFound, StoreError
 
@@ -27,6 +29,9 @@ class MemoryStore:
     def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> ObjectInfo:
         self.objects[key] = bytes(data)
         return ObjectInfo(key, len(data), "etag")
+
+    def put_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> ObjectInfo:
+        return self.put_bytes(key, path.read_bytes(), content_type)
 
     def exists(self, key: str) -> bool:
         return key in self.objects
