@@ -30,7 +30,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import deque
 from pathlib import Path
 
 import torch
@@ -39,27 +38,24 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 sys.path.insert(0, str(HERE.parent / "integration"))
 
+from in_process import InProcessPlatform  # noqa: E402
 from ports import reserve_ports  # noqa: E402
 
 from freemask.coordinator.job import stage_totals  # noqa: E402
-from freemask.coordinator.rounds import GENERATE, Publish, RunMachine, Train  # noqa: E402
-from freemask.coordinator.service import run_settings  # noqa: E402
+from freemask.coordinator.rounds import RunMachine, Train  # noqa: E402
 from freemask.scoring.models import SegmenterStore  # noqa: E402
 from freemask.scoring.scorer import label_names  # noqa: E402
 from freemask.scoring.train import SegmenterTrainer, TrainSpec  # noqa: E402
-from freemask.shared.bus import InboundMessage, OutboundMessage, Topics, ensure_topics  # noqa: E402
+from freemask.shared.bus import ensure_topics  # noqa: E402
 from freemask.shared.cli import start_services, stop_services  # noqa: E402
 from freemask.shared.config import SERVICE_NAMES, FreemaskConfig, StackConfig, load_config  # noqa: E402
 from freemask.shared.image_refs import ImageReader  # noqa: E402
-from freemask.shared.metrics import ServiceMetrics  # noqa: E402
-from freemask.shared.runner import ServiceContext, load_builder  # noqa: E402
 from freemask.shared.stack import EmbeddedStack  # noqa: E402
 from freemask.shared.store import ObjectStore  # noqa: E402
 from freemask.v1 import coordinator_pb2, coordinator_pb2_grpc  # noqa: E402
 
 RESULTS = HERE / "results"
 SEED = 0
-STAGES = ("attention_mask", "thesaurus", "placement", "harmonization", "scoring")
 
 
 def services_run(config: FreemaskConfig, env: dict[str, str], log_dir: Path, overrides: dict[str, str]
@@ -94,69 +90,24 @@ def services_run(config: FreemaskConfig, env: dict[str, str], log_dir: Path, ove
 
 def in_process_run(config: FreemaskConfig, overrides: dict[str, str]) -> tuple[float, int]:
     """(seconds of D'_0, samples scored) with the machine and every stage handler in this process."""
-    context = {name: ServiceContext(name, config, ServiceMetrics(name)) for name in STAGES}
-    parts = {name: load_builder(name)(context[name]) for name in STAGES}
-    stages = {part.stage.topic: part.stage for part in parts.values()}
     store = ObjectStore(config.store)
-    names = label_names(config)
-    trainer = SegmenterTrainer(config.scoring, names, SegmenterStore(store), ImageReader(store, config.limits))
-    machine = RunMachine.new("bench-in-process", SEED, run_settings(config, overrides))
-    pending: deque[OutboundMessage] = deque()
+    trainer = SegmenterTrainer(config.scoring, label_names(config), SegmenterStore(store),
+                               ImageReader(store, config.limits))
+    platform = InProcessPlatform(config)
     started = None
 
-    def act(actions: list) -> None:
+    def train(machine: RunMachine, action: Train) -> None:
         nonlocal started
-        for action in actions:
-            if isinstance(action, Publish):
-                pending.append(OutboundMessage(action.topic, action.key, action.message))
-                continue
-            assert isinstance(action, Train)
-            trainer.run(TrainSpec(machine.record.run_id, action.round, action.pairs,
-                                  epochs=machine.record.settings.train_epochs or config.scoring.epochs, seed=SEED))
-            act(machine.on_trained(action.round))
-            if machine.record.phase == GENERATE:
-                started = time.perf_counter()
+        trainer.run(TrainSpec(machine.record.run_id, action.round, action.pairs,
+                              epochs=machine.record.settings.train_epochs or config.scoring.epochs, seed=SEED))
+        started = time.perf_counter()  # D'_0's slots are published as soon as f_0 is in
 
-    act(machine.start())
-    while pending:
-        topic = pending[0].topic
-        batch = []
-        while pending and pending[0].topic == topic and len(batch) < config.bus.max_poll_records:
-            batch.append(pending.popleft())
-        if topic == Topics.SINGLES:
-            for out in batch:
-                act(machine.on_single(out.message))
-        elif topic == Topics.SCORED:
-            for out in batch:
-                act(machine.on_scored(out.message))
-        elif topic == Topics.ACCEPTED:
-            continue
-        else:
-            handle(stages[topic], batch, machine, act, pending)
-    elapsed = time.perf_counter() - started
-    for part in parts.values():
-        if part.on_stop is not None:
-            part.on_stop()
-    return elapsed, sum(slot.score is not None for slot in machine.record.rounds[0].slots)
-
-
-def handle(stage, batch: list[OutboundMessage], machine: RunMachine, act, pending: deque) -> None:
-    """One polled batch through a stage's handler: its outputs queued, a failure dead-lettered."""
-    messages = [InboundMessage(out.topic, 0, 0, out.key, out.message.SerializeToString(), {}) for out in batch]
     try:
-        results = stage.batch_handler(messages) if stage.batch_handler and len(messages) > 1 else None
-    except Exception:  # noqa: BLE001 - as the worker does: fall back to one at a time
-        results = None
-    if results is None:
-        results = []
-        for message in messages:
-            try:
-                results.append(stage.handler(message))
-            except Exception as err:  # noqa: BLE001 - the worker would retry, then dead-letter it
-                results.append([])
-                act(machine.on_dead_letter(message.key, str(err)))
-    for outputs in results:
-        pending.extend(outputs)
+        machine = platform.run("bench-in-process", SEED, overrides, train)
+    finally:
+        platform.close()
+    elapsed = time.perf_counter() - started
+    return elapsed, sum(slot.score is not None for slot in machine.record.rounds[0].slots)
 
 
 def main() -> None:

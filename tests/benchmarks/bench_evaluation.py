@@ -1,0 +1,347 @@
+"""Evaluation benchmark (#11): the paper's main table, ablation and rounds curve on the reference world.
+
+    .venv/bin/python tests/benchmarks/bench_evaluation.py [--initial 40] [--per-round 48] [--rounds 3]
+
+Every figure is the mIoU, on the reference world's validation scenes, of the same segmenter
+(scoring config: the tiny Mask2Former at 32 px) trained with the same recipe (`--epochs`,
+seed 0) on one dataset:
+
+- **real**: rendered scenes of the train split with their exact label maps;
+- **freemask**: the accepted samples of a whole Free-Mask run (`--rounds` rounds of
+  Algorithm 1: D_0 of `--initial` single objects, then `--per-round` slots per round, half of
+  them composed scenes, each round keeping the top α = 0.7 by S(x));
+- **diffumask_style**: single objects only, each mask the soft map at one fixed threshold
+  (`--diffumask-threshold`, the best single threshold on train-split scenes measured by
+  bench_attention_mask), no editing, no selection;
+- **dataset_diffusion_style**: the same with the fixed threshold 0.5 and no affinity.
+
+The baselines and `real` get as many images as `freemask` accepted. The ablation reruns the
+whole of Algorithm 1 with one part removed: the thesaurus (objects drawn uniformly), FOPA
+(boxes drawn uniformly among the valid ones), harmonization (copy-paste), active learning
+(α = 1: keep everything), and α ∈ {0.5, 0.9}; each is scored like `freemask`. `rounds` is
+the validation mIoU of each round's f_t in the `freemask` run.
+
+Every run uses the same run seed, so the single objects are the same prompts and seeds in
+every variant; each is generated once and its result reused (the generator is deterministic
+per prompt, which is what makes a redelivered request rewrite the same bytes), and written
+under each variant's own keys. The stages run in this process with their own handlers
+(in_process.py) against a private SeaweedFS and tritonserver: no broker is needed to
+compare datasets, and bench_pipeline measures what the bus costs.
+
+Writes tests/benchmarks/results/evaluation.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "integration"))
+
+from freemask.attention_mask.generation import GeneratedObject, MaskGenerator, ObjectPrompt  # noqa: E402
+from freemask.attention_mask.service import GenerateStage, SingleObjectWriter  # noqa: E402
+from freemask.coordinator.rounds import COMPLETED, RunMachine, Train  # noqa: E402
+from freemask.harmonization.composite import paste  # noqa: E402
+from freemask.scoring.data import LabelledPair, write_reference_split  # noqa: E402
+from freemask.scoring.models import SegmenterStore, model_version  # noqa: E402
+from freemask.scoring.scorer import Scorer, SegmenterCache, label_names  # noqa: E402
+from freemask.scoring.train import SegmenterTrainer, TrainSpec  # noqa: E402
+from freemask.shared.bus import Topics  # noqa: E402
+from freemask.shared.config import FreemaskConfig, StackConfig, load_config  # noqa: E402
+from freemask.shared.image_refs import ImageReader  # noqa: E402
+from freemask.shared.images import encode_png  # noqa: E402
+from freemask.shared.runner import StageSpec  # noqa: E402
+from freemask.shared.stack import EmbeddedStack  # noqa: E402
+from freemask.shared.store import ObjectStore  # noqa: E402
+from freemask.world import IGNORE_ID, dataset, render_objects_one_by_one, render_scene  # noqa: E402
+from freemask.world.scene import scene_with  # noqa: E402
+from in_process import InProcessPlatform  # noqa: E402
+from ports import reserve_ports  # noqa: E402
+
+RESULTS = HERE / "results"
+SEED = 0
+IMAGE_SIZE = 32
+DATASET_DIFFUSION_THRESHOLD = 0.5
+
+# name -> (config overrides as FREEMASK_* env, run overrides as a StartRun would give them)
+FREEMASK = "freemask"
+VARIANTS: dict[str, tuple[dict[str, str], dict[str, str]]] = {
+    FREEMASK: ({}, {}),
+    "without_thesaurus": ({"FREEMASK_THESAURUS__OBJECT_CHOICE": "uniform"}, {}),
+    "without_fopa": ({"FREEMASK_PLACEMENT__MODEL": "uniform"}, {}),
+    "without_harmonization": ({"FREEMASK_HARMONIZATION__METHOD": "copy_paste"}, {}),
+    "without_active_learning": ({}, {"alpha": "1.0"}),
+    "alpha_0.5": ({}, {"alpha": "0.5"}),
+    "alpha_0.9": ({}, {"alpha": "0.9"}),
+}
+
+
+class MemoGenerator:
+    """A MaskGenerator whose results are kept by prompt, so variants of one run draw each object once."""
+
+    def __init__(self, generator: MaskGenerator) -> None:
+        self._generator = generator
+        self.results: dict[ObjectPrompt, GeneratedObject] = {}
+
+    def generate(self, prompts: Sequence[ObjectPrompt]) -> list[GeneratedObject]:
+        missing = [p for p in dict.fromkeys(prompts) if p not in self.results]
+        if missing:
+            self.results.update(zip(missing, self._generator.generate(missing)))
+        return [self.results[p] for p in prompts]
+
+    def __getattr__(self, name: str):  # version, refine_config, prompt_for: the generator's own
+        return getattr(self._generator, name)
+
+
+class Evaluation:
+    """Trains the segmenter on a dataset and measures it on the validation scenes."""
+
+    def __init__(self, config: FreemaskConfig, store: ObjectStore, val_pairs: list[LabelledPair]) -> None:
+        names = label_names(config)
+        reader = ImageReader(store, config.limits)
+        self.trainer = SegmenterTrainer(config.scoring, names, SegmenterStore(store), reader)
+        self.scorer = Scorer(SegmenterCache(SegmenterStore(store), names, 2, torch.device("cpu")), reader, config)
+        self.val_pairs = val_pairs
+        self.class_names = names
+
+    def train(self, run_id: str, round_index: int, pairs: Sequence[LabelledPair], epochs: int,
+              init_from=None) -> float:
+        self.trainer.run(TrainSpec(run_id, round_index, tuple(pairs), epochs=epochs, seed=SEED, init_from=init_from))
+        return self.scorer.evaluate(self.val_pairs, model_version(run_id, round_index)).mean_iou
+
+    def final(self, name: str, pairs: Sequence[LabelledPair], epochs: int) -> dict[str, object]:
+        """The table's figure for one dataset: a fresh segmenter trained on `pairs`."""
+        run_id = f"eval-{name.replace('_', '-').replace('.', '-')}"
+        self.trainer.run(TrainSpec(run_id, 0, tuple(pairs), epochs=epochs, seed=SEED))
+        result = self.scorer.evaluate(self.val_pairs, model_version(run_id, 0))
+        print(f"{name}: mIoU {result.mean_iou:.4f} from {len(pairs)} images", flush=True)
+        return {"miou": round(result.mean_iou, 4), "images": len(pairs),
+                "class_iou": {k: round(v, 4) for k, v in sorted(result.class_iou.items())}}
+
+
+def accepted_pairs(machine: RunMachine) -> list[LabelledPair]:
+    """The run's output: every accepted sample's image and label, in slot order."""
+    accepted = set(machine.record.accepted)
+    return [LabelledPair(slot.sample["keys"]["image_key"], slot.sample["keys"]["label_key"])
+            for current in machine.record.rounds for slot in current.slots if slot.final_id in accepted]
+
+
+def singles_of(machine: RunMachine) -> list[dict]:
+    """Every single object the run generated (D_0, then each round's), in order."""
+    slots = machine.record.bootstrap + [slot for current in machine.record.rounds for slot in current.slots]
+    return [slot.single for slot in slots if slot.single is not None]
+
+
+def fixed_threshold_pairs(store: ObjectStore, singles: Sequence[dict], threshold: float, name: str
+                          ) -> list[LabelledPair]:
+    """Each single's image with its soft map cut at one threshold (no affinity, no refinement)."""
+    pairs = []
+    for single in singles:
+        soft = np.load(io.BytesIO(store.get_bytes(single["keys"]["softmap_key"])))["softmap"]
+        label = np.where(soft >= threshold, single["class_id"], 0).astype(np.uint8)
+        label_key = f"baselines/{name}/{single['sample_id']}/label.png"
+        store.put_bytes(label_key, encode_png(label), "image/png")
+        pairs.append(LabelledPair(single["keys"]["image_key"], label_key))
+    return pairs
+
+
+def occluding_scenes(split: str, count: int) -> list:
+    """The split's first `count` scenes in which objects of two different classes overlap."""
+    found, index = [], 0
+    while len(found) < count:
+        scene = dataset(split, index, IMAGE_SIZE)
+        index += 1
+        masks = render_objects_one_by_one(scene.spec)
+        classes = [obj.cls for obj in scene.spec.objects]
+        if any((masks[i] & masks[j]).any() and classes[i] != classes[j]
+               for i in range(len(masks)) for j in range(i + 1, len(masks))):
+            found.append(scene)
+    return found
+
+
+def composited_labels(scene) -> np.ndarray:
+    """The scene rebuilt as the editing stage builds one: its first object alone, then each later
+    object's own pixels and exact mask pasted on top in draw order (no harmonization)."""
+    spec = scene.spec
+    masks = render_objects_one_by_one(spec)
+    base = render_scene(scene_with(spec, spec.objects[:1]))
+    image, labels, instances = base.image, base.label, base.instances
+    for index, obj in enumerate(spec.objects[1:], start=1):
+        alone = render_scene(scene_with(spec, [obj]))
+        rows, cols = np.flatnonzero(masks[index].any(axis=1)), np.flatnonzero(masks[index].any(axis=0))
+        y, x, height, width = rows[0], cols[0], rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
+        pasted = paste(image, labels, instances, alone.image[y:y + height, x:x + width],
+                       masks[index][y:y + height, x:x + width], (int(x), int(y), int(width), int(height)),
+                       scene.objects[index].class_id, index + 1)
+        image, labels, instances = pasted.image, pasted.labels, pasted.instances
+    return labels
+
+
+def attention_labels(generator: MaskGenerator, scene, noise_level: float, threshold: float) -> np.ndarray:
+    """Generate-then-segment: the scene's class words' attention maps on its image, each pixel
+    given the class whose map is highest there if that map reaches `threshold`."""
+    classes = list(dict.fromkeys(obj.cls for obj in scene.objects))
+    ids = np.array([next(o.class_id for o in scene.objects if o.cls == cls) for cls in classes])
+    prompt = "a photo of " + " and ".join(f"a {cls}" for cls in classes) + f" in the {scene.spec.background}"
+    maps = generator.segment(scene.image, prompt, classes, seed=SEED, noise_level=noise_level)
+    return np.where(maps.max(axis=0) >= threshold, ids[maps.argmax(axis=0)], 0).astype(np.uint8)
+
+
+def label_accuracy(scenes: Sequence, predicted: Sequence[np.ndarray]) -> dict[str, float]:
+    """Pixel accuracy over every labelled pixel, over object pixels, and over occluded pixels
+    (those two objects' own masks share: the label must name the one in front)."""
+    hits = {"all": [0, 0], "objects": [0, 0], "occluded": [0, 0]}
+    for scene, labels in zip(scenes, predicted):
+        masks = render_objects_one_by_one(scene.spec)
+        regions = {"all": scene.label != IGNORE_ID, "objects": (scene.label != IGNORE_ID) & (scene.label > 0),
+                   "occluded": (np.sum(masks, axis=0) >= 2) & (scene.label != IGNORE_ID)}
+        for name, region in regions.items():
+            hits[name][0] += int((labels[region] == scene.label[region]).sum())
+            hits[name][1] += int(region.sum())
+    return {name: round(right / total, 4) if total else None for name, (right, total) in hits.items()}
+
+
+def occlusion_accuracy(generator: MaskGenerator, count: int) -> dict[str, object]:
+    """Figure 6's comparison on reference scenes with occlusion, where the truth is exact. The
+    attention path's noise level and threshold are the best of a small grid on train scenes."""
+    tuning = occluding_scenes("train", count)
+    grid = [(noise, threshold) for noise in (0.1, 0.3, 0.5) for threshold in (0.3, 0.5, 0.7)]
+    scores = {setting: label_accuracy(tuning, [attention_labels(generator, scene, *setting) for scene in tuning])
+              ["all"] for setting in grid}
+    noise_level, threshold = max(grid, key=lambda setting: scores[setting])
+    scenes = occluding_scenes("val", count)
+    return {
+        "freemask_compositing": label_accuracy(scenes, [composited_labels(scene) for scene in scenes]),
+        "generate_then_segment": label_accuracy(
+            scenes, [attention_labels(generator, scene, noise_level, threshold) for scene in scenes]),
+        "scenes": count, "attention_noise_level": noise_level, "attention_threshold": threshold,
+    }
+
+
+def run_variant(name: str, env: dict[str, str], generator: MemoGenerator, evaluation: Evaluation,
+                run_overrides: dict[str, str], round_epochs: int) -> RunMachine:
+    config = load_config(environ=env)
+    writer = SingleObjectWriter(config, generator, ObjectStore(config.store))
+    generate = GenerateStage(writer)
+    platform = InProcessPlatform(config, {"attention_mask": StageSpec(Topics.GENERATE, generate.handle,
+                                                                      batch_handler=generate.handle_batch)})
+    run_id = f"eval-run-{name.replace('_', '-').replace('.', '-')}"
+
+    def train(machine: RunMachine, action: Train) -> float:
+        miou = evaluation.train(run_id, action.round, action.pairs, round_epochs, action.init_from)
+        print(f"{name}: f_{action.round} on {len(action.pairs)} images, validation mIoU {miou:.4f}", flush=True)
+        return miou
+
+    started = time.perf_counter()
+    try:
+        machine = platform.run(run_id, SEED, run_overrides, train)
+    finally:
+        platform.close()
+    record = machine.record
+    if record.phase != COMPLETED:
+        raise RuntimeError(f"{name}: the run ended {record.phase}: {record.error}")
+    print(f"{name}: run done in {time.perf_counter() - started:.0f} s, {len(record.accepted)} accepted", flush=True)
+    return machine
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--initial", type=int, default=40, help="|D_0|: single objects generated first")
+    parser.add_argument("--per-round", type=int, default=48, help="|D'_t|: slots per round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of Algorithm 1")
+    parser.add_argument("--round-epochs", type=int, default=20, help="epochs of each round's f_t")
+    parser.add_argument("--epochs", type=int, default=40, help="epochs of every table entry's segmenter")
+    parser.add_argument("--val", type=int, default=200, help="reference validation scenes")
+    parser.add_argument("--occlusion-scenes", type=int, default=40,
+                        help="scenes with occlusion for the label-accuracy comparison (and as many to tune on)")
+    parser.add_argument("--diffumask-threshold", type=float, default=0.7,
+                        help="the DiffuMask-style baseline's one threshold (attention_mask.json best_global_threshold)")
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    torch.manual_seed(SEED)
+    run_overrides = {"rounds": str(args.rounds), "initial_samples": str(args.initial),
+                     "samples_per_round": str(args.per_round), "image_size": str(IMAGE_SIZE),
+                     "train_epochs": str(args.round_epochs)}
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        base = reserve_ports(17)[0]
+        stack = EmbeddedStack(StackConfig(
+            data_dir=Path(tmp) / "stack", s3_port=base, kafka_port=base + 1, triton_http_port=base + 2,
+            triton_grpc_port=base + 3, triton_metrics_port=base + 4, seaweed_port_base=base + 5,
+            model_repository=HERE.parent.parent / "deploy" / "triton" / "models"))
+        stack.up(("seaweedfs", "tritonserver"), progress=print)
+        try:
+            env = {**{k: v for k, v in os.environ.items() if not k.startswith("FREEMASK_")}, **stack.client_env(),
+                   "FREEMASK_SCORING__INPUT_SIZE": str(IMAGE_SIZE)}
+            config = load_config(environ=env)
+            store = ObjectStore(config.store)
+            store.ensure_bucket()
+            val_pairs, _ = write_reference_split(store, "val", IMAGE_SIZE, args.val)
+            evaluation = Evaluation(config, store, val_pairs)
+            generator = MemoGenerator(MaskGenerator.from_config(config.attention_mask))
+            occlusion = occlusion_accuracy(generator, args.occlusion_scenes)
+            print(f"occlusion: {json.dumps(occlusion)}", flush=True)
+            machines = {name: run_variant(name, {**env, **VARIANTS[name][0]}, generator, evaluation,
+                                          {**run_overrides, **VARIANTS[name][1]}, args.round_epochs)
+                        for name in dict.fromkeys([FREEMASK, *args.variants])}
+            table = {name: evaluation.final(name, accepted_pairs(machine), args.epochs)
+                     for name, machine in machines.items()}
+            count = table[FREEMASK]["images"]
+            real_pairs, _ = write_reference_split(store, "train", IMAGE_SIZE, count)
+            table["real"] = evaluation.final("real", real_pairs, args.epochs)
+            singles = singles_of(machines[FREEMASK])[:count]
+            table["diffumask_style"] = evaluation.final(
+                "diffumask_style", fixed_threshold_pairs(store, singles, args.diffumask_threshold, "diffumask"),
+                args.epochs)
+            table["dataset_diffusion_style"] = evaluation.final(
+                "dataset_diffusion_style",
+                fixed_threshold_pairs(store, singles, DATASET_DIFFUSION_THRESHOLD, "dataset-diffusion"), args.epochs)
+            rounds = [r.validation_mean_iou for r in machines[FREEMASK].record.rounds]
+        finally:
+            stack.down(progress=print)
+    miou = {name: entry["miou"] for name, entry in table.items()}
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
+    result = {
+        "miou_real": miou["real"],
+        "miou_freemask": miou[FREEMASK],
+        "ratio": round(miou[FREEMASK] / miou["real"], 3) if miou["real"] else None,
+        "miou_diffumask_style": miou["diffumask_style"],
+        "miou_dataset_diffusion_style": miou["dataset_diffusion_style"],
+        "ablation": {"full": miou[FREEMASK], **{name: miou[name] for name in machines if name != FREEMASK},
+                     "alpha_0.7": miou[FREEMASK]},
+        "rounds": [round(value, 4) if value is not None else None for value in rounds],
+        "occlusion_label_accuracy": {method: occlusion[method]["occluded"]
+                                     for method in ("freemask_compositing", "generate_then_segment")},
+        "occlusion": occlusion,
+        "table": table,
+        "generated_single_objects": len(generator.results),
+        "bench_seconds": round(time.perf_counter() - started, 1),
+        "commit": commit or None,
+        "seed": SEED,
+        "config": {"run_overrides": run_overrides, "epochs": args.epochs, "validation_scenes": args.val,
+                   "diffumask_threshold": args.diffumask_threshold,
+                   "dataset_diffusion_threshold": DATASET_DIFFUSION_THRESHOLD,
+                   "scoring": config.scoring.model_dump(mode="json"),
+                   "num_inference_steps": config.attention_mask.num_inference_steps, "cpus": os.cpu_count()},
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps({k: v for k, v in result.items() if k not in ("table", "config", "occlusion")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
