@@ -88,3 +88,16 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def fopa_weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Weights of an untrained FOPA (seed 0): exporting and publishing need a net, not a good one."""
+    import torch
+
+    from freemask.placement.model import FopaNet, save_fopa
+
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("fopa-weights")
+    save_fopa(FopaNet(), directory)
+    return directory

@@ -26,7 +26,7 @@ from tritonclient.grpc import model_config_pb2
 
 from freemask.placement import triton_repo
 from freemask.placement.export import OPSET_VERSION, ExportMismatch, export_onnx, verify_onnx
-from freemask.placement.model import FopaHeatmap, FopaNet, load_fopa, save_fopa, weights_version
+from freemask.placement.model import FopaHeatmap, FopaNet, load_fopa, weights_version
 from freemask.placement.triton_repo import (
     TARGETS,
     fopa_model,
@@ -40,23 +40,15 @@ TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module")
-def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("fopa-weights")
-    save_fopa(FopaNet(), directory)
-    return directory
+def reference(fopa_weights_dir: Path) -> FopaHeatmap:
+    return FopaHeatmap(load_fopa(fopa_weights_dir)).eval()
 
 
 @pytest.fixture(scope="module")
-def reference(weights_dir: Path) -> FopaHeatmap:
-    return FopaHeatmap(load_fopa(weights_dir)).eval()
-
-
-@pytest.fixture(scope="module")
-def repositories(weights_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def repositories(fopa_weights_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """`fopa/` as written for each target (one export each, shared by the tests below)."""
     root = tmp_path_factory.mktemp("repositories")
-    return {target: write_repository(target, root / target, weights_dir) for target in TARGETS}
+    return {target: write_repository(target, root / target, fopa_weights_dir) for target in TARGETS}
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +85,8 @@ def test_onnx_equals_torch_at_any_batch_size(onnx_path: Path, reference: FopaHea
     np.testing.assert_allclose(heatmap, _expected(reference, background, foreground), rtol=0, atol=TOLERANCE)
 
 
-def test_export_from_a_weights_dir_writes_one_self_contained_file(weights_dir: Path, tmp_path: Path) -> None:
-    path = export_onnx(weights_dir, tmp_path / "out" / "fopa.onnx")
+def test_export_from_a_weights_dir_writes_one_self_contained_file(fopa_weights_dir: Path, tmp_path: Path) -> None:
+    path = export_onnx(fopa_weights_dir, tmp_path / "out" / "fopa.onnx")
 
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["fopa.onnx"]  # no external data, no leftovers
     model = onnx.load(str(path))
@@ -148,7 +140,7 @@ def test_verify_catches_a_graph_that_computes_something_else(
 
 
 def test_a_wrong_export_is_never_published(
-    onnx_path: Path, weights_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    onnx_path: Path, fopa_weights_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     wrong = _tampered(onnx_path, tmp_path / "wrong.onnx")
     out = tmp_path / "out"
@@ -156,7 +148,7 @@ def test_a_wrong_export_is_never_published(
     monkeypatch.setattr(torch.onnx, "export", _exporting(wrong))
 
     with pytest.raises(ExportMismatch):
-        export_onnx(weights_dir, out / "fopa.onnx")
+        export_onnx(fopa_weights_dir, out / "fopa.onnx")
 
     assert list(out.iterdir()) == []
 
@@ -224,7 +216,7 @@ def test_config_matches_the_exported_graph(onnx_path: Path) -> None:
 # --- the repository writer -----------------------------------------------------------------------------------
 
 
-def test_repository_layout_per_target(repositories: dict[str, Path], weights_dir: Path) -> None:
+def test_repository_layout_per_target(repositories: dict[str, Path], fopa_weights_dir: Path) -> None:
     embedded, production = repositories["embedded"], repositories["production"]
 
     assert sorted(str(p.relative_to(embedded)) for p in embedded.rglob("*")) == [
@@ -234,27 +226,27 @@ def test_repository_layout_per_target(repositories: dict[str, Path], weights_dir
     assert (embedded / "1" / "model.py").read_bytes() == triton_repo.PYTHON_MODEL_SOURCE.read_bytes()
     for repository in (embedded, production):
         config = _parse((repository / "config.pbtxt").read_text())
-        assert config.parameters["weights_version"].string_value == weights_version(weights_dir)
+        assert config.parameters["weights_version"].string_value == weights_version(fopa_weights_dir)
         assert [p.name for p in repository.parent.iterdir()] == ["fopa"]
     # nothing beside the repositories either: the staging directories are gone
     assert sorted(p.name for p in embedded.parent.parent.iterdir()) == sorted(TARGETS)
 
 
 def test_a_failed_export_writes_no_repository(
-    onnx_path: Path, weights_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    onnx_path: Path, fopa_weights_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(torch.onnx, "export", _exporting(_tampered(onnx_path, tmp_path / "wrong.onnx")))
     out = tmp_path / "root" / "models"
 
     with pytest.raises(ExportMismatch):
-        write_repository("embedded", out, weights_dir)
+        write_repository("embedded", out, fopa_weights_dir)
 
     assert list(out.iterdir()) == []
     assert [p.name for p in out.parent.iterdir()] == ["models"]
 
 
 def test_a_failed_export_keeps_the_previous_repository(
-    repositories: dict[str, Path], weights_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    repositories: dict[str, Path], fopa_weights_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "models"
     shutil.copytree(repositories["embedded"], out / "fopa")
@@ -262,20 +254,20 @@ def test_a_failed_export_keeps_the_previous_repository(
     monkeypatch.setattr(torch.onnx, "export", _failing_export)
 
     with pytest.raises(RuntimeError, match="exporter crashed"):
-        write_repository("embedded", out, weights_dir)
+        write_repository("embedded", out, fopa_weights_dir)
 
     assert {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["models"]
 
 
 def test_rewriting_replaces_the_previous_repository(
-    onnx_path: Path, weights_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    onnx_path: Path, fopa_weights_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "models"
     (out / "fopa" / "2").mkdir(parents=True)  # a stale version that must not survive
     monkeypatch.setattr(torch.onnx, "export", _exporting(onnx_path))
 
-    write_repository("production", out, weights_dir)
+    write_repository("production", out, fopa_weights_dir)
 
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == [
         "fopa", "fopa/1", "fopa/1/model.onnx", "fopa/config.pbtxt"]

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import onnx
 import pytest
-import torch
 
-from freemask.placement.model import FopaNet, save_fopa, weights_version
+from freemask.placement.model import weights_version
 from freemask.placement.publish import publish_repository, repository_url
 from freemask.placement.triton_repo import fopa_model, render_config
 from freemask.shared.config import StoreConfig
@@ -40,32 +39,24 @@ class RecordingStore(MemoryStore):
 
 
 @pytest.fixture(scope="module")
-def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("fopa-weights")
-    save_fopa(FopaNet(), directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def published(weights_dir: Path) -> RecordingStore:
+def published(fopa_weights_dir: Path) -> RecordingStore:
     store = RecordingStore()
-    publish_repository(store, "triton/repository/", "production", weights_dir)
+    publish_repository(store, "triton/repository/", "production", fopa_weights_dir)
     return store
 
 
 def test_publish_uploads_the_production_model_with_its_config_last(published: RecordingStore,
-                                                                   weights_dir: Path) -> None:
+                                                                   fopa_weights_dir: Path) -> None:
     assert published.order == ["triton/repository/fopa/1/model.onnx", "triton/repository/fopa/config.pbtxt"]
     config = published.objects["triton/repository/fopa/config.pbtxt"].decode()
-    assert config == render_config("production", fopa_model(weights_version(weights_dir)))
+    assert config == render_config("production", fopa_model(weights_version(fopa_weights_dir)))
     onnx.checker.check_model(onnx.load_from_string(published.objects["triton/repository/fopa/1/model.onnx"]))
 
 
-def test_publish_of_the_embedded_target_carries_its_python_model(weights_dir: Path) -> None:
+def test_publish_of_the_embedded_target_carries_its_python_model(fopa_weights_dir: Path) -> None:
     store = RecordingStore()
 
-    keys = publish_repository(store, "repo", "embedded", weights_dir)
+    keys = publish_repository(store, "repo", "embedded", fopa_weights_dir)
 
     assert keys == store.order
     assert sorted(keys) == ["repo/fopa/1/model.onnx", "repo/fopa/1/model.py", "repo/fopa/config.pbtxt"]
@@ -73,11 +64,11 @@ def test_publish_of_the_embedded_target_carries_its_python_model(weights_dir: Pa
 
 
 @pytest.mark.parametrize("prefix", ["../models", "a//b", "/abs", "Upper/case", ""])
-def test_a_prefix_outside_the_key_layout_uploads_nothing(prefix: str, weights_dir: Path) -> None:
+def test_a_prefix_outside_the_key_layout_uploads_nothing(prefix: str, fopa_weights_dir: Path) -> None:
     store = RecordingStore()
 
     with pytest.raises(InvalidIdError, match="repository prefix"):
-        publish_repository(store, prefix, "production", weights_dir)
+        publish_repository(store, prefix, "production", fopa_weights_dir)
 
     assert store.order == []
 
