@@ -238,6 +238,8 @@ def run_variant(name: str, env: dict[str, str], generator: MemoGenerator, evalua
     platform = InProcessPlatform(config, {"attention_mask": StageSpec(Topics.GENERATE, generate.handle,
                                                                       batch_handler=generate.handle_batch)})
     run_id = f"eval-run-{name.replace('_', '-').replace('.', '-')}"
+    if float(run_overrides["alpha"]) >= 1.0:
+        round_epochs = 1  # a run that keeps everything selects nothing with its f_t: they need not be good
 
     def train(machine: RunMachine, action: Train) -> float:
         miou = evaluation.train(run_id, action.round, action.pairs, round_epochs, action.init_from)
@@ -261,8 +263,8 @@ def main() -> None:
     parser.add_argument("--initial", type=int, default=40, help="|D_0|: single objects generated first")
     parser.add_argument("--per-round", type=int, default=48, help="|D'_t|: slots per round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of Algorithm 1")
-    parser.add_argument("--round-epochs", type=int, default=20, help="epochs of each round's f_t")
-    parser.add_argument("--epochs", type=int, default=40, help="epochs of every table entry's segmenter")
+    parser.add_argument("--round-epochs", type=int, default=80, help="epochs of each round's f_t")
+    parser.add_argument("--epochs", type=int, default=150, help="epochs of every table entry's segmenter")
     parser.add_argument("--val", type=int, default=200, help="reference validation scenes")
     parser.add_argument("--occlusion-scenes", type=int, default=40,
                         help="scenes with occlusion for the label-accuracy comparison (and as many to tune on)")
@@ -273,7 +275,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(SEED)
-    run_overrides = {"rounds": str(args.rounds), "initial_samples": str(args.initial),
+    run_overrides = {"alpha": "0.7", "rounds": str(args.rounds), "initial_samples": str(args.initial),
                      "samples_per_round": str(args.per_round), "image_size": str(IMAGE_SIZE),
                      "train_epochs": str(args.round_epochs)}
     started = time.perf_counter()

@@ -1,0 +1,44 @@
+"""The evaluation and GPU benchmarks run end to end at a toy size, so they cannot rot between
+the rare machines that run them in full. Only their wiring and output are checked here: the
+figures themselves belong to `make bench`, never to a pass/fail test."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_benchmark(script: str, *args: str, timeout: float) -> None:
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+
+
+@pytest.mark.stack
+def test_the_evaluation_benchmark_writes_every_key_the_issue_names(tmp_path: Path) -> None:
+    run_benchmark("bench_evaluation.py", "--initial", "6", "--per-round", "6", "--rounds", "2", "--round-epochs", "1",
+                  "--epochs", "1", "--val", "8", "--occlusion-scenes", "2", "--variants", "without_fopa",
+                  "--out", str(tmp_path), timeout=600)
+    result = json.loads((tmp_path / "evaluation.json").read_text())
+    for key in ("miou_real", "miou_freemask", "ratio", "miou_diffumask_style", "miou_dataset_diffusion_style",
+                "ablation", "rounds", "occlusion_label_accuracy", "commit", "config", "seed"):
+        assert key in result, key
+    assert set(result["ablation"]) == {"full", "without_fopa", "alpha_0.7"}
+    assert len(result["rounds"]) == 2 and all(0.0 <= value <= 1.0 for value in result["rounds"])
+    # Pasting each object's exact mask in draw order must rebuild the rendered truth exactly.
+    assert result["occlusion_label_accuracy"]["freemask_compositing"] == 1.0
+
+
+def test_the_gpu_benchmark_runs_its_tiny_layout_on_cpu(tmp_path: Path) -> None:
+    run_benchmark("bench_gpu.py", "--smoke", "--batches", "1", "2", "--steps", "2", "--repeats", "1",
+                  "--out", str(tmp_path), timeout=600)
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    for key in ("device", "capture_overhead", "images_per_s", "flops_fraction", "commit", "config", "seed"):
+        assert key in result, key
+    assert set(result["images_per_s"]) == {"1", "2"} and result["gflops_per_image"]["2"] > 0
