@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,6 +142,10 @@ class MaskGenerator:
         self.pipe = pipe
         self.config = config
         self.version = version
+        # Capture installs its processors on the one shared UNet for the length of a pass, so
+        # two passes at once (gRPC worker threads and the stage worker share this generator)
+        # would write into each other's stores: passes run one at a time.
+        self._unet_lock = threading.Lock()
         self.refine_config = RefineConfig(beta=config.refine_beta, iterations=config.refine_iterations,
                                           reference_threshold=config.refine_reference_threshold,
                                           min_component_fraction=config.min_component_fraction)
@@ -249,7 +254,7 @@ class MaskGenerator:
         noise = torch.randn(latents.shape, generator=torch.Generator("cpu").manual_seed(seed))
         noisy = self.pipe.scheduler.add_noise(latents, noise.to(device, latents.dtype), timestep.to(device))
         embeds, _ = self.pipe.encode_prompt([prompt], device, len(class_names), do_classifier_free_guidance=False)
-        with capture_attention(unet, [list(p) for p in positions]) as store:
+        with self._unet_lock, capture_attention(unet, [list(p) for p in positions]) as store:
             unet(noisy.repeat(len(class_names), 1, 1, 1), timestep.to(device), encoder_hidden_states=embeds,
                  return_dict=False)
         cross = store.cross_attention_means()
@@ -264,9 +269,9 @@ class MaskGenerator:
         affinity_grid = self.affinity_resolution(height, width)
         device = self.pipe.unet.device
         generators = [torch.Generator(device).manual_seed(p.seed) for p in prompts]
-        with capture_attention(self.pipe.unet, [list(pos) for pos in positions],
-                               self_attention_resolutions=[affinity_grid],
-                               classifier_free_guidance=first.guidance_scale > 1.0) as store:
+        with self._unet_lock, capture_attention(self.pipe.unet, [list(pos) for pos in positions],
+                                                self_attention_resolutions=[affinity_grid],
+                                                classifier_free_guidance=first.guidance_scale > 1.0) as store:
             images = self.pipe([p.prompt for p in prompts], height=height, width=width,
                                num_inference_steps=first.num_inference_steps, guidance_scale=first.guidance_scale,
                                generator=generators, output_type="pt").images

@@ -177,3 +177,24 @@ def test_segmenting_refuses_bad_input(gen: MaskGenerator, image: np.ndarray, cla
                                       fragment: str) -> None:
     with pytest.raises(InvalidInput, match=re.escape(fragment)):
         gen.segment(image, "a photo of a dog on the grass", classes, noise_level=noise_level)
+
+
+def test_passes_from_several_threads_at_once_give_what_they_give_alone(gen: MaskGenerator) -> None:
+    """The gRPC workers and the stage worker share one generator (and its one UNet)."""
+    import threading
+
+    batches = [[gen.prompt_for("a photo of a dog on the grass", "dog", seed=s) for s in range(size)]
+               for size in (1, 2, 3)]
+    alone = [gen.generate(batch) for batch in batches]
+    together: dict[int, list[GeneratedObject]] = {}
+    threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, gen.generate(batches[i])))
+               for i in range(len(batches))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i, results in enumerate(alone):
+        assert len(together[i]) == len(results)
+        for mine, reference in zip(together[i], results):
+            np.testing.assert_array_equal(mine.mask, reference.mask)
+            np.testing.assert_array_equal(mine.soft_map, reference.soft_map)
