@@ -23,6 +23,7 @@ from freemask.shared.stack import EmbeddedStack
 from freemask.shared.store import ObjectStore
 from freemask.v1 import attention_mask_pb2, dead_letter_pb2, generate_pb2
 
+from conftest import PrivateStack
 from ports import reserve_ports
 
 pytestmark = pytest.mark.stack
@@ -43,6 +44,17 @@ class Service:
                 return call(payload, timeout=10)
             except grpc.RpcError as err:
                 return err
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
+    """A broker and store of this module's own: these tests count what the gRPC calls generate,
+    and on the session's shared broker the service's stage worker would also pick up the
+    generate requests that earlier tests left on `freemask.generate.v1`."""
+    owner = PrivateStack(tmp_path_factory.mktemp("runtime-stack"))
+    owner.up(("seaweedfs", "tansu"))
+    yield owner.stack
+    owner.close()
 
 
 @pytest.fixture(scope="module")
