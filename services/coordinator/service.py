@@ -26,7 +26,7 @@ from typing import Any
 
 import grpc
 import yaml
-from kafka import KafkaConsumer, TopicPartition
+from kafka import TopicPartition
 
 from freemask.coordinator.rounds import (
     BOOTSTRAP,
@@ -44,7 +44,7 @@ from freemask.coordinator.rounds import (
 )
 from freemask.scoring.data import write_manifest
 from freemask.scoring.models import model_version
-from freemask.shared.bus import OutboundMessage, Publisher, Topics, make_consumer, make_producer
+from freemask.shared.bus import OutboundMessage, Publisher, Topics, make_consumer, make_producer, make_reader
 from freemask.shared.config import FreemaskConfig
 from freemask.shared.errors import InvalidInput, NotFound, Unavailable
 from freemask.shared.keys import validate_id
@@ -318,8 +318,7 @@ def accepted_ids(config: FreemaskConfig, timeout_s: float = 60.0) -> dict[str, s
     """Sample ids already on the accepted topic, by run: every partition read from its start up to
     the end offset it had when reading began (so a slow broker cannot cut the read short), committing
     nothing."""
-    consumer = KafkaConsumer(bootstrap_servers=config.bus.bootstrap_servers, client_id=config.bus.client_id,
-                             group_id=None, enable_auto_commit=False)
+    consumer = make_reader(config.bus)
     try:
         consumer.topics()  # loads the cluster metadata, so the topic's partitions are known
         partitions = [TopicPartition(Topics.ACCEPTED, p) for p in consumer.partitions_for_topic(Topics.ACCEPTED) or ()]

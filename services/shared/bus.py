@@ -153,6 +153,12 @@ def make_consumer(config: BusConfig, group: str, topics: Iterable[str]) -> Kafka
     return consumer
 
 
+def make_reader(config: BusConfig) -> KafkaConsumer:
+    """A consumer in no group, committing nothing: for reading a topic back (assign and seek)."""
+    return KafkaConsumer(bootstrap_servers=config.bootstrap_servers, client_id=config.client_id, group_id=None,
+                         enable_auto_commit=False, **_security_options(config))
+
+
 def ensure_topics(config: BusConfig, topics: Iterable[str] = Topics.ALL) -> list[str]:
     """Create missing topics and return their names; existing ones are left as they are."""
     unknown = sorted(set(config.topic_partitions) - set(Topics.ALL))

@@ -37,3 +37,31 @@ def test_decode_refuses_bytes_that_do_not_parse() -> None:
 )
 def test_only_well_formed_trace_ids_are_propagated(header: bytes, expected: str) -> None:
     assert inbound(b"", trace_id=header).trace_id == expected
+
+
+def test_every_client_the_bus_makes_carries_the_configured_tls_and_sasl(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The coordinator's read-back of the accepted topic once built its consumer without them."""
+    from freemask.shared import bus as bus_module
+    from freemask.shared.config import BusConfig
+
+    made: list[dict] = []
+
+    class Recorder:
+        def __init__(self, **options: object) -> None:
+            made.append(options)
+
+        def subscribe(self, topics: list[str]) -> None:
+            pass
+
+    monkeypatch.setattr(bus_module, "KafkaConsumer", Recorder)
+    monkeypatch.setattr(bus_module, "KafkaProducer", Recorder)
+    config = BusConfig(security_protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-512", sasl_username="svc",
+                       sasl_password="s3cret")
+    bus_module.make_reader(config)
+    bus_module.make_consumer(config, "stage", ["t"])
+    bus_module.make_producer(config)
+    assert len(made) == 3
+    for options in made:
+        assert (options["security_protocol"], options["sasl_mechanism"], options["sasl_plain_username"],
+                options["sasl_plain_password"]) == ("SASL_SSL", "SCRAM-SHA-512", "svc", "s3cret")
+    assert made[0]["group_id"] is None and made[0]["enable_auto_commit"] is False
