@@ -188,6 +188,12 @@ class MaskGenerator:
                                f"affinity_max_side={self.config.affinity_max_side}; grids: {grids}")
         return fitting[0]
 
+    def _check_size(self, height: int, width: int) -> None:
+        """The UNet halves its grid three times, so the latent side must divide by 8."""
+        if height % (self.latent_scale * 8) or width % (self.latent_scale * 8):
+            raise InvalidInput(f"image size {width}x{height} must be a multiple of {self.latent_scale * 8} "
+                               "for this generator")
+
     def prompt_for(self, prompt: str, class_name: str, seed: int, num_inference_steps: int | None = None,
                    guidance_scale: float | None = None, height: int | None = None,
                    width: int | None = None) -> ObjectPrompt:
@@ -207,9 +213,7 @@ class MaskGenerator:
         """
         positions = [class_token_positions(self.pipe.tokenizer, p.prompt, p.class_name) for p in prompts]
         for p in prompts:
-            if p.height % (self.latent_scale * 8) or p.width % (self.latent_scale * 8):
-                raise InvalidInput(f"image size {p.width}x{p.height} must be a multiple of "
-                                   f"{self.latent_scale * 8} for this generator")
+            self._check_size(p.height, p.width)
         results: list[GeneratedObject | None] = [None] * len(prompts)
         groups: dict[tuple[int, float, int, int], list[int]] = {}
         for index, p in enumerate(prompts):
@@ -237,9 +241,7 @@ class MaskGenerator:
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise InvalidInput(f"image must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
         height, width = image.shape[:2]
-        if height % (self.latent_scale * 8) or width % (self.latent_scale * 8):
-            raise InvalidInput(f"image size {width}x{height} must be a multiple of {self.latent_scale * 8} "
-                               "for this generator")
+        self._check_size(height, width)
         if not class_names:
             raise InvalidInput("name at least one class to segment")
         if not 0.0 <= noise_level < 1.0:
