@@ -88,6 +88,11 @@ VARIANTS: dict[str, tuple[dict[str, str], dict[str, str]]] = {
 }
 
 
+def as_id(prefix: str, name: str) -> str:
+    """A variant's name as a run id (ids allow only [a-z0-9-])."""
+    return f"{prefix}-{name.replace('_', '-').replace('.', '-')}"
+
+
 class MemoGenerator:
     """A MaskGenerator whose results are kept by prompt, so variants of one run draw each object once."""
 
@@ -123,7 +128,7 @@ class Evaluation:
 
     def final(self, name: str, pairs: Sequence[LabelledPair], epochs: int) -> dict[str, object]:
         """The table's figure for one dataset: a fresh segmenter trained on `pairs`."""
-        run_id = f"eval-{name.replace('_', '-').replace('.', '-')}"
+        run_id = as_id("eval", name)
         self.trainer.run(TrainSpec(run_id, 0, tuple(pairs), epochs=epochs, seed=SEED))
         result = self.scorer.evaluate(self.val_pairs, model_version(run_id, 0))
         print(f"{name}: mIoU {result.mean_iou:.4f} from {len(pairs)} images", flush=True)
@@ -237,7 +242,7 @@ def run_variant(name: str, env: dict[str, str], generator: MemoGenerator, evalua
     generate = GenerateStage(writer)
     platform = InProcessPlatform(config, {"attention_mask": StageSpec(Topics.GENERATE, generate.handle,
                                                                       batch_handler=generate.handle_batch)})
-    run_id = f"eval-run-{name.replace('_', '-').replace('.', '-')}"
+    run_id = as_id("eval-run", name)
     if float(run_overrides["alpha"]) >= 1.0:
         round_epochs = 1  # a run that keeps everything selects nothing with its f_t: they need not be good
 
