@@ -89,6 +89,7 @@ class AttentionStore:
         else:
             raise InvalidInput("token_indices must be a list of ints or one list of ints per sample")
         self.token_indices, self.token_mask = token_mask_for(groups)
+        self._device_indices: dict[tuple[torch.device, int], torch.Tensor] = {}
         self.self_attention_resolutions = {self._as_resolution(r) for r in self_attention_resolutions}
         self.cross_attention_resolutions = (
             None if cross_attention_resolutions is None
@@ -152,7 +153,12 @@ class AttentionStore:
             raise InvalidInput(
                 f"token_indices has {indices.shape[0]} per-sample groups but the batch has {batch_size} prompts"
             )
-        return indices.to(device)
+        # A copy from pageable host memory waits for the GPU's queue to drain; done once per
+        # (device, batch) instead of in every cross-attention call, it keeps the launches ahead.
+        cached = self._device_indices.get((device, batch_size))
+        if cached is None:
+            cached = self._device_indices[(device, batch_size)] = indices.to(device)
+        return cached
 
     def add_cross(self, layer: str, resolution: Resolution, maps: torch.Tensor) -> None:
         """Add one layer-call's ``(batch, tokens, h, w)`` head-averaged maps."""

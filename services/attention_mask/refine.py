@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from freemask.attention_mask.aggregate import Resolution, normalize_unit
 from freemask.shared.errors import InvalidInput
@@ -178,57 +179,21 @@ def threshold_search(
     return best_tau, best_iou
 
 
-def _row_runs(row: np.ndarray) -> list[tuple[int, int]]:
-    """Half-open ``[start, end)`` runs of True in one row."""
-    padded = np.concatenate(([0], row.astype(np.int8), [0]))
-    edges = np.flatnonzero(np.diff(padded))
-    return list(zip(edges[0::2].tolist(), edges[1::2].tolist()))
-
-
 def connected_components(mask: torch.Tensor, connectivity: int = 8) -> tuple[torch.Tensor, int]:
     """Label the 4- or 8-connected components of a boolean ``(H, W)`` mask.
 
-    Run-based union–find in numpy (no scipy dependency): work is proportional to the number
-    of horizontal runs, not pixels. Returns ``(labels, count)`` with labels ``1..count`` and
-    0 for background.
+    Returns ``(labels, count)`` with labels ``1..count`` in raster order of each component's
+    first pixel, and 0 for background. scipy's labelling runs in C: a pure-Python union–find
+    over row runs cost about 20 ms per 512² mask, most of the refinement's time.
     """
     if mask.ndim != 2:
         raise InvalidInput(f"mask must be (H, W), got shape {tuple(mask.shape)}")
     if connectivity not in (4, 8):
         raise InvalidInput(f"connectivity must be 4 or 8, got {connectivity}")
     grid = mask.detach().cpu().numpy().astype(bool)
-    reach = 1 if connectivity == 8 else 0
-    parent: list[int] = []
-
-    def find(node: int) -> int:
-        while parent[node] != node:
-            parent[node] = parent[parent[node]]
-            node = parent[node]
-        return node
-
-    runs_by_row: list[list[tuple[int, int, int]]] = []
-    previous: list[tuple[int, int, int]] = []
-    for row in grid:
-        current = []
-        for start, end in _row_runs(row):
-            run_id = len(parent)
-            parent.append(run_id)
-            for above_start, above_end, above_id in previous:
-                if above_start < end + reach and start < above_end + reach:
-                    root_a, root_b = find(run_id), find(above_id)
-                    if root_a != root_b:
-                        parent[max(root_a, root_b)] = min(root_a, root_b)
-            current.append((start, end, run_id))
-        runs_by_row.append(current)
-        previous = current
-
-    labels = np.zeros(grid.shape, dtype=np.int64)
-    label_of_root: dict[int, int] = {}
-    for y, runs in enumerate(runs_by_row):
-        for start, end, run_id in runs:
-            root = find(run_id)
-            labels[y, start:end] = label_of_root.setdefault(root, len(label_of_root) + 1)
-    return torch.from_numpy(labels), len(label_of_root)
+    structure = ndimage.generate_binary_structure(2, 2 if connectivity == 8 else 1)
+    labels, count = ndimage.label(grid, structure=structure)
+    return torch.from_numpy(labels.astype(np.int64)), int(count)
 
 
 def remove_small_components(mask: torch.Tensor, min_fraction: float, connectivity: int = 8) -> torch.Tensor:

@@ -40,7 +40,8 @@ from torch.utils.flop_counter import FlopCounterMode
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "integration"))
 
-from freemask.attention_mask.generation import MaskGenerator  # noqa: E402
+from freemask.attention_mask.capture import capture_attention  # noqa: E402
+from freemask.attention_mask.generation import MaskGenerator, class_token_positions  # noqa: E402
 from freemask.harmonization.rain import load_rain  # noqa: E402
 from freemask.placement.model import FopaHeatmap, load_fopa  # noqa: E402
 from freemask.shared.config import AttentionMaskConfig  # noqa: E402
@@ -153,6 +154,8 @@ def main() -> None:
     side = shape.image_side
     peak = peak_flops(device)
     plain_rate, captured_rate, overhead, flops_fraction, flops_per_image = {}, {}, {}, {}, {}
+    capture_only_overhead = {}
+    dog = list(class_token_positions(pipe.tokenizer, PROMPT, "dog"))
     for batch in args.batches:
         prompts = [generator.prompt_for(PROMPT, "dog", seed=SEED + i) for i in range(batch)]
 
@@ -161,7 +164,13 @@ def main() -> None:
             return pipe([PROMPT] * batch, height=side, width=side, num_inference_steps=args.steps,
                         guidance_scale=GUIDANCE, generator=seeds, output_type="pt").images
 
+        def capture_only() -> object:
+            with capture_attention(pipe.unet, [dog] * batch, classifier_free_guidance=True,
+                                   self_attention_resolutions=[generator.affinity_resolution(side, side)]):
+                return plain()
+
         plain_s = timed(plain, device, args.repeats)
+        capture_only_overhead[batch] = round(timed(capture_only, device, args.repeats) / plain_s, 3)
         captured_s = timed(lambda: generator.generate(prompts), device, args.repeats)
         with FlopCounterMode(display=False) as counter:
             plain()
@@ -172,7 +181,7 @@ def main() -> None:
         flops_per_image[batch] = flops / batch
         flops_fraction[batch] = round(flops / plain_s / peak, 3) if peak else None
         print(f"batch {batch}: {captured_rate[batch]} images/s with capture, {plain_rate[batch]} without "
-              f"(x{overhead[batch]}), {flops / plain_s / 1e12:.1f} TFLOP/s", flush=True)
+              f"(x{overhead[batch]}; capture alone x{capture_only_overhead[batch]}), {flops / plain_s / 1e12:.1f} TFLOP/s", flush=True)
     single = [generator.prompt_for(PROMPT, "dog", seed=SEED, num_inference_steps=50)]
     latency = timed(lambda: generator.generate(single), device, args.repeats)
     small = small_model_rates(device, dtype, 64, args.repeats)
@@ -182,6 +191,7 @@ def main() -> None:
         "images_per_s": captured_rate,
         "plain_images_per_s": plain_rate,
         "capture_overhead_by_batch": overhead,
+        "capture_only_overhead": capture_only_overhead,
         "latency_50_steps_s": round(latency, 4),
         "flops_fraction": flops_fraction,
         "gflops_per_image": {b: round(f / 1e9, 3) for b, f in flops_per_image.items()},
