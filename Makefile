@@ -13,7 +13,7 @@ FOPA_WEIGHTS := $(wildcard services/placement/weights/fopa/*)
 FOPA_SOURCES := $(addprefix services/placement/,export.py triton_repo.py triton_model.py model.py geometry.py)
 TRITON_FOPA := deploy/triton/models/fopa/config.pbtxt
 
-.PHONY: run test protos bench bench-gpu models clean stack-up stack-down triton-production images chart
+.PHONY: run test faults protos bench bench-gpu models clean stack-up stack-down triton-production images chart
 
 ## run: install, bring up the embedded stack and every service, run the main job, shut down
 run: $(INSTALLED) $(PROTO_STAMP) $(TRITON_FOPA)
@@ -22,6 +22,10 @@ run: $(INSTALLED) $(PROTO_STAMP) $(TRITON_FOPA)
 ## test: install and run the whole test suite (unit, contract, integration against the real servers)
 test: $(INSTALLED) $(PROTO_STAMP) $(TRITON_FOPA)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+## faults: the fault suite alone (crashes, broker restart, Triton down, poison input, load, secrets); `make test` runs it too
+faults: $(INSTALLED) $(PROTO_STAMP) $(TRITON_FOPA)
+	$(PY) -m pytest -m faults tests/faults $(PYTEST_ARGS)
 
 ## bench: measure (timings live here, never in pass/fail tests); writes tests/benchmarks/results/
 bench: $(INSTALLED) $(PROTO_STAMP) $(TRITON_FOPA)
