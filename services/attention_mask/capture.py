@@ -60,6 +60,10 @@ def _spatial_shape(tokens: int, latent_size: Resolution | None) -> Resolution:
     return (side, side)
 
 
+# The most float32 self-attention probabilities held at once while capturing (see _capture_self).
+SELF_ATTENTION_CHUNK_BYTES = 256 * 1024 * 1024
+
+
 class AttentionStore:
     """Owns the running sums of captured maps; one per generation (or per batch of them).
 
@@ -320,13 +324,22 @@ class CaptureAttnProcessor:
         attention_mask: torch.Tensor | None,
         resolution: Resolution,
     ) -> None:
-        """Head-averaged self-attention, built one head at a time to bound the peak memory."""
+        """Head-averaged self-attention, built a group of heads at a time to bound the peak memory.
+
+        A group's float32 probabilities stay under SELF_ATTENTION_CHUNK_BYTES: all heads at once
+        where that fits (few launches, which is what a GPU at small batch is bound by), one at a
+        time for large grids.
+        """
         query, key, mask = self._conditional(query, key, attention_mask)
-        heads = query.shape[1]
+        batch, heads, queries = query.shape[:3]
+        per_head = batch * queries * key.shape[2] * 4
+        group = max(1, min(heads, SELF_ATTENTION_CHUNK_BYTES // per_head))
         total: torch.Tensor | None = None
-        for head in range(heads):
-            head_mask = None if mask is None else mask[:, min(head, mask.shape[1] - 1)]
-            probabilities = attention_probabilities(query[:, head], key[:, head], attn.scale, head_mask)
+        for first in range(0, heads, group):
+            last = min(first + group, heads)
+            group_mask = None if mask is None else (mask if mask.shape[1] == 1 else mask[:, first:last])
+            probabilities = attention_probabilities(query[:, first:last], key[:, first:last], attn.scale,
+                                                    group_mask).sum(dim=1)
             total = probabilities if total is None else total.add_(probabilities)
         assert total is not None
         self.store.add_self(resolution, total / heads)

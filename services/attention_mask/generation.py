@@ -277,16 +277,19 @@ class MaskGenerator:
             images = self.pipe([p.prompt for p in prompts], height=height, width=width,
                                num_inference_steps=first.num_inference_steps, guidance_scale=first.guidance_scale,
                                generator=generators, output_type="pt").images
+        # Fusion and the random walk stay on the UNet's device (on a GPU they cost little there,
+        # while the CPU would hold the next pass back); only the results come back to the host.
         cross = store.cross_attention_means()
-        affinity = store.self_attention_means()[affinity_grid].float().cpu()
-        fused = soft_maps({res: level.float().cpu() for res, level in cross.items()},
+        affinity = store.self_attention_means()[affinity_grid].float()
+        fused = soft_maps({res: level.float() for res, level in cross.items()},
                           store.token_mask, (height, width))
+        fused_host = fused.cpu().numpy().astype(np.float32)
         pixels = (images.float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255.0).round().astype(np.uint8)
         out = []
         for i, p in enumerate(prompts):
             refined = refine(fused[i], affinity[i], affinity_grid, self.refine_config)
             out.append(GeneratedObject(
-                image=pixels[i], soft_map=fused[i].numpy().astype(np.float32), mask=refined.mask.cpu().numpy(),
+                image=pixels[i], soft_map=fused_host[i], mask=refined.mask.cpu().numpy(),
                 threshold=float(refined.threshold), threshold_iou=float(refined.iou),
                 token_positions=positions[i], cross_attention_resolutions=tuple(sorted(cross, reverse=True)),
                 affinity_resolution=affinity_grid,

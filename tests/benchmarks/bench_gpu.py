@@ -132,6 +132,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--smoke", action="store_true", help="the tiny layout on CPU in float32: checks the script")
     parser.add_argument("--compile", action="store_true", help="also time the UNet under torch.compile")
+    parser.add_argument("--profile", action="store_true",
+                        help="print torch.profiler's busiest operators of one captured pass at the largest batch")
     parser.add_argument("--commit", help="the commit measured, where the tree has no git metadata")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -212,6 +214,13 @@ def main() -> None:
         result["bench_seconds"] = round(time.perf_counter() - started, 1)
         write_result(result, out)
     print(json.dumps(result, indent=2))
+    if args.profile:
+        batch = max(args.batches)
+        prompts = [generator.prompt_for(PROMPT, "dog", seed=SEED + i) for i in range(batch)]
+        with torch.profiler.profile() as profiler:
+            generator.generate(prompts)
+        sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(profiler.key_averages().table(sort_by=sort_by, row_limit=30, max_name_column_width=60))
 
 
 def write_result(result: dict[str, Any], out: Path | None) -> None:
