@@ -116,6 +116,16 @@ def weights_digest(weights: Path) -> str:
 def load_pipeline(weights: Path, device: torch.device) -> Any:
     """Open a diffusers folder from disk only (never a hub); fp16 on GPU, fp32 on CPU."""
     from diffusers import DiffusionPipeline  # heavy import, kept off module import
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    # Both libraries print through a plain-text handler of their own and draw tqdm bars while
+    # loading, which would break the service's one-JSON-object-per-line logs: their records go
+    # through the process's own handler instead, and loading draws no bar.
+    for library in (diffusers_logging, transformers_logging):
+        library.disable_default_handler()
+        library.enable_propagation()
+        library.disable_progress_bar()
 
     index_path = weights / "model_index.json"
     if not index_path.is_file():

@@ -4,6 +4,7 @@ and a clean exit on SIGTERM."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -214,3 +215,13 @@ def test_sigterm_stops_cleanly_and_logs_hold_no_secret(service: Service) -> None
     log = service.log.read_text()
     assert '"msg": "stopped"' in log
     assert len(service.secret) >= 8 and service.secret not in log
+    # stdout and stderr both land in the log: every line, libraries' warnings included, is one JSON object
+    not_json = [line for line in log.splitlines() if line.strip() and not _is_json_object(line)]
+    assert not not_json, not_json[:5]
+
+
+def _is_json_object(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
