@@ -17,6 +17,7 @@ from tqdm import tqdm
 from freemask.coordinator.exports import export_run
 from freemask.shared.config import FreemaskConfig
 from freemask.shared.errors import Unavailable
+from freemask.shared.grpc_runtime import open_channel
 from freemask.shared.store import ObjectStore
 from freemask.v1 import coordinator_pb2, coordinator_pb2_grpc
 
@@ -65,7 +66,7 @@ def follow_run(config: FreemaskConfig, run_id: str, seed: int, overrides: Mappin
                timeout_s: float) -> coordinator_pb2.RunStatus:
     """StartRun, then one progress bar per round (samples scored or dead-lettered) until the run ends."""
     target = f"{config.server.host}:{config.server.ports['coordinator'].grpc_port}"
-    with grpc.insecure_channel(target) as channel:
+    with open_channel(target, config.server) as channel:
         coordinator = coordinator_pb2_grpc.CoordinatorStub(channel)
         coordinator.StartRun(coordinator_pb2.StartRunRequest(run_id=run_id, seed=seed,
                                                              config_overrides=dict(overrides)), timeout=30)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import math
 import os
 import tempfile
@@ -42,7 +41,7 @@ from freemask.coordinator.service import RunRepository
 from freemask.shared.config import FreemaskConfig, LimitsConfig
 from freemask.shared.errors import InvalidInput, NotFound, Unavailable
 from freemask.shared.image_refs import ImageReader
-from freemask.shared.images import encode_png, voc_colour_map
+from freemask.shared.images import decode_soft_map, encode_png, voc_colour_map
 from freemask.shared.keys import segmenter_version, validate_key
 from freemask.shared.store import ObjectNotFound, ObjectStore
 from freemask.world.names import IGNORE_ID
@@ -51,7 +50,6 @@ HISTOGRAM_BINS = 10
 DISPLAY_MIN_PX = 128  # smaller pictures are scaled up by a whole factor to at least this
 DISPLAY_MAX_PX = 256  # larger pictures are scaled down to this (keeps the page small)
 BLEND_ALPHA = 0.5
-SOFTMAP_ARRAY = "softmap"  # the array name the attention-mask service writes (encode_npz(softmap=...))
 _READ_ERRORS = (ValueError, LookupError, OSError, Unavailable)  # InvalidInput, NotFound, KeyError, store outages
 
 # Anchors of an "inferno"-like ramp for heat maps: value in [0, 1] -> RGB.
@@ -391,29 +389,14 @@ def class_name(class_id: int, classes: tuple[str, ...]) -> str:
 
 
 def read_softmap(store: ObjectStore, limits: LimitsConfig, key: str) -> np.ndarray:
-    """A stored soft attention map (.npz, array `softmap`) as float H×W."""
+    """A stored soft attention map (.npz, array `softmap`) as float H×W; the archive's header is
+    checked before anything is inflated (`images.decode_soft_map`)."""
     validate_key(key, "soft map key")
     try:
         data = store.get_bytes(key, max_bytes=limits.max_image_bytes)
     except ObjectNotFound:
         raise NotFound(f"soft map: no object at {key!r}") from None
-    try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-            names = list(archive.files)
-            if not names:
-                raise InvalidInput("the soft map archive holds no array")
-            array = np.asarray(archive[SOFTMAP_ARRAY if SOFTMAP_ARRAY in names else names[0]])
-    except (OSError, ValueError) as err:
-        if isinstance(err, InvalidInput):
-            raise
-        raise InvalidInput(f"soft map {key!r} is not a readable .npz") from None
-    array = np.squeeze(array)
-    if array.ndim != 2 or array.size == 0 or not np.issubdtype(array.dtype, np.number):
-        raise InvalidInput(f"soft map {key!r} has shape {array.shape} and dtype {array.dtype}; expected numbers H×W")
-    side = limits.max_image_side_px
-    if max(array.shape) > side:
-        raise InvalidInput(f"soft map {key!r} is {array.shape[1]}×{array.shape[0]}; each side must be at most {side}")
-    return array.astype(np.float64)
+    return decode_soft_map(data, limits, f"soft map {key!r}").astype(np.float64)
 
 
 # --- samples ---------------------------------------------------------------------------

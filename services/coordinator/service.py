@@ -22,11 +22,13 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import yaml
-from kafka import TopicPartition
+from google.protobuf.timestamp_pb2 import Timestamp
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from freemask.coordinator.rounds import (
     BOOTSTRAP,
@@ -45,9 +47,12 @@ from freemask.coordinator.rounds import (
 from freemask.scoring.data import write_manifest
 from freemask.scoring.models import model_version
 from freemask.shared.bus import OutboundMessage, Publisher, Topics, make_consumer, make_producer, make_reader
-from freemask.shared.config import FreemaskConfig
-from freemask.shared.errors import InvalidInput, NotFound, Unavailable
+from freemask.shared.config import BusConfig, FreemaskConfig, ServerConfig
+from freemask.shared.errors import InvalidInput, NotFound, Unavailable, shown
+from freemask.shared.grpc_runtime import open_channel
 from freemask.shared.keys import validate_id
+from freemask.shared.scene_steps import require_finite
+from freemask.shared.singles import validate_single_object
 from freemask.shared.runner import ServiceContext, ServiceParts
 from freemask.shared.store import ObjectNotFound, ObjectStore
 from freemask.v1 import (
@@ -63,6 +68,8 @@ from freemask.v1 import (
 log = logging.getLogger(__name__)
 
 STATE_PREFIX = "coordinator/runs/"
+CONSUMER_GROUP = "coordinator"
+INPUT_TOPICS = (Topics.SINGLES, Topics.SCORED, Topics.DLQ)
 _RUN_SETTINGS = ("rounds", "alpha", "initial_samples", "samples_per_round", "composed_fraction", "objects_to_add",
                  "train_epochs", "image_size")
 _STATES = {TRAIN: coordinator_pb2.RUN_STATE_RUNNING, GENERATE: coordinator_pb2.RUN_STATE_RUNNING,
@@ -75,11 +82,11 @@ def run_settings(config: FreemaskConfig, overrides: Mapping[str, str]) -> RunSet
     values: dict[str, Any] = {name: getattr(config.coordinator, name) for name in _RUN_SETTINGS}
     for name, text in overrides.items():
         if name not in _RUN_SETTINGS:
-            raise InvalidInput(f"unknown run setting {name!r}; known: {', '.join(_RUN_SETTINGS)}")
+            raise InvalidInput(f"unknown run setting {shown(name, 64)}; known: {', '.join(_RUN_SETTINGS)}")
         try:
             values[name] = yaml.safe_load(text)
         except yaml.YAMLError:
-            raise InvalidInput(f"run setting {name!r}: {text!r} is not a YAML value") from None
+            raise InvalidInput(f"run setting {name!r}: {shown(text)} is not a YAML value") from None
     try:
         checked = type(config.coordinator).model_validate({**config.coordinator.model_dump(), **values})
     except ValueError as err:
@@ -127,8 +134,8 @@ class RunRepository:
 class ScoringClient:
     """Training f_t on the scoring service, over gRPC."""
 
-    def __init__(self, target: str, timeout_s: float = 30.0) -> None:
-        self._channel = grpc.insecure_channel(target)
+    def __init__(self, target: str, timeout_s: float = 30.0, server: ServerConfig | None = None) -> None:
+        self._channel = open_channel(target, server)
         self._stub = scoring_pb2_grpc.ScoringStub(self._channel)
         self._timeout_s = timeout_s
 
@@ -262,11 +269,23 @@ class Coordinator:
             if record.topic == Topics.SINGLES:
                 single = generate_pb2.SingleObject.FromString(record.value)
                 machine = self._machines.get(single.run_id)
-                return (machine, machine.on_single(single)) if machine else None
+                if machine is None:
+                    return None
+                try:
+                    validate_single_object(single, single.run_id, single.round, machine.record.settings.classes)
+                except InvalidInput as err:
+                    return machine, [refused(record, err)]
+                return machine, machine.on_single(single)
             if record.topic == Topics.SCORED:
                 scored = samples_pb2.ScoredSample.FromString(record.value)
                 machine = self._machines.get(scored.sample.run_id)
-                return (machine, machine.on_scored(scored)) if machine else None
+                if machine is None:
+                    return None
+                try:
+                    validate_scored(scored)
+                except InvalidInput as err:
+                    return machine, [refused(record, err)]
+                return machine, machine.on_scored(scored)
             letter = dead_letter_pb2.DeadLetter.FromString(record.value)
         except Exception:  # noqa: BLE001 - not ours to judge: the stage that made it dead-letters its own
             log.warning("coordinator skipped an undecodable record", extra={"topic": record.topic})
@@ -287,6 +306,27 @@ class Coordinator:
                 self._jobs[record.run_id] = self._scoring.train(record.run_id, action, record.settings.train_epochs,
                                                                 record.seed)
         self._publish([OutboundMessage(a.topic, a.key, a.message) for a in actions if isinstance(a, Publish)])
+
+
+def validate_scored(scored: samples_pb2.ScoredSample) -> None:
+    """A score the α cut can use: finite numbers only (a NaN sorts nowhere and would make the cut
+    keep nothing), S(x) an IoU in [0, 1]."""
+    require_finite(scored, "scored sample")
+    if not 0.0 <= scored.score <= 1.0:
+        raise InvalidInput(f"score {scored.score} of {shown(scored.sample.sample_id, 64)} is outside [0, 1]")
+
+
+def refused(record: Any, error: InvalidInput) -> Publish:
+    """A stage's output that the run cannot use goes to the DLQ under its sample id, like any poison
+    message; the coordinator reads it back from there and counts the slot as dead-lettered."""
+    now = Timestamp()
+    now.GetCurrentTime()
+    letter = dead_letter_pb2.DeadLetter(
+        original_topic=record.topic, partition=record.partition, offset=record.offset, key=record.key or b"",
+        value=record.value, headers=dict(record.headers or ()), stage="coordinator", error=str(error),
+        error_type=type(error).__name__, attempts=1, first_failure_time=now, last_failure_time=now)
+    log.warning("coordinator dead-lettered an unusable record", extra={"topic": record.topic, "error": str(error)})
+    return Publish(Topics.DLQ, (record.key or b"").decode("utf-8", "replace"), letter)
 
 
 def run_status(record: RunRecord) -> coordinator_pb2.RunStatus:
@@ -315,9 +355,14 @@ def run_status(record: RunRecord) -> coordinator_pb2.RunStatus:
 
 
 def accepted_ids(config: FreemaskConfig, timeout_s: float = 60.0) -> dict[str, set[str]]:
-    """Sample ids already on the accepted topic, by run: every partition read from its start up to
-    the end offset it had when reading began (so a slow broker cannot cut the read short), committing
-    nothing."""
+    """Sample ids already on the accepted topic, by run: every partition read from its start, committing
+    nothing, until a poll brings nothing more and each partition's position has reached both the end
+    offset the broker reported and the high-water mark of its latest fetch response.
+
+    The reported end alone cannot be trusted: Tansu 0.6 answers ListOffsets(latest) with 1 for any
+    non-empty partition, so a read that stopped there saw only the first poll's records and the
+    coordinator published the rest again after a restart. The fetch's high-water mark is right on
+    Tansu and Kafka alike; the deadline bounds a topic that never stops growing."""
     consumer = make_reader(config.bus)
     try:
         consumer.topics()  # loads the cluster metadata, so the topic's partitions are known
@@ -326,19 +371,32 @@ def accepted_ids(config: FreemaskConfig, timeout_s: float = 60.0) -> dict[str, s
             return {}
         consumer.assign(partitions)
         consumer.seek_to_beginning(*partitions)
-        end = consumer.end_offsets(partitions)
+        reported_end = consumer.end_offsets(partitions)
         found: dict[str, set[str]] = {}
         deadline = time.monotonic() + timeout_s
-        while any(consumer.position(partition) < end[partition] for partition in partitions):
-            if time.monotonic() > deadline:
-                raise Unavailable(f"reading {Topics.ACCEPTED} back took over {timeout_s:.0f} s")
-            for batch in consumer.poll(timeout_ms=500).values():
+        while True:
+            polled = consumer.poll(timeout_ms=500)
+            for batch in polled.values():
                 for record in batch:
                     accepted = samples_pb2.AcceptedSample.FromString(record.value)
                     found.setdefault(accepted.run_id, set()).add(accepted.sample.sample_id)
-        return found
+            if not polled and _caught_up(consumer, partitions, reported_end):
+                return found
+            if time.monotonic() > deadline:
+                raise Unavailable(f"reading {Topics.ACCEPTED} back took over {timeout_s:.0f} s")
     finally:
         consumer.close()
+
+
+def _caught_up(consumer: KafkaConsumer, partitions: Sequence[TopicPartition],
+                 reported_end: Mapping[TopicPartition, int]) -> bool:
+    """Whether every partition is read up to its end; a partition no fetch has answered yet is not
+    (its high-water mark is still unknown)."""
+    for partition in partitions:
+        highwater = consumer.highwater(partition)
+        if highwater is None or consumer.position(partition) < max(highwater, reported_end.get(partition, 0)):
+            return False
+    return True
 
 
 class CoordinatorApi:
@@ -361,12 +419,25 @@ class CoordinatorApi:
                                                                                          request.reason)))
 
 
+@dataclass(frozen=True)
+class BusClients:
+    """How the coordinator reaches the bus: makers of its producer and of its consumer of singles,
+    scores and dead letters. Each loop attempt makes a fresh consumer, so a broken client is dropped."""
+
+    new_producer: Callable[[], KafkaProducer]
+    new_consumer: Callable[[], KafkaConsumer]
+
+    @classmethod
+    def of(cls, config: BusConfig) -> BusClients:
+        return cls(lambda: make_producer(config), lambda: make_consumer(config, CONSUMER_GROUP, INPUT_TOPICS))
+
+
 class LazyPublisher:
     """A Publisher made on first use, so the service starts (and answers health) while the
     broker is still coming up."""
 
-    def __init__(self, config: FreemaskConfig) -> None:
-        self._config = config
+    def __init__(self, new_producer: Callable[[], KafkaProducer]) -> None:
+        self._new_producer = new_producer
         self._publisher: Publisher | None = None
         self._lock = threading.Lock()
 
@@ -375,7 +446,7 @@ class LazyPublisher:
             return
         with self._lock:
             if self._publisher is None:
-                self._publisher = Publisher(make_producer(self._config.bus))
+                self._publisher = Publisher(self._new_producer())
             self._publisher.publish(outputs)
 
     def close(self) -> None:
@@ -387,9 +458,11 @@ class LazyPublisher:
 class CoordinatorLoop:
     """The bus side: polls singles, scores and dead letters, and polls training jobs."""
 
-    def __init__(self, config: FreemaskConfig, coordinator: Coordinator) -> None:
+    def __init__(self, config: FreemaskConfig, coordinator: Coordinator,
+                 new_consumer: Callable[[], KafkaConsumer]) -> None:
         self._config = config
         self._coordinator = coordinator
+        self._new_consumer = new_consumer
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._supervise, name="coordinator", daemon=True)
 
@@ -410,7 +483,7 @@ class CoordinatorLoop:
 
     def _run(self) -> None:
         self._coordinator.resume(accepted_ids(self._config))
-        consumer = make_consumer(self._config.bus, "coordinator", [Topics.SINGLES, Topics.SCORED, Topics.DLQ])
+        consumer = self._new_consumer()
         try:
             while not self._stop.is_set():
                 polled = consumer.poll(timeout_ms=int(self._config.coordinator.poll_interval_s * 1000))
@@ -423,13 +496,11 @@ class CoordinatorLoop:
             consumer.close(autocommit=False)
 
 
-def build(context: ServiceContext) -> ServiceParts:
-    config = context.config
-    target = config.coordinator.scoring_target or f"{config.server.host}:{config.server.ports['scoring'].grpc_port}"
-    publisher = LazyPublisher(config)
-    coordinator = Coordinator(config, RunRepository(context.store), context.store, ScoringClient(target),
-                              publisher.publish)
-    loop = CoordinatorLoop(config, coordinator)
+def assemble(config: FreemaskConfig, store: ObjectStore, scoring: ScoringClient, bus: BusClients) -> ServiceParts:
+    """The coordinator over these clients, its loop started; `build` passes the configured ones."""
+    publisher = LazyPublisher(bus.new_producer)
+    coordinator = Coordinator(config, RunRepository(store), store, scoring, publisher.publish)
+    loop = CoordinatorLoop(config, coordinator, bus.new_consumer)
     loop.start()
 
     def stop() -> None:
@@ -438,3 +509,9 @@ def build(context: ServiceContext) -> ServiceParts:
 
     return ServiceParts(grpc_services=[(coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"],
                                         CoordinatorApi(coordinator))], on_stop=stop)
+
+
+def build(context: ServiceContext) -> ServiceParts:
+    config = context.config
+    target = config.coordinator.scoring_target or f"{config.server.host}:{config.server.ports['scoring'].grpc_port}"
+    return assemble(config, context.store, ScoringClient(target, server=config.server), BusClients.of(config.bus))

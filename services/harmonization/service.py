@@ -25,16 +25,17 @@ from freemask.harmonization.rain import DEFAULT_WEIGHTS_DIR, RainHarmonizer
 from freemask.harmonization.transfer import COPY_PASTE, STATISTICS_TRANSFER, CopyPaste, Harmonizer, StatisticsTransfer
 from freemask.shared.bus import InboundMessage, OutboundMessage, Topics
 from freemask.shared.config import FreemaskConfig, HarmonizationConfig
-from freemask.shared.errors import InvalidInput, Unusable
+from freemask.shared.errors import InvalidInput, Unusable, shown
 from freemask.shared.image_refs import ImageReader
 from freemask.shared.images import encode_png, encode_png16
-from freemask.shared.keys import key_within, sample_key, step_key, within_a_sample
+from freemask.shared.keys import sample_key, step_key, within_a_sample
 from freemask.shared.metrics import ServiceMetrics
 from freemask.shared.runner import ServiceContext, ServiceParts, StageSpec
 from freemask.shared.scene_steps import (
-    SCENES_PREFIX,
     generation_record,
     validate_planned_source,
+    validate_remaining,
+    validate_scene_keys,
     validate_scene_step,
 )
 from freemask.shared.store import ObjectStore
@@ -191,6 +192,11 @@ class HarmonizationApi:
         for field in ("softmap_key", "meta_key"):
             if getattr(keys, field):
                 raise InvalidInput(f"output_keys.{field} must be empty: Harmonize writes only the image and its maps")
+        # One paste is one scene: its three files go to one folder, never into several samples at once.
+        folders = {getattr(keys, field).rsplit("/", 1)[0] for field in ("image_key", "label_key", "instance_map_key")}
+        if len(folders) != 1:
+            raise InvalidInput(f"output_keys name {len(folders)} folders ({', '.join(sorted(map(shown, folders)))}); "
+                               "the image, label map and instance map of one paste go to one folder")
         return keys
 
 
@@ -198,19 +204,22 @@ def validate_task(task: compose_pb2.HarmonizeTask, config: FreemaskConfig) -> No
     """InvalidInput naming the first thing wrong with a HarmonizeTask, before anything is read."""
     validate_scene_step(task, config.world.backgrounds)
     scene = task.scene
-    key_within(scene.keys.label_key, SCENES_PREFIX, "scene label_key")
+    if not scene.keys.label_key:
+        raise InvalidInput("scene label_key is missing")
+    validate_scene_keys(task)
     ids = [o.instance_id for o in scene.objects]
     if ids != list(range(1, len(ids) + 1)):
         raise InvalidInput(f"scene.objects must hold instances 1..n in paste order, the base object first; got "
                            f"instance ids {ids[:20]}")
-    if scene.keys.instance_map_key:
-        key_within(scene.keys.instance_map_key, SCENES_PREFIX, "scene instance_map_key")
-    elif len(ids) != 1:
+    if not scene.keys.instance_map_key and len(ids) != 1:
         raise InvalidInput(f"scene has {len(ids)} objects but no instance_map_key; only the base scene (one object) "
                            "has no instance map")
-    validate_planned_source(task.foreground, task.HasField("foreground"), "foreground")
+    validate_planned_source(task.foreground, task.HasField("foreground"), "foreground", task, config.world.classes)
+    validate_remaining(task.remaining_objects, task, config.world.classes)
     if not task.HasField("box"):
         raise InvalidInput("box is missing")
+    if not 0.0 <= task.placement_score <= 1.0:  # a FOPA heatmap value; NaN fails the test too
+        raise InvalidInput(f"placement_score {task.placement_score} is outside [0, 1]")
 
 
 def composed_sample_meta(sample: samples_pb2.Sample, method: str, feather_px: int) -> bytes:

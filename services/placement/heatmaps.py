@@ -117,6 +117,9 @@ class TritonHeatmaps:
 
     def _translate(self, err: InferenceServerException, doing: str) -> Exception:
         status, message = err.status(), err.message() or str(err)
+        if status == "StatusCode.DEADLINE_EXCEEDED":  # maybe up but slow: name the limit it missed
+            return Unavailable(f"Triton at {self.url} is unreachable: no answer within triton.timeout_s = "
+                               f"{self._config.timeout_s:g} s ({doing} for model {self._config.model_name!r})")
         if status in _UNREACHABLE:
             return Unavailable(f"Triton at {self.url} is unreachable ({doing} for model "
                                f"{self._config.model_name!r}: {status}: {message})")

@@ -34,7 +34,12 @@ from freemask.shared.errors import InvalidInput, Unusable
 from freemask.shared.image_refs import ImageReader
 from freemask.shared.metrics import ServiceMetrics
 from freemask.shared.runner import ServiceContext, ServiceParts, StageSpec
-from freemask.shared.scene_steps import validate_planned_source, validate_scene_step
+from freemask.shared.scene_steps import (
+    validate_planned_source,
+    validate_remaining,
+    validate_scene_keys,
+    validate_scene_step,
+)
 from freemask.v1 import common_pb2, compose_pb2, placement_pb2
 
 FOPA_MODEL_NAME = "fopa"
@@ -139,7 +144,10 @@ def _candidate(placement: Placement) -> placement_pb2.PlacementCandidate:
 def validate_task(task: compose_pb2.PlacementTask, config: FreemaskConfig) -> None:
     """InvalidInput naming the first thing wrong with a PlacementTask, before anything is read."""
     validate_scene_step(task, config.world.backgrounds)
-    validate_planned_source(task.next_object, task.HasField("next_object"), "next_object")
+    validate_scene_keys(task)
+    validate_planned_source(task.next_object, task.HasField("next_object"), "next_object", task,
+                            config.world.classes)
+    validate_remaining(task.remaining_objects, task, config.world.classes)
 
 
 def placement_seed(task: compose_pb2.PlacementTask) -> int:

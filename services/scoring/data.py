@@ -24,10 +24,10 @@ from typing import TextIO
 import numpy as np
 from tqdm import tqdm
 
-from freemask.shared.errors import InvalidInput, NotFound
+from freemask.shared.errors import InvalidInput, NotFound, shown
 from freemask.shared.image_refs import ImageReader
 from freemask.shared.images import encode_png
-from freemask.shared.keys import validate_key
+from freemask.shared.keys import run_prefix, validate_key
 from freemask.shared.store import ObjectStore
 from freemask.v1 import scoring_pb2
 from freemask.world.names import IGNORE_ID
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 MAX_DATASET_IMAGES = 1_000_000
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
+RUNS_PREFIX = "runs/"
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,21 @@ def dataset_pairs(dataset: scoring_pb2.Dataset, store: ObjectStore) -> list[Labe
         raise InvalidInput(f"a dataset holds 1..{MAX_DATASET_IMAGES} images, got "
                            f"{len(pairs) if len(pairs) <= MAX_DATASET_IMAGES else 'more'}")
     return pairs
+
+
+def require_own_run(dataset: scoring_pb2.Dataset, pairs: Sequence[LabelledPair], run_id: str) -> None:
+    """InvalidInput if a run's training data reads another run's samples: keys under `runs/` must lie
+    under `runs/{run_id}/` (labelled data elsewhere in the store, such as a reference split, is shared).
+    Called with no pairs, it checks the manifest key alone, before the manifest is read."""
+    own = run_prefix(run_id)
+    keys = [(f"dataset image {i} {field}", getattr(pair, field)) for i, pair in enumerate(pairs)
+            for field in ("image_key", "label_key")]
+    if dataset.WhichOneof("source") == "manifest_key":
+        keys.insert(0, ("dataset manifest_key", dataset.manifest_key))
+    for what, key in keys:
+        if key.startswith(RUNS_PREFIX) and not key.startswith(own):
+            raise InvalidInput(f"{what} {shown(key)} lies under another run; training run {run_id!r} reads samples "
+                               f"only under {own!r}")
 
 
 def check_label_map(label: np.ndarray, image: np.ndarray, num_classes: int) -> None:

@@ -17,6 +17,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from freemask.scoring.metrics import ScoringMetrics
 from freemask.scoring.train import SegmenterTrainer, TrainingStopped, TrainProgress, TrainSpec
 from freemask.shared.errors import NotFound
+from freemask.shared.keys import validate_id
 from freemask.v1 import scoring_pb2
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class TrainJobs:
         return job_id
 
     def status(self, job_id: str) -> scoring_pb2.TrainStatusResponse:
+        validate_id(job_id, "job_id")  # ids are "train-" and hex: anything else is the caller's mistake
         with self._lock:
             job = self._jobs.get(job_id)
         if job is None:

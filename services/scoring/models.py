@@ -27,7 +27,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from freemask.scoring.segmenter import Segmenter
-from freemask.shared.errors import InvalidInput, NotFound
+from freemask.shared.errors import InvalidInput, NotFound, shown
 from freemask.shared.keys import parse_segmenter_version, segmenter_prefix, segmenter_version
 from freemask.shared.store import ObjectNotFound, ObjectStore
 from freemask.v1 import common_pb2
@@ -51,7 +51,7 @@ def model_version(run_id: str, round_index: int) -> common_pb2.ModelVersion:
 def check_model_version(model: common_pb2.ModelVersion) -> tuple[str, int]:
     """(run, round) of a segmenter ModelVersion; InvalidInput for another family or a bad version."""
     if model.name != SEGMENTER_MODEL_NAME:
-        raise InvalidInput(f"model name {model.name!r} is not a segmenter; use name {SEGMENTER_MODEL_NAME!r}")
+        raise InvalidInput(f"model name {shown(model.name)} is not a segmenter; use name {SEGMENTER_MODEL_NAME!r}")
     return parse_segmenter_version(model.version)
 
 

@@ -19,9 +19,10 @@ from freemask.scoring.metrics import ScoringMetrics
 from freemask.scoring.models import LoadedSegmenter, SegmenterStore, check_model_version, model_version
 from freemask.shared.config import FreemaskConfig
 from freemask.shared.devices import resolve_device
-from freemask.shared.errors import InvalidInput, Unusable
+from freemask.shared.errors import InvalidInput, Unusable, shown
 from freemask.shared.image_refs import ImageReader
 from freemask.shared.keys import key_within, sample_prefix, validate_id, validate_round
+from freemask.shared.scene_steps import require_finite
 from freemask.v1 import common_pb2, samples_pb2, scoring_pb2
 
 BACKGROUND_NAME = "background"
@@ -87,7 +88,7 @@ class Scorer:
               model: common_pb2.ModelVersion | None = None) -> list[samples_pb2.ScoredSample]:
         """Score every sample (with its own round's segmenter unless `model` is given); all or nothing."""
         for sample in samples:
-            validate_sample(sample)
+            validate_sample(sample, self._names[1:])
         if model is not None:
             check_model_version(model)
         pixels = [self._read(sample) for sample in samples]
@@ -139,13 +140,24 @@ class Scorer:
         return image, label
 
 
-def validate_sample(sample: samples_pb2.Sample) -> None:
-    """InvalidInput naming what is wrong with a Sample before anything is read."""
+def validate_sample(sample: samples_pb2.Sample, class_names: Sequence[str] | None = None) -> None:
+    """InvalidInput naming what is wrong with a Sample before anything is read; with `class_names`
+    (the configured classes), every object must name one of them."""
     validate_id(sample.sample_id, "sample_id")
     validate_id(sample.run_id, "run_id")
     validate_round(sample.round)
     if sample.kind == samples_pb2.SAMPLE_KIND_UNSPECIFIED:
         raise InvalidInput(f"sample {sample.sample_id}: kind is unspecified")
+    if sample.kind not in (samples_pb2.SAMPLE_KIND_SINGLE, samples_pb2.SAMPLE_KIND_COMPOSED):
+        raise InvalidInput(f"sample {sample.sample_id}: kind {sample.kind} is not a known SampleKind")
+    # The sample travels on to the coordinator and the accepted topic as it came: a NaN in it would
+    # reach every consumer, and a NaN score compares false with the α cut.
+    require_finite(sample, f"sample {sample.sample_id}")
+    if class_names is not None:
+        for index, instance in enumerate(sample.objects):
+            if instance.class_name not in class_names:
+                raise InvalidInput(f"sample {sample.sample_id}: objects[{index}] has unknown class "
+                                   f"{shown(instance.class_name, 64)}; known classes: {', '.join(class_names)}")
     prefix = sample_prefix(sample.run_id, sample.round, sample.sample_id)
     for field in ("image_key", "label_key"):
         if not getattr(sample.keys, field):

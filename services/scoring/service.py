@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from freemask.scoring.data import dataset_pairs
+from freemask.scoring.data import dataset_pairs, require_own_run
 from freemask.scoring.jobs import TrainJobs
 from freemask.scoring.metrics import ScoringMetrics
 from freemask.scoring.models import SegmenterStore
@@ -47,8 +47,10 @@ class ScoringApi:
     def Train(self, request: scoring_pb2.TrainRequest) -> scoring_pb2.TrainResponse:
         validate_id(request.run_id, "run_id")
         validate_round(request.round)
-        spec = TrainSpec(run_id=request.run_id, round=request.round,
-                         pairs=tuple(dataset_pairs(request.dataset, self._store)),
+        require_own_run(request.dataset, (), request.run_id)  # before a manifest of another run is read
+        pairs = dataset_pairs(request.dataset, self._store)
+        require_own_run(request.dataset, pairs, request.run_id)
+        spec = TrainSpec(run_id=request.run_id, round=request.round, pairs=tuple(pairs),
                          epochs=request.epochs if request.HasField("epochs") else self._config.scoring.epochs,
                          seed=request.seed, init_from=request.init_from if request.HasField("init_from") else None)
         return scoring_pb2.TrainResponse(job_id=self._jobs.submit(spec))

@@ -45,7 +45,16 @@ log = logging.getLogger(__name__)
 
 SCHEMA_HEADER = "schema"
 TRACE_HEADER = "trace-id"
-_PUBLISH_TIMEOUT_S = 30.0
+# A publish whose acks have not all come within this is given up: the batch is not committed and
+# is redelivered. The producer expires the records by then itself (`delivery_timeout_ms`), so none
+# is left pending and closing it cannot block or leave its sender thread running.
+_DELIVERY_TIMEOUT_S = 30.0
+_PUBLISH_WAIT_S = _DELIVERY_TIMEOUT_S + 5.0
+_PRODUCE_REQUEST_TIMEOUT_MS = 15_000  # below the delivery timeout, which must exceed it (plus linger)
+# kafka-python 3.0 backs off reconnects up to 30 s: after a broker outage of that length a client
+# kept trying only every 30 s, and the stages sat idle for up to half a minute after the broker was
+# back (measured by tests/faults/test_broker_restart.py). One second is Kafka's own default.
+_RECONNECT_BACKOFF_MAX_MS = 1000
 # Header values come from outside; only a sane id is propagated into our headers and logs.
 _TRACE_ID = re.compile(r"[0-9A-Za-z-]{1,64}")
 
@@ -113,8 +122,11 @@ Handler = Callable[[InboundMessage], Sequence[OutboundMessage]]
 BatchHandler = Callable[[Sequence[InboundMessage]], Sequence[Sequence[OutboundMessage]]]
 
 
-def _security_options(config: BusConfig) -> dict[str, object]:
-    options: dict[str, object] = {"security_protocol": config.security_protocol}
+def _client_options(config: BusConfig) -> dict[str, object]:
+    """What every client of the bus shares: the broker, its security, and how it reconnects."""
+    options: dict[str, object] = {"bootstrap_servers": config.bootstrap_servers, "client_id": config.client_id,
+                                  "reconnect_backoff_max_ms": _RECONNECT_BACKOFF_MAX_MS,
+                                  "security_protocol": config.security_protocol}
     if config.sasl_mechanism:
         options["sasl_mechanism"] = config.sasl_mechanism
         if config.sasl_username is not None:
@@ -125,21 +137,25 @@ def _security_options(config: BusConfig) -> dict[str, object]:
 
 
 def make_producer(config: BusConfig) -> KafkaProducer:
+    # Not idempotent (kafka-python 3.0's default is): Tansu 0.6 stores a producer's sequence number
+    # and the partition's high-water mark before the record batch, so a broker killed in between
+    # answers the client's retry as a duplicate, acknowledged and never written. Records were lost
+    # so, and a partition ending in such a hole stalled its consumers (tests/faults/test_broker_restart.py).
+    # A plain retry writes the record again: at worst a duplicate, which deterministic ids absorb.
     return KafkaProducer(
-        bootstrap_servers=config.bootstrap_servers,
-        client_id=config.client_id,
+        enable_idempotence=False,
         acks="all",
         linger_ms=2,
         max_request_size=config.max_message_bytes,
         retries=5,
-        **_security_options(config),
+        request_timeout_ms=_PRODUCE_REQUEST_TIMEOUT_MS,
+        delivery_timeout_ms=int(_DELIVERY_TIMEOUT_S * 1000),
+        **_client_options(config),
     )
 
 
 def make_consumer(config: BusConfig, group: str, topics: Iterable[str]) -> KafkaConsumer:
     consumer = KafkaConsumer(
-        bootstrap_servers=config.bootstrap_servers,
-        client_id=config.client_id,
         group_id=f"{config.group_prefix}.{group}",
         enable_auto_commit=False,
         auto_offset_reset="earliest",
@@ -147,7 +163,7 @@ def make_consumer(config: BusConfig, group: str, topics: Iterable[str]) -> Kafka
         heartbeat_interval_ms=config.heartbeat_interval_ms,
         max_poll_records=config.max_poll_records,
         fetch_max_wait_ms=config.poll_timeout_ms,
-        **_security_options(config),
+        **_client_options(config),
     )
     consumer.subscribe(list(topics))
     return consumer
@@ -155,8 +171,7 @@ def make_consumer(config: BusConfig, group: str, topics: Iterable[str]) -> Kafka
 
 def make_reader(config: BusConfig) -> KafkaConsumer:
     """A consumer in no group, committing nothing: for reading a topic back (assign and seek)."""
-    return KafkaConsumer(bootstrap_servers=config.bootstrap_servers, client_id=config.client_id, group_id=None,
-                         enable_auto_commit=False, **_security_options(config))
+    return KafkaConsumer(group_id=None, enable_auto_commit=False, **_client_options(config))
 
 
 def ensure_topics(config: BusConfig, topics: Iterable[str] = Topics.ALL) -> list[str]:
@@ -164,9 +179,7 @@ def ensure_topics(config: BusConfig, topics: Iterable[str] = Topics.ALL) -> list
     unknown = sorted(set(config.topic_partitions) - set(Topics.ALL))
     if unknown:
         raise InvalidInput(f"bus.topic_partitions names topics that do not exist: {unknown}; known: {Topics.ALL}")
-    admin = KafkaAdminClient(
-        bootstrap_servers=config.bootstrap_servers, client_id=config.client_id, **_security_options(config)
-    )
+    admin = KafkaAdminClient(**_client_options(config))
     try:
         existing = set(admin.list_topics())
         missing = [t for t in topics if t not in existing]
@@ -203,7 +216,7 @@ class Publisher:
             for out in outputs
         ]
         for future in futures:
-            future.get(timeout=_PUBLISH_TIMEOUT_S)  # raises if the broker did not take it
+            future.get(timeout=_PUBLISH_WAIT_S)  # raises if the broker did not take it
 
     def close(self) -> None:
         self._producer.close(timeout=5)
@@ -214,6 +227,7 @@ class WorkerStats:
     processed: int = 0
     dead_lettered: int = 0
     retries: int = 0
+    committed_batches: int = 0  # batches whose outputs were acknowledged and offsets committed
 
 
 @dataclass
@@ -248,8 +262,10 @@ class StageWorker:
                 self._settle_batch(batch, consumer, publisher)
                 self._record_lag(consumer)
         finally:
-            consumer.close(autocommit=False)
-            publisher.close()
+            try:
+                consumer.close(autocommit=False)
+            finally:
+                publisher.close()  # even if the consumer's close failed: its sender thread must end
         return self.stats
 
     def _settle_batch(self, batch: dict, consumer: KafkaConsumer, publisher: Publisher) -> None:
@@ -278,6 +294,7 @@ class StageWorker:
             return
         publisher.publish(outputs)
         consumer.commit(settled)
+        self.stats.committed_batches += 1
 
     def _handle_together(
         self, records: list[tuple[TopicPartition, ConsumerRecord]]

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from freemask.shared.bus import ensure_topics
 from freemask.shared.config import SERVICE_NAMES, ConfigError, FreemaskConfig, load_config
 from freemask.shared.errors import InvalidInput, NotFound, Unavailable
-from freemask.shared.grpc_runtime import check_health
+from freemask.shared.grpc_runtime import TlsFileError, check_health
 from freemask.shared.processes import ServerProcess, ServerStartError, start_server, stop_pid, tail
 from freemask.shared.stack import EmbeddedStack, stack_for
 
@@ -72,7 +72,8 @@ def start_services(
                 for name, process in list(pending.items()):
                     if not process.alive():
                         raise ServerStartError(f"service {name} exited during start-up\n{tail(process.log_path)}")
-                    if check_health(f"{host}:{config.server.ports[name].grpc_port}", timeout_s=0.5):
+                    if check_health(f"{host}:{config.server.ports[name].grpc_port}", timeout_s=0.5,
+                                    server=config.server):
                         del pending[name]
                         bar.update(1)
                 if pending and time.monotonic() > deadline:
@@ -256,7 +257,12 @@ def _health_command(config: FreemaskConfig, args: argparse.Namespace) -> int:
     # A container probe runs inside the service's own network namespace, so the
     # loopback address reaches a server bound to any interface.
     target = args.target or f"127.0.0.1:{config.server.ports[args.service].grpc_port}"
-    if check_health(target, timeout_s=args.timeout):
+    try:
+        serving = check_health(target, timeout_s=args.timeout, server=config.server)
+    except TlsFileError as err:  # a probe that cannot read its certificate fails, saying why
+        print(f"freemask: {err}", file=sys.stderr)
+        return 1
+    if serving:
         _print(f"{args.service} at {target}: SERVING")
         return 0
     print(f"freemask: {args.service} at {target} is not serving", file=sys.stderr)

@@ -143,6 +143,19 @@ class ServerConfig(_Frozen):
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     grace_period_s: float = Field(10.0, ge=0)
     ports: dict[ServiceName, ServicePorts] = Field(default_factory=_default_ports, validate_default=True)
+    # TLS on every gRPC server: a PEM certificate (chain) and its private key, read at start-up.
+    # Unset = plaintext. The certificate must name the addresses clients dial: the services'
+    # DNS names, and 127.0.0.1 for the `freemask health` probe inside the pod.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    # Mutual TLS: the servers refuse a client without a certificate signed by this CA.
+    tls_client_ca_file: Path | None = None
+    # TLS on this process's gRPC clients (the coordinator's calls to scoring, `freemask health`,
+    # `freemask run`): the CA bundle that signed the servers' certificates. Unset = plaintext.
+    tls_ca_file: Path | None = None
+    # The certificate and key those clients present to servers that require one (mutual TLS).
+    tls_client_cert_file: Path | None = None
+    tls_client_key_file: Path | None = None
 
     @field_validator("ports", mode="before")
     @classmethod
@@ -154,6 +167,36 @@ class ServerConfig(_Frozen):
         for name, ports in given.items():
             merged[name] = {**merged.get(name, {}), **ports} if isinstance(ports, Mapping) else ports
         return merged
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> ServerConfig:
+        """Refuse half-configured TLS, naming every missing piece at once.
+
+        One config serves every process, and each is both a server and (for its probe, or
+        the coordinator's calls) a client: servers on TLS with plaintext clients, or servers
+        asking for client certificates that clients do not have, would only fail later, at
+        the first call, as an unexplained UNAVAILABLE.
+        """
+        problems = []
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            given = "tls_cert_file" if self.tls_cert_file is not None else "tls_key_file"
+            problems.append(f"tls_cert_file and tls_key_file go together; only {given} is set")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            problems.append("tls_client_ca_file (mutual TLS) needs the server's own tls_cert_file and tls_key_file")
+        if (self.tls_client_cert_file is None) != (self.tls_client_key_file is None):
+            given = "tls_client_cert_file" if self.tls_client_cert_file is not None else "tls_client_key_file"
+            problems.append(f"tls_client_cert_file and tls_client_key_file go together; only {given} is set")
+        if self.tls_client_cert_file is not None and self.tls_ca_file is None:
+            problems.append("tls_client_cert_file needs tls_ca_file: a client certificate is only sent over TLS")
+        if self.tls_cert_file is not None and self.tls_ca_file is None:
+            problems.append("tls_cert_file (servers on TLS) needs tls_ca_file, or this process's own clients, "
+                            "the health probe among them, could not reach the servers")
+        if self.tls_client_ca_file is not None and self.tls_client_cert_file is None:
+            problems.append("tls_client_ca_file (servers require client certificates) needs tls_client_cert_file "
+                            "and tls_client_key_file, or this process's own clients would be refused")
+        if problems:
+            raise ValueError("half-configured gRPC TLS: " + "; ".join(problems))
+        return self
 
 
 class LimitsConfig(_Frozen):

@@ -9,15 +9,23 @@ and the server keeps serving.
 A service implementation is a plain object with one method per RPC, named as
 in the proto (`Generate(request) -> response`); it raises the errors below and
 never touches the gRPC context.
+
+Transport security comes from `ServerConfig`: servers listen with TLS (and ask
+clients for certificates, mutual TLS) when its `tls_*` server files are set,
+and every in-repo client opens its channel through `open_channel`, which uses
+TLS when `tls_ca_file` is set. The files are paths, read when the server or
+channel starts; certificates and keys never sit in the config itself.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf import message_factory
@@ -49,6 +57,11 @@ def status_for(err: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+# gRPC drops a status whose details exceed its metadata limit (about 16 KB) and answers
+# RESOURCE_EXHAUSTED instead: a message that quotes a huge input must still arrive as its own code.
+MAX_STATUS_DETAIL_CHARS = 4000
+
+
 def _unary_handler(
     service_name: str, method_name: str, request_type: type[Message], call: Callable[[Message], Message],
     metrics: ServiceMetrics,
@@ -72,6 +85,8 @@ def _unary_handler(
                 detail = f"internal error in {method_name}; see the service log"
             else:
                 detail = str(err)
+                if len(detail) > MAX_STATUS_DETAIL_CHARS:
+                    detail = f"{detail[:MAX_STATUS_DETAIL_CHARS]}… (message cut from {len(detail)} characters)"
             context.abort(code, detail)
         finally:
             metrics.grpc_requests.labels(metrics.service, method_name, code.name).inc()
@@ -128,18 +143,72 @@ def start_server(
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    bound = server.add_insecure_port(f"{config.host}:{port}")
+    address = f"{config.host}:{port}"
+    credentials = server_credentials(config)
+    bound = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
     if bound == 0:
-        raise OSError(f"cannot listen on {config.host}:{port}")
+        raise OSError(f"cannot listen on {address}")
     server.start()
     running = RunningServer(server=server, health=health_servicer, port=bound, service_names=names)
     running.set_serving(True)
     return running
 
 
-def check_health(target: str, service: str = "", timeout_s: float = 2.0) -> bool:
-    """True if the server at `target` answers SERVING for `service`."""
-    with grpc.insecure_channel(target) as channel:
+class TlsFileError(OSError):
+    """A certificate or key file named in the config cannot be read; the message names the setting."""
+
+
+def _read_pem(path: Path, setting: str) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise TlsFileError(f"server.{setting}: cannot read {path}: {err.strerror}") from None
+    if not data.strip():
+        raise TlsFileError(f"server.{setting}: {path} is empty")
+    return data
+
+
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials of the servers, or None for plaintext; mutual TLS when a client CA is set."""
+    if config.tls_cert_file is None or config.tls_key_file is None:
+        return None
+    key = _read_pem(config.tls_key_file, "tls_key_file")
+    chain = _read_pem(config.tls_cert_file, "tls_cert_file")
+    client_ca = None
+    if config.tls_client_ca_file is not None:
+        client_ca = _read_pem(config.tls_client_ca_file, "tls_client_ca_file")
+    return grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca,
+                                       require_client_auth=client_ca is not None)
+
+
+def channel_credentials(config: ServerConfig) -> grpc.ChannelCredentials | None:
+    """TLS credentials of this process's clients, or None for plaintext."""
+    if config.tls_ca_file is None:
+        return None
+    key = chain = None
+    if config.tls_client_cert_file is not None and config.tls_client_key_file is not None:
+        key = _read_pem(config.tls_client_key_file, "tls_client_key_file")
+        chain = _read_pem(config.tls_client_cert_file, "tls_client_cert_file")
+    return grpc.ssl_channel_credentials(root_certificates=_read_pem(config.tls_ca_file, "tls_ca_file"),
+                                        private_key=key, certificate_chain=chain)
+
+
+def open_channel(target: str, config: ServerConfig | None = None,
+                 options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
+    """A channel to one of the platform's servers: TLS as `config` says, plaintext without one.
+
+    Every in-repo client goes through here, so that turning TLS on in the config turns
+    it on for all of them.
+    """
+    credentials = None if config is None else channel_credentials(config)
+    if credentials is None:
+        return grpc.insecure_channel(target, options=list(options))
+    return grpc.secure_channel(target, credentials, options=list(options))
+
+
+def check_health(target: str, service: str = "", timeout_s: float = 2.0, server: ServerConfig | None = None) -> bool:
+    """True if the server at `target` answers SERVING for `service` (over TLS when `server` says so)."""
+    with open_channel(target, server) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout_s

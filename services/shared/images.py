@@ -17,8 +17,10 @@ redelivered message rewrites identical objects in the store.
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 import zipfile
+import zlib
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -27,6 +29,14 @@ from freemask.shared.config import LimitsConfig
 from freemask.shared.errors import InvalidInput
 
 ACCEPTED_FORMATS = ("PNG", "JPEG")
+# What decoding damaged bytes may raise. Pillow reports them as OSError, ValueError or SyntaxError;
+# inside its PNG and JPEG parsers EOFError, struct.error, IndexError and zlib.error signal cut-off
+# or malformed chunks, and should one escape it is still the bytes' fault, not the service's.
+_DECODER_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, struct.error, zlib.error)
+# Soft maps: float maps in [0, 1] saved by `encode_npz(softmap=...)`.
+SOFTMAP_ARRAY = "softmap"
+_NPY_FLOATS = (np.dtype("<f2"), np.dtype("<f4"), np.dtype("<f8"))
 
 
 def _open_checked(data: bytes, limits: LimitsConfig, what: str) -> Image.Image:
@@ -39,12 +49,13 @@ def _open_checked(data: bytes, limits: LimitsConfig, what: str) -> Image.Image:
             # PIL warns (or raises) on huge images only after its own global
             # threshold; our per-call limit below is the one that applies.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            # Only the accepted formats' parsers ever see untrusted bytes.
+            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except Image.DecompressionBombError:
         raise InvalidInput(
             f"{what} declares far more pixels than allowed; each side must be in [1, {limits.max_image_side_px}]"
         ) from None
-    except (UnidentifiedImageError, OSError, ValueError):
+    except (UnidentifiedImageError, *_DECODER_ERRORS):
         raise InvalidInput(f"{what} is not a PNG or JPEG image") from None
     if image.format not in ACCEPTED_FORMATS:
         raise InvalidInput(f"{what} is {image.format}; accepted formats are {', '.join(ACCEPTED_FORMATS)}")
@@ -59,7 +70,7 @@ def _load(image: Image.Image, mode: str, what: str) -> np.ndarray:
     try:
         image.load()
         return np.asarray(image.convert(mode))
-    except (OSError, ValueError, SyntaxError):  # truncated or corrupt pixel data
+    except _DECODER_ERRORS:  # truncated or corrupt pixel data
         raise InvalidInput(f"{what} is truncated or corrupt") from None
 
 
@@ -102,7 +113,7 @@ def decode_instance_map(data: bytes, limits: LimitsConfig, what: str = "instance
     try:
         image.load()
         pixels = np.asarray(image)
-    except (OSError, ValueError, SyntaxError):
+    except _DECODER_ERRORS:
         raise InvalidInput(f"{what} is truncated or corrupt") from None
     if pixels.min() < 0 or pixels.max() > 65535:  # mode "I" holds 32-bit values
         raise InvalidInput(f"{what} holds ids outside 0..65535")
@@ -134,6 +145,51 @@ def encode_npz(**arrays: np.ndarray) -> bytes:
             info.compress_type = zipfile.ZIP_DEFLATED
             archive.writestr(info, member.getvalue())
     return buffer.getvalue()
+
+
+def decode_soft_map(data: bytes, limits: LimitsConfig, what: str = "soft map") -> np.ndarray:
+    """A soft attention map from `.npz` bytes (array `softmap`, float H×W) as float32.
+
+    The archive is untrusted like an image: its byte length is checked first, then the array's
+    header (shape and dtype) before any element is inflated, so a small archive declaring a huge
+    array is refused without allocating it. Pickled objects are never loaded, and NaN or infinite
+    values are refused: they would silently turn into masks and heat maps.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) == 0:
+        raise InvalidInput(f"{what} is empty")
+    if len(data) > limits.max_image_bytes:
+        raise InvalidInput(f"{what} is {len(data)} bytes; the limit is {limits.max_image_bytes}")
+    member = f"{SOFTMAP_ARRAY}.npy"
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            if member not in archive.namelist():
+                raise InvalidInput(f"{what} holds no array {SOFTMAP_ARRAY!r}")
+            with archive.open(member) as stream:
+                version = np.lib.format.read_magic(stream)
+                if version == (1, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+                elif version == (2, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+                else:
+                    raise InvalidInput(f"{what} uses .npy format {version}; expected 1.0 or 2.0")
+                if dtype not in _NPY_FLOATS:
+                    raise InvalidInput(f"{what} has dtype {dtype}; a soft map is little-endian float")
+                side = limits.max_image_side_px
+                if len(shape) != 2 or not all(1 <= n <= side for n in shape):
+                    raise InvalidInput(f"{what} has shape {shape}; a soft map is H×W with each side in [1, {side}]")
+                count = int(shape[0]) * int(shape[1])
+                raw = stream.read(count * dtype.itemsize + 1)
+    except InvalidInput:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, *_DECODER_ERRORS):
+        raise InvalidInput(f"{what} is not a readable .npz archive") from None
+    if len(raw) != count * dtype.itemsize:
+        raise InvalidInput(f"{what} holds {len(raw)} bytes of data; its header declares {count * dtype.itemsize}")
+    values = np.frombuffer(raw, dtype=dtype).reshape(shape, order="F" if fortran else "C").astype(np.float32)
+    finite = np.isfinite(values)
+    if not finite.all():
+        raise InvalidInput(f"{what} holds {int((~finite).sum())} NaN or infinite values")
+    return values
 
 
 def size_text(array: np.ndarray) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-from freemask.shared.errors import InvalidInput
+from freemask.shared.errors import InvalidInput, shown
 
 ID_PATTERN = re.compile(r"[a-z0-9-]{1,64}")
 VERSION_PATTERN = re.compile(r"[a-z0-9][a-z0-9.-]{0,63}")
@@ -34,8 +34,7 @@ class InvalidIdError(InvalidInput):
 
 def validate_id(value: str, what: str = "id") -> str:
     if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
-        shown = value if isinstance(value, str) and len(value) <= 80 else f"{str(value)[:80]}…"
-        raise InvalidIdError(f"{what} {shown!r} is not a valid id: use 1-64 characters from [a-z0-9-]")
+        raise InvalidIdError(f"{what} {shown(value)} is not a valid id: use 1-64 characters from [a-z0-9-]")
     return value
 
 
@@ -105,6 +104,23 @@ def within_a_sample(key: str, what: str = "key") -> str:
     return key
 
 
+def run_samples_prefix(run_id: str, round_index: int) -> str:
+    """`runs/{run}/rounds/{r}/samples/`: every sample folder of one run's round."""
+    return f"{run_prefix(run_id)}rounds/{validate_round(round_index)}/samples/"
+
+
+def within_run(key: str, run_id: str, round_index: int, what: str = "key") -> str:
+    """Check that a key received in a message of run `run_id`, round `round_index` names a file in
+    one of that round's sample folders: a message of one run never reads or overwrites another
+    run's samples, nor weights, indexes or run state elsewhere in the store."""
+    key_within(key, "runs/", what)
+    prefix = run_samples_prefix(run_id, round_index)
+    if not key.startswith(prefix):
+        raise InvalidIdError(f"{what} {key!r} lies outside {prefix!r}: a message of run {run_id!r} round "
+                             f"{round_index} reads only its own round's samples")
+    return within_a_sample(key, what)
+
+
 def model_prefix(name: str, version: str) -> str:
     return f"models/{validate_id(name, 'model name')}/{validate_id(version, 'model version')}/"
 
@@ -112,7 +128,7 @@ def model_prefix(name: str, version: str) -> str:
 def validate_version(value: str, what: str = "version") -> str:
     """A version segment such as "v1.2" or "sha256-0a1b…": ids plus dots, never starting with one."""
     if not isinstance(value, str) or not VERSION_PATTERN.fullmatch(value):
-        raise InvalidIdError(f"{what} {value!r} is not a valid version: use 1-64 characters from [a-z0-9.-], "
+        raise InvalidIdError(f"{what} {shown(value)} is not a valid version: use 1-64 characters from [a-z0-9.-], "
                              "starting with a letter or digit")
     return value
 
@@ -126,7 +142,7 @@ def parse_segmenter_version(version: str) -> tuple[str, int]:
     """(run, round) of a "{run}/{round}" segmenter version; InvalidInput for anything else."""
     run_id, _, round_text = version.partition("/") if isinstance(version, str) else ("", "", "")
     if not round_text.isdigit() or (len(round_text) > 1 and round_text[0] == "0"):
-        raise InvalidIdError(f"segmenter version {version!r} must be '{{run}}/{{round}}', e.g. 'run-1/0'")
+        raise InvalidIdError(f"segmenter version {shown(version)} must be '{{run}}/{{round}}', e.g. 'run-1/0'")
     validate_id(run_id, "segmenter version's run id")
     return run_id, validate_round(int(round_text))
 

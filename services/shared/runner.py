@@ -111,13 +111,18 @@ class ServiceProcess:
         log.info("stopped")
 
     def _supervise(self, worker: StageWorker) -> None:
-        """Keep the stage loop alive across broker outages, with a growing pause."""
+        """Keep the stage loop alive across broker outages, with a pause that grows while it fails."""
         failures = 0
         while not self.stopping.is_set():
+            committed = worker.stats.committed_batches
             try:
                 worker.run()
                 return
             except Exception:  # noqa: BLE001 - logged, then the loop restarts
+                if worker.stats.committed_batches > committed:
+                    # it got work through before it failed: a new outage, not the same one going on,
+                    # so the pause starts short again instead of at the longest an old outage reached
+                    failures = 0
                 pause = _WORKER_RESTART_BACKOFF_S[min(failures, len(_WORKER_RESTART_BACKOFF_S) - 1)]
                 failures += 1
                 log.exception("stage worker failed; restarting", extra={"pause_s": pause})

@@ -11,10 +11,12 @@ same bytes.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from freemask.shared.errors import InvalidInput
+from freemask.shared.errors import InvalidInput, shown
+from freemask.shared.keys import key_within, sample_prefix, validate_id, validate_round
+from freemask.shared.scene_steps import require_finite
 from freemask.v1 import common_pb2, generate_pb2
 
 SINGLE_KIND = "single"
@@ -69,6 +71,29 @@ def single_object_from_meta(data: bytes, what: str = "meta.json") -> generate_pb
         raise
     except (ValueError, KeyError, TypeError) as err:  # JSON errors are ValueErrors
         raise InvalidInput(f"{what} is not a readable single-object record: {type(err).__name__}: {err}") from None
+
+
+def validate_single_object(single: generate_pb2.SingleObject, run_id: str, round_index: int,
+                           classes: Sequence[str], what: str = "single object") -> None:
+    """InvalidInput unless `single` is one of run `run_id`'s round `round_index` objects, as the
+    attention-mask stage makes them: valid ids, a configured class, its files in its own sample
+    folder and finite numbers. Whoever builds on a single object from a message (a compose
+    request's base scene, a coordinator's D_0) checks it here before reading its files."""
+    validate_id(single.sample_id, f"{what} sample id")
+    validate_id(single.run_id, f"{what} run id")
+    validate_round(single.round)
+    if (single.run_id, single.round) != (run_id, round_index):
+        raise InvalidInput(f"{what} {single.sample_id!r} belongs to run {single.run_id!r} round {single.round}; "
+                           f"a message of run {run_id!r} round {round_index} builds only on objects generated in "
+                           "its own run and round")
+    if single.class_name not in classes:
+        raise InvalidInput(f"{what} class {shown(single.class_name, 64)} is not one of {', '.join(classes)}")
+    prefix = sample_prefix(single.run_id, single.round, single.sample_id)
+    for field in _KEY_FIELDS:
+        key = getattr(single.keys, field)
+        if key or field in ("image_key", "label_key"):
+            key_within(key, prefix, f"{what} {field}")
+    require_finite(single, what)
 
 
 def single_object_instance(single: generate_pb2.SingleObject) -> common_pb2.ObjectInstance:

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from freemask.shared.config import FreemaskConfig
-from freemask.shared.errors import InvalidInput, Unavailable, Unusable
-from freemask.shared.keys import key_within, sample_prefix, validate_id, validate_round
+from freemask.shared.errors import InvalidInput, Unavailable, Unusable, shown
+from freemask.shared.keys import validate_id, validate_round
 from freemask.shared.scene_steps import generation_record
-from freemask.shared.singles import single_object_from_meta, single_object_instance
+from freemask.shared.singles import single_object_from_meta, single_object_instance, validate_single_object
 from freemask.shared.store import ObjectStore
 from freemask.thesaurus.index import Relation, ThesaurusIndex
 from freemask.v1 import common_pb2, compose_pb2, generate_pb2
@@ -159,22 +159,24 @@ class ComposePlanner:
         if not request.HasField("base_scene"):
             raise InvalidInput("base_scene is missing")
         base = request.base_scene
-        validate_id(base.sample_id, "base scene sample id")
+        world = self.config.world
+        # The composition is written under the request's run: a base of another run or round would
+        # make it read (and record in its provenance) samples that are not its own.
+        validate_single_object(base, request.run_id, request.round, world.classes, "base scene")
         if base.sample_id == request.sample_id:
             raise InvalidInput(f"sample_id {request.sample_id!r} must differ from the base scene's: the "
                                "composition writes under its own id and never modifies the base")
-        world = self.config.world
-        if base.class_name not in world.classes:
-            raise InvalidInput(f"base scene class {base.class_name!r} is not one of {', '.join(world.classes)}")
+        if not base.prompt.strip():
+            raise InvalidInput("base scene prompt is empty")
+        if len(base.prompt) > self.config.limits.max_prompt_chars:  # it is copied into every step and sample
+            raise InvalidInput(f"base scene prompt has {len(base.prompt)} characters; the limit is "
+                               f"{self.config.limits.max_prompt_chars}")
         if request.background_name not in world.backgrounds:
-            raise InvalidInput(f"unknown background {request.background_name!r}; "
+            raise InvalidInput(f"unknown background {shown(request.background_name, 64)}; "
                                f"configured: {', '.join(world.backgrounds)}")
         if not 1 <= request.num_objects_to_add <= MAX_OBJECTS_TO_ADD:
             raise InvalidInput(f"num_objects_to_add must be in 1..{MAX_OBJECTS_TO_ADD}, "
                                f"got {request.num_objects_to_add}")
         if base.image_size.width < 1 or base.image_size.height < 1:
             raise InvalidInput("base scene image_size is missing")
-        base_prefix = sample_prefix(base.run_id, base.round, base.sample_id)
-        key_within(base.keys.image_key, base_prefix, "base scene image_key")
-        key_within(base.keys.label_key, base_prefix, "base scene label_key")
         return base

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from freemask.shared.bus import Topics, ensure_topics, make_consumer
+from freemask.shared.bus import ensure_topics
 from freemask.shared.cli import start_services, stop_services
 from freemask.shared.config import SERVICE_NAMES, FreemaskConfig, load_config
 from freemask.shared.processes import ServerProcess
@@ -31,8 +31,7 @@ from freemask.shared.stack import EmbeddedStack
 from freemask.shared.store import ObjectStore
 from freemask.v1 import coordinator_pb2, samples_pb2
 
-from grpc_helpers import unary_call
-from ports import reserve_ports
+from e2e_run import accepted_of, coordinator_call, platform_env, run_status
 
 pytestmark = pytest.mark.stack
 
@@ -42,16 +41,7 @@ RUN_TIMEOUT_S = 420.0
 
 @pytest.fixture(scope="module")
 def env(stack: EmbeddedStack) -> dict[str, str]:
-    numbers = iter(reserve_ports(2 * len(SERVICE_NAMES)))
-    ports = {}
-    for name in SERVICE_NAMES:
-        ports[f"FREEMASK_SERVER__PORTS__{name.upper()}__GRPC_PORT"] = str(next(numbers))
-        ports[f"FREEMASK_SERVER__PORTS__{name.upper()}__METRICS_PORT"] = str(next(numbers))
-    return {**{k: v for k, v in os.environ.items() if not k.startswith("FREEMASK_")}, **stack.client_env(),
-            **ports, "FREEMASK_BUS__GROUP_PREFIX": f"e2e-{uuid.uuid4().hex[:8]}",
-            "FREEMASK_ATTENTION_MASK__NUM_INFERENCE_STEPS": "4", "FREEMASK_SCORING__INPUT_SIZE": "32",
-            "FREEMASK_SCORING__BATCH_SIZE": "8", "FREEMASK_COORDINATOR__TRAIN_EPOCHS": "2",
-            "FREEMASK_COORDINATOR__POLL_INTERVAL_S": "0.3"}
+    return platform_env(stack, f"e2e-{uuid.uuid4().hex[:8]}")
 
 
 @pytest.fixture(scope="module")
@@ -70,33 +60,6 @@ def services(config: FreemaskConfig, env: dict[str, str],
         yield running
     finally:
         stop_services([p for name, p in running.items() if name != "log_dir"])
-
-
-def coordinator_call(config: FreemaskConfig, method: str, request, response_type):
-    target = f"127.0.0.1:{config.server.ports['coordinator'].grpc_port}"
-    return unary_call(target, "Coordinator", method, request, response_type, 30.0)
-
-
-def run_status(config: FreemaskConfig, run_id: str) -> coordinator_pb2.RunStatus:
-    return coordinator_call(config, "GetRun", coordinator_pb2.GetRunRequest(run_id=run_id),
-                            coordinator_pb2.GetRunResponse).run
-
-
-def accepted_of(config: FreemaskConfig, run_id: str) -> list[samples_pb2.AcceptedSample]:
-    consumer = make_consumer(config.bus, f"check-{uuid.uuid4().hex[:8]}", [Topics.ACCEPTED])
-    found, quiet_since = [], time.monotonic()
-    try:
-        while time.monotonic() - quiet_since < 5.0:
-            polled = consumer.poll(timeout_ms=500)
-            for batch in polled.values():
-                for record in batch:
-                    quiet_since = time.monotonic()
-                    accepted = samples_pb2.AcceptedSample.FromString(record.value)
-                    if accepted.run_id == run_id:
-                        found.append(accepted)
-    finally:
-        consumer.close(autocommit=False)
-    return found
 
 
 def test_a_run_completes_both_rounds_with_exactly_once_acceptance_across_a_coordinator_kill(

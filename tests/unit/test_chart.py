@@ -222,6 +222,8 @@ def test_validate_values_reports_every_problem_at_once() -> None:
     ({"kafkaCredentials": {"existingSecret": "kafka"}}, "kafkaCredentials.existingSecret"),
     ({"thesaurus": {"autoscaling": {"minReplicas": 0}}}, "thesaurus.autoscaling.minReplicas"),
     ({"scoring": {"autoscaling": {"enabled": False}, "replicaCount": 7}}, "scoring.replicaCount"),
+    ({"grpcTls": {"enabled": True}}, "grpcTls.existingSecret"),
+    ({"config": {"server": {"tls_cert_file": "/tls/tls.crt"}}}, "config.server.tls_cert_file"),
 ])
 def test_validate_values_catches(values: dict[str, Any], problem: str) -> None:
     assert f"freemask: {problem}\n" in render_error(values)
@@ -383,7 +385,39 @@ def test_every_service_has_grpc_health_probes_on_its_grpc_port(release: Release)
         grpc_port = next(port["containerPort"] for port in container["ports"] if port["name"] == "grpc")
 
         for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-            assert container[probe]["grpc"] == {"port": grpc_port}, f"{service} {probe}"
+            if release.values["grpcTls"]["enabled"]:
+                # the kubelet's gRPC probe has no TLS: the container asks itself, within the probe's timeout
+                timeout = int(container[probe]["exec"]["command"][-1])
+                assert container[probe]["exec"]["command"][:-1] == ["freemask", "health", service, "--timeout"]
+                assert 1 <= timeout < container[probe]["timeoutSeconds"] and "grpc" not in container[probe]
+            else:
+                assert container[probe]["grpc"] == {"port": grpc_port}, f"{service} {probe}"
+
+
+def test_grpc_tls_comes_from_one_mounted_secret(release: Release, tmp_path: Path) -> None:
+    """With grpcTls every service's server and clients read the certificate, key and CA the pod
+    mounts read-only from the Secret (pod_config writes each item as 'secret <key> of <Secret>')."""
+    tls = release.values["grpcTls"]
+    for service in SERVICE_NAMES:
+        server = service_config(release, service, tmp_path).server
+        pod = release.service_deployment(service)["spec"]["template"]["spec"]
+        if not tls["enabled"]:
+            assert (server.tls_cert_file, server.tls_ca_file) == (None, None)
+            assert "grpc-tls" not in {volume["name"] for volume in pod["volumes"]}
+            continue
+        files = {"tls_cert_file": tls["certKey"], "tls_key_file": tls["keyKey"], "tls_ca_file": tls["caKey"]}
+        if tls["mutual"]:
+            files |= {"tls_client_ca_file": tls["caKey"], "tls_client_cert_file": tls["certKey"],
+                      "tls_client_key_file": tls["keyKey"]}
+        for setting in ("tls_cert_file", "tls_key_file", "tls_ca_file", "tls_client_ca_file", "tls_client_cert_file",
+                        "tls_client_key_file"):
+            path = getattr(server, setting)
+            if setting not in files:
+                assert path is None, f"{service}: {setting}"
+                continue
+            assert path.read_text() == f"secret {files[setting]} of {tls['existingSecret']}", f"{service}: {setting}"
+        mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "grpc-tls")
+        assert mount["readOnly"] is True
 
 
 def test_triton_is_probed_on_readiness_and_grpc_health(release: Release) -> None:

@@ -346,3 +346,55 @@ def test_partitions_per_topic_fall_back_to_the_bus_default_and_must_be_positive(
     assert (bus.partitions_of("freemask.place.v1"), bus.partitions_of("freemask.compose.v1")) == (12, 4)
     with pytest.raises(ConfigError, match="partitions must be at least 1"):
         load_config(environ={"FREEMASK_BUS__TOPIC_PARTITIONS": "{freemask.place.v1: 0}"})
+
+
+# --- gRPC TLS ---------------------------------------------------------------
+
+_SERVER_TLS = {"FREEMASK_SERVER__TLS_CERT_FILE": "/tls/tls.crt", "FREEMASK_SERVER__TLS_KEY_FILE": "/tls/tls.key",
+               "FREEMASK_SERVER__TLS_CA_FILE": "/tls/ca.crt"}
+_MUTUAL_TLS = {**_SERVER_TLS, "FREEMASK_SERVER__TLS_CLIENT_CA_FILE": "/tls/ca.crt",
+               "FREEMASK_SERVER__TLS_CLIENT_CERT_FILE": "/tls/client.crt",
+               "FREEMASK_SERVER__TLS_CLIENT_KEY_FILE": "/tls/client.key"}
+
+
+def test_grpc_tls_is_off_by_default_and_paths_are_taken_as_given() -> None:
+    plain = load_config(environ={}).server
+    assert (plain.tls_cert_file, plain.tls_key_file, plain.tls_ca_file) == (None, None, None)
+    # paths only: nothing is read while the config loads (the chart's tests load configs whose
+    # mounted files exist only in the pod); the server and channels read them when they start
+    mutual = load_config(environ=_MUTUAL_TLS).server
+    assert (mutual.tls_cert_file, mutual.tls_client_ca_file, mutual.tls_client_key_file) == (
+        Path("/tls/tls.crt"), Path("/tls/ca.crt"), Path("/tls/client.key"))
+    client_only = load_config(environ={"FREEMASK_SERVER__TLS_CA_FILE": "/tls/ca.crt"}).server
+    assert client_only.tls_ca_file == Path("/tls/ca.crt") and client_only.tls_cert_file is None
+
+
+@pytest.mark.parametrize(
+    ("drop", "expected"),
+    [
+        (["FREEMASK_SERVER__TLS_KEY_FILE"], "tls_cert_file and tls_key_file go together; only tls_cert_file is set"),
+        (["FREEMASK_SERVER__TLS_CERT_FILE"], "only tls_key_file is set"),
+        (["FREEMASK_SERVER__TLS_CA_FILE"], "tls_cert_file (servers on TLS) needs tls_ca_file"),
+        (["FREEMASK_SERVER__TLS_CLIENT_KEY_FILE"],
+         "tls_client_cert_file and tls_client_key_file go together; only tls_client_cert_file is set"),
+        (["FREEMASK_SERVER__TLS_CLIENT_CERT_FILE", "FREEMASK_SERVER__TLS_CLIENT_KEY_FILE"],
+         "tls_client_ca_file (servers require client certificates) needs tls_client_cert_file"),
+        (["FREEMASK_SERVER__TLS_CERT_FILE", "FREEMASK_SERVER__TLS_KEY_FILE"],
+         "tls_client_ca_file (mutual TLS) needs the server's own tls_cert_file and tls_key_file"),
+    ],
+)
+def test_half_configured_grpc_tls_is_refused_with_what_is_missing(drop: list[str], expected: str) -> None:
+    environ = {k: v for k, v in _MUTUAL_TLS.items() if k not in drop}
+    with pytest.raises(ConfigError, match="half-configured gRPC TLS") as info:
+        load_config(environ=environ)
+    assert expected in str(info.value)
+
+
+def test_every_tls_problem_is_named_at_once() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(environ={"FREEMASK_SERVER__TLS_CERT_FILE": "/tls/tls.crt",
+                             "FREEMASK_SERVER__TLS_CLIENT_CERT_FILE": "/tls/client.crt"})
+    message = str(info.value)
+    for fragment in ("only tls_cert_file is set", "only tls_client_cert_file is set",
+                     "tls_client_cert_file needs tls_ca_file", "tls_cert_file (servers on TLS) needs tls_ca_file"):
+        assert fragment in message, message

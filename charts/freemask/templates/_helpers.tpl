@@ -135,6 +135,7 @@ coordinator: {key: coordinator, component: coordinator, image: cpu, autoscaling:
 {{- define "freemask.storeSecretDir" -}}/etc/freemask/secrets/store{{- end -}}
 {{- define "freemask.kafkaSecretDir" -}}/etc/freemask/secrets/kafka{{- end -}}
 {{- define "freemask.configDir" -}}/etc/freemask/config{{- end -}}
+{{- define "freemask.grpcTlsDir" -}}/etc/freemask/secrets/grpc-tls{{- end -}}
 
 {{- define "freemask.saslEnabled" -}}
 {{- if hasPrefix "SASL_" (dig "bus" "security_protocol" "PLAINTEXT" .Values.config) -}}true{{- end -}}
@@ -148,6 +149,17 @@ the operator's `config` merged over it, so an explicit setting always wins.
 {{- define "freemask.config" -}}
 {{- $wired := dict "server" (dict "host" "0.0.0.0" "ports" (include "freemask.ports" . | fromYaml)) -}}
 {{- $_ := set $wired "coordinator" (dict "scoring_target" (include "freemask.scoringTarget" .)) -}}
+{{- with .Values.grpcTls }}
+{{- if .enabled -}}
+{{- $dir := include "freemask.grpcTlsDir" $ -}}
+{{- $tls := dict "tls_cert_file" (printf "%s/%s" $dir .certKey) "tls_key_file" (printf "%s/%s" $dir .keyKey) "tls_ca_file" (printf "%s/%s" $dir .caKey) -}}
+{{- if .mutual -}}
+{{- /* one certificate per release: the services show it as clients too */}}
+{{- $tls = merge $tls (dict "tls_client_ca_file" (printf "%s/%s" $dir .caKey) "tls_client_cert_file" (printf "%s/%s" $dir .certKey) "tls_client_key_file" (printf "%s/%s" $dir .keyKey)) -}}
+{{- end -}}
+{{- $_ := set $wired "server" (merge $wired.server $tls) -}}
+{{- end -}}
+{{- end }}
 {{- if .Values.triton.enabled -}}
 {{- $_ := set $wired "triton" (dict "url" (include "freemask.tritonGrpcTarget" .)) -}}
 {{- end -}}
@@ -251,6 +263,19 @@ fail at once instead of reaching for a network that is not there.
       - key: {{ .root.Values.kafkaCredentials.passwordKey }}
         path: {{ .root.Values.kafkaCredentials.passwordKey }}
 {{- end }}
+{{- with .root.Values.grpcTls }}
+{{- if .enabled }}
+- name: grpc-tls
+  secret:
+    secretName: {{ .existingSecret }}
+    defaultMode: 0440
+    items:
+      {{- range $key := list .certKey .keyKey .caKey }}
+      - key: {{ $key }}
+        path: {{ $key }}
+      {{- end }}
+{{- end }}
+{{- end }}
 - name: tmp
   emptyDir:
     sizeLimit: {{ .root.Values.tmpSizeLimit }}
@@ -266,6 +291,11 @@ fail at once instead of reaching for a network that is not there.
 {{- if include "freemask.saslEnabled" . }}
 - name: kafka-credentials
   mountPath: {{ include "freemask.kafkaSecretDir" . }}
+  readOnly: true
+{{- end }}
+{{- if .Values.grpcTls.enabled }}
+- name: grpc-tls
+  mountPath: {{ include "freemask.grpcTlsDir" . }}
   readOnly: true
 {{- end }}
 - name: tmp
@@ -340,6 +370,21 @@ affinity: {{- toYaml . | nindent 2 }}
 {{- define "freemask.shmMount" -}}
 - name: dshm
   mountPath: /dev/shm
+{{- end -}}
+
+{{/*
+How the kubelet asks a service's health (`service`, on `port`). The kubelet's gRPC probe
+speaks plaintext only, so with grpcTls the container asks itself with `freemask health`,
+which reads the TLS settings from the same config, within half the probe's timeout.
+*/}}
+{{- define "freemask.healthCheck" -}}
+{{- if .root.Values.grpcTls.enabled -}}
+exec:
+  command: ["freemask", "health", {{ .service | quote }}, "--timeout", {{ max 1 (div (int .timing.timeoutSeconds) 2) | quote }}]
+{{- else -}}
+grpc:
+  port: {{ .port }}
+{{- end -}}
 {{- end -}}
 
 {{/* The shared probe timings with a component's `probes` over them. */}}

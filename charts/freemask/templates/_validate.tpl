@@ -5,7 +5,7 @@ file in one pass instead of one error per install attempt.
 */}}
 {{- define "freemask.validateValues" -}}
 {{- $problems := list -}}
-{{- range $check := list "images" "credentials" "gpus" "replicas" "gracePeriods" "triton" "topics" }}
+{{- range $check := list "images" "credentials" "grpcTls" "gpus" "replicas" "gracePeriods" "triton" "topics" }}
 {{- $found := include (printf "freemask.validateValues.%s" $check) $ | trim -}}
 {{- if $found }}
 {{- $problems = append $problems $found -}}
@@ -52,6 +52,21 @@ freemask: config.bus.sasl_mechanism
 {{- else if .Values.kafkaCredentials.existingSecret }}
 freemask: kafkaCredentials.existingSecret
     is set but config.bus.security_protocol is {{ $bus.security_protocol | default "PLAINTEXT" }}; the Secret would be ignored (use SASL_SSL or SASL_PLAINTEXT)
+{{- end }}
+{{- end -}}
+
+{{/* gRPC TLS is wired by the chart from one Secret; set by hand under config.server it would point at files no pod mounts. */}}
+{{- define "freemask.validateValues.grpcTls" -}}
+{{- if and .Values.grpcTls.enabled (not .Values.grpcTls.existingSecret) }}
+freemask: grpcTls.existingSecret
+    grpcTls.enabled is true: name the Secret with the services' certificate, its key and the CA
+{{- end }}
+{{- $server := .Values.config.server | default dict -}}
+{{- range $key := list "tls_cert_file" "tls_key_file" "tls_client_ca_file" "tls_ca_file" "tls_client_cert_file" "tls_client_key_file" }}
+{{- if hasKey $server $key }}
+freemask: config.server.{{ $key }}
+    is wired by the chart from the grpcTls Secret; use grpcTls instead
+{{- end }}
 {{- end }}
 {{- end -}}
 
