@@ -80,6 +80,7 @@ from freemask.v1 import (
     thesaurus_pb2,
 )
 
+from grpc_helpers import Aborted, CallContext
 from memory_store import MemoryStore
 from poison_cases import with_declared_size
 
@@ -365,19 +366,6 @@ def test_single_objects_from_messages_validate_or_are_refused(single: generate_p
 
 
 # --- whole handlers: gRPC behind the real dispatch, stage handlers over an in-memory store --------------------------
-
-class Aborted(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(code, details)
-        self.code, self.details = code, details
-
-
-class CallContext:
-    """What the gRPC wrapper uses of a servicer context: `abort` raises, as grpc's does."""
-
-    def abort(self, code: grpc.StatusCode, details: str) -> None:
-        raise Aborted(code, details)
-
 
 def _handlers() -> dict[str, Callable[[bytes], bytes]]:
     store = filled_store()

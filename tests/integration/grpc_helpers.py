@@ -35,3 +35,18 @@ def serving(config: FreemaskConfig, grpc_services: list, name: str) -> Iterator[
         yield f"127.0.0.1:{running.port}"
     finally:
         running.stop(1.0)
+
+
+class Aborted(Exception):
+    """What `context.abort` raises in a handler called without a server (see CallContext)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(code, details)
+        self.code, self.details = code, details
+
+
+class CallContext:
+    """What the gRPC wrapper uses of a servicer context: `abort` raises, as grpc's does."""
+
+    def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise Aborted(code, details)

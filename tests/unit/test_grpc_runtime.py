@@ -12,16 +12,7 @@ from freemask.shared.grpc_runtime import MAX_STATUS_DETAIL_CHARS, service_handle
 from freemask.shared.metrics import ServiceMetrics
 from freemask.v1 import thesaurus_pb2
 
-
-class Aborted(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(code, details)
-        self.code, self.details = code, details
-
-
-class CallContext:
-    def abort(self, code: grpc.StatusCode, details: str) -> None:
-        raise Aborted(code, details)
+from grpc_helpers import Aborted, CallContext
 
 
 class Refuses:
