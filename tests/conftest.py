@@ -101,3 +101,15 @@ def fopa_weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("fopa-weights")
     save_fopa(FopaNet(), directory)
     return directory
+
+
+FAULTS_DIR = Path(__file__).resolve().parent / "faults"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test under tests/faults is marked `faults`, so `make faults` runs that folder alone and
+    `make test` runs it with everything else. (The folder has no conftest of its own: it is on the
+    import path for its helper modules, where a second `conftest` module would shadow this one.)"""
+    for item in items:
+        if FAULTS_DIR in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.faults)
