@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import grpc
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
@@ -52,12 +51,6 @@ FINISHED = (coordinator_pb2.RUN_STATE_COMPLETED, coordinator_pb2.RUN_STATE_FAILE
 _SMALL_RUN = {"FREEMASK_ATTENTION_MASK__NUM_INFERENCE_STEPS": "4", "FREEMASK_SCORING__INPUT_SIZE": "32",
               "FREEMASK_SCORING__BATCH_SIZE": "8", "FREEMASK_COORDINATOR__TRAIN_EPOCHS": "2",
               "FREEMASK_COORDINATOR__POLL_INTERVAL_S": "0.3"}
-
-
-class StackOwner(Protocol):
-    """The `private_stack` fixture (tests/conftest.py's PrivateStack; `conftest` here names this folder's)."""
-
-    def up(self, parts: tuple[str, ...]) -> EmbeddedStack: ...
 
 
 @dataclass(frozen=True)
@@ -112,6 +105,13 @@ class Platform:
         while process.alive():  # reaps it, so its pid cannot be taken for ours
             assert time.monotonic() < deadline, f"{name} (pid {process.pid}) still alive {timeout_s} s after SIGKILL"
             time.sleep(0.05)
+
+    def pause(self, name: str) -> None:
+        """SIGSTOP: the process holds whatever it has, answers nothing, and misses its group heartbeats."""
+        os.kill(self.processes[name].pid, signal.SIGSTOP)
+
+    def resume(self, name: str) -> None:
+        os.kill(self.processes[name].pid, signal.SIGCONT)
 
     def restart(self, name: str) -> float:
         """Start `name` again (its log appended to); the seconds until it answered health."""

@@ -36,12 +36,12 @@ from freemask.shared.stack import EmbeddedStack
 from freemask.v1 import coordinator_pb2
 
 from bus_helpers import request, unique_topics
+from conftest import PrivateStack
 from e2e_run import (
     FINISHED,
     STAGE_INPUTS,
     Platform,
     RunPlan,
-    StackOwner,
     StageLag,
     check_accounting,
     follow_run,
@@ -162,7 +162,7 @@ class BrokerOutage:
 @pytest.mark.timeout(RUN_TIMEOUT_S + 180)
 @pytest.mark.parametrize("stop_signal", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
 def test_a_run_completes_across_a_broker_restart_while_stages_are_busy(
-        private_stack: StackOwner, tmp_path: Path, stop_signal: signal.Signals) -> None:
+        private_stack: PrivateStack, tmp_path: Path, stop_signal: signal.Signals) -> None:
     stack = private_stack.up(("seaweedfs", "tansu", "tritonserver"))
     env = platform_env(stack, f"broker-{uuid.uuid4().hex[:8]}")
     config = load_config(environ=env)
@@ -207,7 +207,7 @@ def test_a_run_completes_across_a_broker_restart_while_stages_are_busy(
               f"coordinator loop restarts: {coordinator_restarts}")
 
 
-def test_every_record_acknowledged_across_broker_crashes_mid_produce_is_readable(private_stack: StackOwner) -> None:
+def test_every_record_acknowledged_across_broker_crashes_mid_produce_is_readable(private_stack: PrivateStack) -> None:
     """The producer the stages publish with, against a broker killed again and again while it writes.
 
     Found by the run above hanging: with kafka-python's idempotent producer, Tansu 0.6 answered the
