@@ -44,6 +44,8 @@ from freemask.v1 import dead_letter_pb2
 log = logging.getLogger(__name__)
 
 SCHEMA_HEADER = "schema"
+# Room a dead letter keeps for its own fields and the original headers besides the original value.
+DEAD_LETTER_HEADROOM_BYTES = 64 * 1024
 TRACE_HEADER = "trace-id"
 # A publish whose acks have not all come within this is given up: the batch is not committed and
 # is redelivered. The producer expires the records by then itself (`delivery_timeout_ms`), so none
@@ -375,15 +377,23 @@ class StageWorker:
         attempts: int,
         first_failure: Timestamp | None,
     ) -> OutboundMessage:
+        value, reason = message.value, str(error)[:4000]
+        # A record larger than this producer may send (another producer's limit, or a broker that
+        # accepts more) could never be dead-lettered whole: the publish would fail, the batch would
+        # never commit, and the stage would retry it forever. Its head is kept instead, and said so.
+        room = self.config.max_message_bytes - DEAD_LETTER_HEADROOM_BYTES
+        if len(value) > room:
+            reason = f"{reason} [value cut to its first {room} of {len(value)} bytes to fit the DLQ]"
+            value = value[:room]
         letter = dead_letter_pb2.DeadLetter(
             original_topic=message.topic,
             partition=message.partition,
             offset=message.offset,
             key=(message.key or "").encode("utf-8"),
-            value=message.value,
+            value=value,
             headers=message.headers,
             stage=self.stage,
-            error=str(error)[:4000],
+            error=reason,
             error_type=type(error).__name__,
             attempts=attempts,
         )

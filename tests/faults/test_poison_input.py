@@ -445,14 +445,11 @@ def test_valid_work_wrote_only_under_its_own_run(platform: Platform) -> None:
     assert platform.bucket_names() == platform.buckets
 
 
-# --- known gaps, outside the files this suite's fixes could touch -------------------------------------------------
+# --- oversized input ------------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "services/shared/bus.py: a record over bus.max_message_bytes (Tansu accepts 10 MB) is refused, but its "
-    "dead letter carries the whole original value, the DLQ publish raises MessageSizeTooLargeError, the batch "
-    "is never committed and the worker restarts on the same record forever, blocking its partition"))
 def test_a_record_over_the_bus_limit_is_dead_lettered(platform: Platform) -> None:
-    """Last in the module: today it wedges the attention-mask stage's partition."""
+    """A record larger than the stage's producer may send (Tansu accepts 10 MB) is dead-lettered with
+    its value cut to fit, instead of wedging the partition on a DLQ publish that can never succeed."""
     request = changed(platform.fixtures.generate("k-huge-prompt"), lambda r: setattr(r, "prompt", "x" * TEN_MB))
     send(platform.config, [(Topics.GENERATE, "k-huge-prompt", request.SerializeToString(),
                             b"freemask.v1.GenerateRequest")])
@@ -460,6 +457,9 @@ def test_a_record_over_the_bus_limit_is_dead_lettered(platform: Platform) -> Non
     assert letters, "no dead letter for a 10 MB GenerateRequest"
     letter = dead_letter_pb2.DeadLetter.FromString(letters[0].value)
     assert letter.attempts == 1 and "prompt has 10000000 characters" in letter.error
+    assert "value cut to its first" in letter.error
+    assert 0 < len(letter.value) <= platform.config.bus.max_message_bytes
+    assert request.SerializeToString().startswith(letter.value)
 
 
 def test_a_10mb_setting_name_is_refused_with_a_short_message(platform: Platform) -> None:
