@@ -17,7 +17,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from kafka import KafkaConsumer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -30,6 +29,7 @@ from freemask.shared.store import ObjectStore
 from freemask.shared.triton_server import release_shared_memory, start_tritonserver
 from freemask.v1 import common_pb2, compose_pb2, generate_pb2
 
+from placement_pictures import FOREGROUND, LABELS, SCENE_H, SCENE_W, scene_image
 from ports import reserve_ports
 
 LOOPBACK = "127.0.0.1"
@@ -201,20 +201,6 @@ class PrivateTriton:
 
 
 # --- placement tasks with their pictures in the store ------------------------------------------------------------
-
-SCENE_W, SCENE_H = 96, 64
-FOREGROUND = np.random.default_rng(7).integers(0, 256, (40, 40, 3), dtype=np.uint8)
-LABELS = np.zeros((40, 40), np.uint8)
-LABELS[12:26, 6:30] = 5  # a 24 x 14 object of class 5
-
-
-def scene_image(seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    rows = np.linspace(0, 1, SCENE_H)[:, None, None]
-    colour = rng.integers(0, 256, (2, 3))
-    base = colour[0] * (1 - rows) + colour[1] * rows + rng.normal(0, 12, (SCENE_H, SCENE_W, 3))
-    return np.clip(base, 0, 255).astype(np.uint8)
-
 
 @dataclass(frozen=True)
 class PlacementRun:

@@ -42,13 +42,13 @@ from freemask.v1 import common_pb2, compose_pb2, dead_letter_pb2, generate_pb2, 
 from bus_helpers import drain_records, publish_samples, unique_topics
 from conftest import config_for
 from grpc_helpers import serving, unary_call
+from placement_pictures import FOREGROUND, LABELS, SCENE_H, SCENE_W, scene_image
 from polling import settled
 from ports import reserve_ports
 
 pytestmark = pytest.mark.stack
 
 MAX_OVERLAP = 0.3
-SCENE_W, SCENE_H = 96, 64
 # ONNX on onnxruntime and torch agree to this on the heatmaps (the export's own check)
 TOLERANCE = 1e-4
 CALL_TIMEOUT_S = 30.0
@@ -128,20 +128,6 @@ def call(target: str, method: str, request, response_type):
 
 
 # --- pictures --------------------------------------------------------------------------------------------------
-
-def scene_image(seed: int) -> np.ndarray:
-    """A textured scene: a sky-to-ground gradient plus noise, different per seed."""
-    rng = np.random.default_rng(seed)
-    rows = np.linspace(0, 1, SCENE_H)[:, None, None]
-    colour = rng.integers(0, 256, (2, 3))
-    base = colour[0] * (1 - rows) + colour[1] * rows + rng.normal(0, 12, (SCENE_H, SCENE_W, 3))
-    return np.clip(base, 0, 255).astype(np.uint8)
-
-
-FOREGROUND = np.random.default_rng(7).integers(0, 256, (40, 40, 3), dtype=np.uint8)
-LABELS = np.zeros((40, 40), np.uint8)
-LABELS[12:26, 6:30] = 5  # a 24 x 14 object of class 5
-
 
 def inline(pixels: np.ndarray) -> common_pb2.ImageRef:
     return common_pb2.ImageRef(png=encode_png(pixels))
