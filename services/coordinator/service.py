@@ -28,7 +28,7 @@ from typing import Any
 import grpc
 import yaml
 from google.protobuf.timestamp_pb2 import Timestamp
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaConsumer, KafkaProducer
 
 from freemask.coordinator.rounds import (
     BOOTSTRAP,
@@ -46,7 +46,7 @@ from freemask.coordinator.rounds import (
 )
 from freemask.scoring.data import write_manifest
 from freemask.scoring.models import model_version
-from freemask.shared.bus import OutboundMessage, Publisher, Topics, make_consumer, make_producer, make_reader
+from freemask.shared.bus import OutboundMessage, Publisher, Topics, make_consumer, make_producer, read_to_end
 from freemask.shared.config import BusConfig, FreemaskConfig, ServerConfig
 from freemask.shared.errors import InvalidInput, NotFound, Unavailable, shown
 from freemask.shared.grpc_runtime import open_channel
@@ -355,48 +355,12 @@ def run_status(record: RunRecord) -> coordinator_pb2.RunStatus:
 
 
 def accepted_ids(config: FreemaskConfig, timeout_s: float = 60.0) -> dict[str, set[str]]:
-    """Sample ids already on the accepted topic, by run: every partition read from its start, committing
-    nothing, until a poll brings nothing more and each partition's position has reached both the end
-    offset the broker reported and the high-water mark of its latest fetch response.
-
-    The reported end alone cannot be trusted: Tansu 0.6 answers ListOffsets(latest) with 1 for any
-    non-empty partition, so a read that stopped there saw only the first poll's records and the
-    coordinator published the rest again after a restart. The fetch's high-water mark is right on
-    Tansu and Kafka alike; the deadline bounds a topic that never stops growing."""
-    consumer = make_reader(config.bus)
-    try:
-        consumer.topics()  # loads the cluster metadata, so the topic's partitions are known
-        partitions = [TopicPartition(Topics.ACCEPTED, p) for p in consumer.partitions_for_topic(Topics.ACCEPTED) or ()]
-        if not partitions:
-            return {}
-        consumer.assign(partitions)
-        consumer.seek_to_beginning(*partitions)
-        reported_end = consumer.end_offsets(partitions)
-        found: dict[str, set[str]] = {}
-        deadline = time.monotonic() + timeout_s
-        while True:
-            polled = consumer.poll(timeout_ms=500)
-            for batch in polled.values():
-                for record in batch:
-                    accepted = samples_pb2.AcceptedSample.FromString(record.value)
-                    found.setdefault(accepted.run_id, set()).add(accepted.sample.sample_id)
-            if not polled and _caught_up(consumer, partitions, reported_end):
-                return found
-            if time.monotonic() > deadline:
-                raise Unavailable(f"reading {Topics.ACCEPTED} back took over {timeout_s:.0f} s")
-    finally:
-        consumer.close()
-
-
-def _caught_up(consumer: KafkaConsumer, partitions: Sequence[TopicPartition],
-                 reported_end: Mapping[TopicPartition, int]) -> bool:
-    """Whether every partition is read up to its end; a partition no fetch has answered yet is not
-    (its high-water mark is still unknown)."""
-    for partition in partitions:
-        highwater = consumer.highwater(partition)
-        if highwater is None or consumer.position(partition) < max(highwater, reported_end.get(partition, 0)):
-            return False
-    return True
+    """Sample ids already on the accepted topic, by run, read to its true end (`bus.read_to_end`)."""
+    found: dict[str, set[str]] = {}
+    for record in read_to_end(config.bus, Topics.ACCEPTED, timeout_s):
+        accepted = samples_pb2.AcceptedSample.FromString(record.value)
+        found.setdefault(accepted.run_id, set()).add(accepted.sample.sample_id)
+    return found
 
 
 class CoordinatorApi:

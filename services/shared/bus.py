@@ -24,7 +24,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
@@ -37,7 +37,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from kafka.structs import OffsetAndMetadata
 
 from freemask.shared.config import BusConfig
-from freemask.shared.errors import InvalidInput, Unusable
+from freemask.shared.errors import InvalidInput, Unavailable, Unusable
 from freemask.shared.metrics import ServiceMetrics
 from freemask.v1 import dead_letter_pb2
 
@@ -174,6 +174,48 @@ def make_consumer(config: BusConfig, group: str, topics: Iterable[str]) -> Kafka
 def make_reader(config: BusConfig) -> KafkaConsumer:
     """A consumer in no group, committing nothing: for reading a topic back (assign and seek)."""
     return KafkaConsumer(group_id=None, enable_auto_commit=False, **_client_options(config))
+
+
+def read_to_end(config: BusConfig, topic: str, timeout_s: float = 60.0) -> Iterator[ConsumerRecord]:
+    """Every record of `topic`, from the start of each partition, by a reader in no group that
+    commits nothing; it stops once a poll brings nothing more and each partition's position has
+    reached both the end offset the broker reported and the high-water mark of its latest fetch.
+
+    The reported end alone cannot be trusted: Tansu 0.6 answers ListOffsets(latest) with 1 for any
+    non-empty partition, so a read that stopped there saw only the first poll's records. The fetch's
+    high-water mark is right on Tansu and Kafka alike; the deadline bounds a topic that never stops
+    growing (Unavailable)."""
+    reader = make_reader(config)
+    try:
+        reader.topics()  # loads the cluster metadata, so the topic's partitions are known
+        partitions = [TopicPartition(topic, p) for p in reader.partitions_for_topic(topic) or ()]
+        if not partitions:
+            return
+        reader.assign(partitions)
+        reader.seek_to_beginning(*partitions)
+        reported_end = reader.end_offsets(partitions)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            polled = reader.poll(timeout_ms=500)
+            for batch in polled.values():
+                yield from batch
+            if not polled and _caught_up(reader, partitions, reported_end):
+                return
+            if time.monotonic() > deadline:
+                raise Unavailable(f"reading {topic} back took over {timeout_s:.0f} s")
+    finally:
+        reader.close()
+
+
+def _caught_up(reader: KafkaConsumer, partitions: Sequence[TopicPartition],
+               reported_end: dict[TopicPartition, int]) -> bool:
+    """Whether every partition is read up to its end; a partition no fetch has answered yet is not
+    (its high-water mark is still unknown)."""
+    for partition in partitions:
+        highwater = reader.highwater(partition)
+        if highwater is None or reader.position(partition) < max(highwater, reported_end.get(partition, 0)):
+            return False
+    return True
 
 
 def ensure_topics(config: BusConfig, topics: Iterable[str] = Topics.ALL) -> list[str]:

@@ -26,7 +26,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from prometheus_client.parser import text_string_to_metric_families
 
 from freemask.coordinator.service import RunRepository
-from freemask.shared.bus import Topics, ensure_topics
+from freemask.shared.bus import Topics, ensure_topics, read_to_end
 from freemask.shared.cli import start_services, stop_services
 from freemask.shared.config import SERVICE_NAMES, FreemaskConfig
 from freemask.shared.processes import ServerProcess
@@ -213,22 +213,8 @@ def _tail_reader(config: FreemaskConfig, topics: Iterable[str]) -> tuple[KafkaCo
 
 
 def read_topic(config: FreemaskConfig, topic: str, timeout_s: float = 60.0) -> list[ConsumerRecord]:
-    """Every record of `topic`: read from the start until a poll brings nothing and each partition's
-    position has reached the high-water mark of its latest fetch."""
-    reader, partitions = _tail_reader(config, [topic])
-    records: list[ConsumerRecord] = []
-    deadline = time.monotonic() + timeout_s
-    try:
-        while True:
-            assert time.monotonic() < deadline, f"reading {topic} back took over {timeout_s:.0f} s"
-            polled = [record for batch in reader.poll(timeout_ms=500).values() for record in batch]
-            records.extend(polled)
-            marks = [reader.highwater(p) for p in partitions]
-            if not polled and all(mark is not None and reader.position(p) >= mark
-                                  for p, mark in zip(partitions, marks)):
-                return records
-    finally:
-        reader.close()
+    """Every record of `topic`, read to its true end as the coordinator reads the accepted topic."""
+    return list(read_to_end(config.bus, topic, timeout_s))
 
 
 def accepted_of(config: FreemaskConfig, run_id: str) -> list[samples_pb2.AcceptedSample]:
