@@ -2,9 +2,10 @@
 
 One diffusion pass per batch of prompts, with the capture processors installed
 (`capture.py`): cross-attention of each prompt's class word at every attention
-resolution, self-attention at the one grid the affinity uses. After the pass
-the maps are fused (eq. 1/2, `aggregate.py`) and each sample's mask is refined
-(random walk + eq. 23, `refine.py`).
+resolution, and self-attention at one grid when it is the affinity. After the
+pass the maps are fused (eq. 1/2, `aggregate.py`), the affinity is taken (the
+learned head on the generated images, `affinity.py`, or the self-attention),
+and each sample's mask is refined (random walk + eq. 23, `refine.py`).
 
 Works with any diffusers text-to-image pipeline whose UNet is a
 `UNet2DConditionModel`: the shipped small generator (pixel space, word
@@ -26,8 +27,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from freemask.attention_mask.affinity import (
+    DEFAULT_WEIGHTS_DIR as DEFAULT_AFFINITY_DIR,
+    AffinityHead,
+    affinity_head_version,
+    learned_affinities,
+    load_affinity_head,
+)
 from freemask.attention_mask.aggregate import Resolution, soft_maps
-from freemask.attention_mask.capture import capture_attention
+from freemask.attention_mask.capture import AttentionStore, capture_attention
 from freemask.attention_mask.generator import WEIGHTS_DIR, FreeMaskTextToImagePipeline, token_words
 from freemask.attention_mask.refine import RefineConfig, refine
 from freemask.shared.config import AttentionMaskConfig
@@ -148,15 +156,25 @@ def load_pipeline(weights: Path, device: torch.device) -> Any:
 class MaskGenerator:
     """Draws objects from prompts and extracts their masks; one per process, reused across calls."""
 
-    def __init__(self, pipe: Any, config: AttentionMaskConfig, version: str) -> None:
+    def __init__(self, pipe: Any, config: AttentionMaskConfig, version: str,
+                 affinity_head: AffinityHead | None = None, affinity_version: str | None = None) -> None:
+        if (config.affinity == "learned") != (affinity_head is not None):
+            raise InvalidInput(f"attention_mask.affinity={config.affinity!r} needs "
+                               + ("an affinity head" if affinity_head is None else "no affinity head"))
         self.pipe = pipe
         self.config = config
         self.version = version
+        self.affinity_head = affinity_head.to(pipe.unet.device) if affinity_head is not None else None
+        self.affinity_version = affinity_version
+        # meta.json's record of where each mask's affinity came from.
+        self.affinity_source = ("self-attention" if affinity_head is None
+                                else f"learned head {affinity_version or 'unversioned'}")
         # Capture installs its processors on the one shared UNet for the length of a pass, so
         # two passes at once (gRPC worker threads and the stage worker share this generator)
         # would write into each other's stores: passes run one at a time.
         self._unet_lock = threading.Lock()
         self.refine_config = RefineConfig(beta=config.refine_beta, iterations=config.refine_iterations,
+                                          cut=config.refine_cut,
                                           reference_threshold=config.refine_reference_threshold,
                                           min_component_fraction=config.min_component_fraction)
 
@@ -164,7 +182,16 @@ class MaskGenerator:
     def from_config(cls, config: AttentionMaskConfig) -> MaskGenerator:
         weights = config.weights or WEIGHTS_DIR
         version = config.weights_version or weights_digest(weights)
-        return cls(load_pipeline(weights, resolve_device(config.device, "attention_mask.device")), config, version)
+        pipe = load_pipeline(weights, resolve_device(config.device, "attention_mask.device"))
+        if config.affinity == "self_attention":
+            return cls(pipe, config, version)
+        head_dir = config.affinity_weights or DEFAULT_AFFINITY_DIR
+        return cls(pipe, config, version, load_affinity_head(head_dir), affinity_head_version(head_dir))
+
+    def reconfigured(self, **updates: Any) -> MaskGenerator:
+        """The same loaded models under a changed config (refinement knobs, batch size, ...)."""
+        return MaskGenerator(self.pipe, self.config.model_copy(update=updates), self.version,
+                             self.affinity_head, self.affinity_version)
 
     @property
     def native_size(self) -> int:
@@ -191,12 +218,33 @@ class MaskGenerator:
         return sorted(sides, reverse=True)
 
     def affinity_resolution(self, height: int, width: int) -> Resolution:
+        """The grid the random walk runs on, no side above `affinity_max_side`.
+
+        The learned head sees the image halved until it fits; self-attention is taken on the
+        largest attention grid that fits.
+        """
+        limit = self.config.affinity_max_side
+        if self.affinity_head is not None:
+            factor = 1
+            while max(height, width) > limit * factor:
+                factor *= 2
+            return (-(-height // factor), -(-width // factor))
         grids = self.attention_resolutions(height, width)
-        fitting = [grid for grid in grids if max(grid) <= self.config.affinity_max_side]
+        fitting = [grid for grid in grids if max(grid) <= limit]
         if not fitting:
             raise InvalidInput(f"no attention grid of a {height}x{width} image has a side <= "
-                               f"affinity_max_side={self.config.affinity_max_side}; grids: {grids}")
+                               f"affinity_max_side={limit}; grids: {grids}")
         return fitting[0]
+
+    def self_attention_grids(self, grid: Resolution) -> list[Resolution]:
+        """What the capture must record for the affinity: nothing when the learned head gives it."""
+        return [] if self.affinity_head is not None else [grid]
+
+    def affinities(self, images: torch.Tensor, store: AttentionStore, grid: Resolution) -> torch.Tensor:
+        """``(B, N, N)`` affinities over `grid` for a pass's `images` (B, 3, H, W) in [0, 1]."""
+        if self.affinity_head is not None:
+            return learned_affinities(self.affinity_head, images, grid)
+        return store.self_attention_means()[grid].float()
 
     def _check_size(self, height: int, width: int) -> None:
         """The UNet halves its grid three times, so the latent side must divide by 8."""
@@ -282,7 +330,7 @@ class MaskGenerator:
         device = self.pipe.unet.device
         generators = [torch.Generator(device).manual_seed(p.seed) for p in prompts]
         with self._unet_lock, capture_attention(self.pipe.unet, [list(pos) for pos in positions],
-                                                self_attention_resolutions=[affinity_grid],
+                                                self_attention_resolutions=self.self_attention_grids(affinity_grid),
                                                 classifier_free_guidance=first.guidance_scale > 1.0) as store:
             images = self.pipe([p.prompt for p in prompts], height=height, width=width,
                                num_inference_steps=first.num_inference_steps, guidance_scale=first.guidance_scale,
@@ -290,11 +338,12 @@ class MaskGenerator:
         # Fusion and the random walk stay on the UNet's device (on a GPU they cost little there,
         # while the CPU would hold the next pass back); only the results come back to the host.
         cross = store.cross_attention_means()
-        affinity = store.self_attention_means()[affinity_grid].float()
+        images = images.float().clamp(0, 1)
+        affinity = self.affinities(images, store, affinity_grid)
         fused = soft_maps({res: level.float() for res, level in cross.items()},
                           store.token_mask, (height, width))
         fused_host = fused.cpu().numpy().astype(np.float32)
-        pixels = (images.float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255.0).round().astype(np.uint8)
+        pixels = (images.permute(0, 2, 3, 1).cpu().numpy() * 255.0).round().astype(np.uint8)
         out = []
         for i, p in enumerate(prompts):
             refined = refine(fused[i], affinity[i], affinity_grid, self.refine_config)

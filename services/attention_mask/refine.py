@@ -1,15 +1,21 @@
 """From a soft cross-attention map to a binary mask: affinity random walk and eq. 23.
 
-1. **Random walk (AffinityNet).** An affinity ``W`` between feature-grid positions (here the
-   UNet's mean self-attention; a learned AffinityNet head gives the same shape) becomes a
-   transition matrix ``T = D⁻¹ W^{∘β}`` (element-wise power β sharpens it, ``D`` normalises
-   rows); the map is propagated ``vec(M') = Tᵗ vec(M)``. Propagation fills an object whose
-   parts attend to each other and starves background that merely sits next to it.
-2. **Threshold search (eq. 23).** Instead of one fixed threshold, each candidate τ of a grid
-   binarises the soft map, and the τ whose mask agrees best (IoU) with the propagated map is
-   kept. The propagated map is binarised at its own mean by default (an object covering a
-   fraction p of an otherwise empty image has mean ≈ p, so the mean sits between the two
-   plateaus) or at a configured level.
+1. **Random walk (AffinityNet).** An affinity ``W`` between grid positions (a learned
+   AffinityNet head on the image, `affinity.py`, or the UNet's mean self-attention)
+   becomes a transition matrix ``T = D⁻¹ W^{∘β}`` (element-wise power β sharpens it, ``D``
+   normalises rows); the map is propagated ``vec(M') = Tᵗ vec(M)``. Propagation fills an
+   object whose parts are affine to each other and starves background that merely sits
+   next to it: after enough steps the map is close to each region's mean attention.
+2. **Threshold search (eq. 23).** Each candidate τ of a grid binarises a map, and the τ
+   whose mask agrees best with the propagated map M' is kept. Agreement is the fuzzy IoU
+   ``Σ min(B, M') / Σ max(B, M')`` of the binary mask B with the soft map M', which needs
+   no binarisation level of its own and is 1 only where M' is already binary; or, with a
+   ``reference_threshold``, the IoU with M' binarised at that level. Which map
+   is cut is ``RefineConfig.cut``: ``"refined"`` cuts M' itself, which is best when the
+   affinity grid is the image's own (the learned head at 32 px): the raw map's blur
+   around a small object is what the walk removes, and cutting the raw map would put it
+   back. ``"attention"`` cuts the fused attention map, as DiffuMask does, which keeps its
+   detail when the affinity grid is coarser than the image (SD's 32×32 on 512 px).
 3. **Clean-up.** Connected components smaller than a fraction of the image are dropped;
    the largest component is always kept, so clean-up alone never empties a mask.
 
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -37,17 +44,19 @@ class RefineConfig:
     """Knobs of the refinement; the defaults are starting points for the benchmark to tune.
 
     ``beta`` and ``iterations`` are AffinityNet's β and t (its paper used β=8, t=256 on
-    learned affinities in [0, 1]; self-attention rows are already probabilities, so a
-    milder β and a few steps are enough). ``symmetrize`` averages W with Wᵀ, as AffinityNet's
-    affinities are symmetric by construction. ``reference_threshold`` is the level at which
-    the propagated map is binarised (``None``: its mean). ``min_component_fraction`` is the
-    smallest blob kept, as a fraction of the image area.
+    learned affinities in [0, 1]). ``symmetrize`` averages W with Wᵀ, as AffinityNet's
+    affinities are symmetric by construction (self-attention is not).
+    ``cut`` is the map the mask is cut from and ``reference_threshold`` the level at which
+    the walked map is binarised for the comparison (``None``: fuzzy IoU with the map itself;
+    module docstring, step 2).
+    ``min_component_fraction`` is the smallest blob kept, as a fraction of the image area.
     """
 
-    beta: float = 2.0
-    iterations: int = 4
+    beta: float = 4.0
+    iterations: int = 256
     symmetrize: bool = True
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
+    cut: Literal["refined", "attention"] = "refined"
     reference_threshold: float | None = None
     min_component_fraction: float = 0.01
 
@@ -138,45 +147,39 @@ def propagate(
     return normalize_unit(walked[None])[0]
 
 
-def mask_iou(first: torch.Tensor, second: torch.Tensor) -> float:
-    """IoU of two boolean masks; two empty masks agree perfectly (1.0)."""
-    if first.shape != second.shape:
-        raise InvalidInput(f"masks of shapes {tuple(first.shape)} and {tuple(second.shape)} cannot be compared")
-    union = int((first | second).sum())
-    if union == 0:
-        return 1.0
-    return int((first & second).sum()) / union
-
-
 def threshold_search(
-    soft_map: torch.Tensor,
+    candidate_map: torch.Tensor,
     refined_map: torch.Tensor,
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
     reference_threshold: float | None = None,
 ) -> tuple[float, float]:
-    """Eq. 23: the τ whose ``soft_map ≥ τ`` best matches (IoU) the binarised ``refined_map``.
+    """Eq. 23: the τ whose mask ``candidate_map ≥ τ`` best matches ``refined_map``.
 
-    Returns ``(τ, IoU)``. Ties go to the smallest τ, the more inclusive mask: the
-    propagated map is the reference, and among equally good masks the one that loses
-    fewer object pixels makes fewer holes in the label.
+    The match is the fuzzy IoU with ``refined_map``'s values, or, with a
+    ``reference_threshold``, the IoU with ``refined_map ≥ reference_threshold``.
+
+    Returns ``(τ, IoU)``. Ties go to the smallest τ, the more inclusive mask: among equally
+    good masks the one that loses fewer object pixels makes fewer holes in the label.
     """
-    if soft_map.shape != refined_map.shape or soft_map.ndim != 2:
+    if candidate_map.shape != refined_map.shape or refined_map.ndim != 2:
         raise InvalidInput(
-            f"soft and refined maps must both be (H, W) of one shape, got {tuple(soft_map.shape)} "
+            f"candidate and refined maps must both be (H, W) of one shape, got {tuple(candidate_map.shape)} "
             f"and {tuple(refined_map.shape)}"
         )
     if len(thresholds) == 0:
         raise InvalidInput("the threshold grid is empty: give at least one candidate τ")
     if any(not 0.0 <= tau <= 1.0 for tau in thresholds):
         raise InvalidInput(f"thresholds must lie in [0, 1], got {list(thresholds)}")
-    level = float(refined_map.mean()) if reference_threshold is None else reference_threshold
-    reference = refined_map >= level
     # Every candidate at once: one pass and one device sync instead of two per τ.
     taus = sorted(float(tau) for tau in thresholds)
-    candidates = soft_map[None] >= torch.tensor(taus, dtype=soft_map.dtype, device=soft_map.device)[:, None, None]
-    inter = (candidates & reference).sum(dim=(1, 2)).double()
-    union = (candidates | reference).sum(dim=(1, 2)).double()
-    ious = torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))  # two empty masks agree
+    reference = refined_map.float().clamp(0.0, 1.0)[None]
+    if reference_threshold is not None:
+        reference = (reference >= reference_threshold).float()
+    levels = torch.tensor(taus, device=candidate_map.device)[:, None, None]
+    candidates = (candidate_map.float()[None] >= levels).float()
+    inter = torch.minimum(candidates, reference).sum(dim=(1, 2)).double()
+    union = torch.maximum(candidates, reference).sum(dim=(1, 2)).double()
+    ious = torch.where(union > 0, inter / union.clamp_min(1e-12), torch.ones_like(union))  # both empty: agree
     best = int(torch.argmax(ious))  # the first maximum: ties go to the smallest τ
     return taus[best], float(ious[best])
 
@@ -215,12 +218,13 @@ def remove_small_components(mask: torch.Tensor, min_fraction: float, connectivit
 
 def refine(soft_map: torch.Tensor, affinity: torch.Tensor, affinity_size: Resolution,
            config: RefineConfig = RefineConfig()) -> RefinedMask:
-    """Propagate, search τ (eq. 23), binarise the soft map at τ and clean it up.
+    """Propagate, search τ (eq. 23), binarise the chosen map at τ and clean it up.
 
     ``soft_map`` is one sample's fused [0, 1] map (H, W); ``affinity`` its ``(h·w, h·w)``
-    self-attention (``AttentionStore.self_attention_means()[(h, w)][i]``).
+    affinity over the ``affinity_size`` grid (the learned head's, or the self-attention).
     """
     refined = propagate(soft_map, affinity, affinity_size, config.beta, config.iterations, config.symmetrize)
-    tau, iou = threshold_search(soft_map, refined, config.thresholds, config.reference_threshold)
-    mask = remove_small_components(soft_map >= tau, config.min_component_fraction)
+    cut = refined if config.cut == "refined" else soft_map
+    tau, iou = threshold_search(cut, refined, config.thresholds, config.reference_threshold)
+    mask = remove_small_components(cut >= tau, config.min_component_fraction)
     return RefinedMask(mask=mask, threshold=tau, iou=iou, refined_map=refined)

@@ -120,9 +120,10 @@ def _mask_details(result: GeneratedObject, generator: MaskGenerator) -> dict[str
         "class_token_positions": list(result.token_positions),
         "cross_attention_resolutions": [list(r) for r in result.cross_attention_resolutions],
         "affinity_resolution": list(result.affinity_resolution),
-        "affinity_source": "self-attention",
+        "affinity_source": generator.affinity_source,
         "refine_beta": config.beta,
         "refine_iterations": config.iterations,
+        "refine_cut": config.cut,
         "refine_reference_threshold": config.reference_threshold,
         "min_component_fraction": config.min_component_fraction,
     }

@@ -17,21 +17,18 @@ Weights are saved as safetensors with a JSON config beside them.
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from freemask.shared.errors import InvalidInput
+from freemask.shared.small_models import read_small_model, save_small_model, small_model_version
 
 WEIGHTS_FILE = "rain.safetensors"
-CONFIG_FILE = "config.json"
 DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "rain"
 _DOWNSAMPLING = 4  # the encoder halves the size twice: inputs are padded to a multiple of 4
 
@@ -94,26 +91,18 @@ class RainNet(nn.Module):
 
 
 def save_rain(net: RainNet, directory: Path) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(directory / WEIGHTS_FILE))
-    (directory / CONFIG_FILE).write_text(json.dumps(asdict(net.config), indent=2) + "\n", encoding="utf-8")
+    save_small_model(net, net.config, directory, WEIGHTS_FILE)
 
 
 def load_rain(directory: Path = DEFAULT_WEIGHTS_DIR) -> RainNet:
-    missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if not (Path(directory) / name).is_file()]
-    if missing:
-        raise InvalidInput(f"no RAIN weights in {directory}: missing {', '.join(missing)}")
-    net = RainNet(RainConfig(**json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))))
-    net.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
+    config, state = read_small_model(directory, WEIGHTS_FILE, "RAIN")
+    net = RainNet(RainConfig(**config))
+    net.load_state_dict(state)
     return net.eval()
 
 
 def rain_weights_version(directory: Path = DEFAULT_WEIGHTS_DIR) -> str:
-    """`ModelVersion.version` of the weights: a digest of the safetensors file and its config."""
-    digest = hashlib.sha256()
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        digest.update((Path(directory) / name).read_bytes())
-    return "sha256-" + digest.hexdigest()[:16]
+    return small_model_version(directory, WEIGHTS_FILE)
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:

@@ -15,8 +15,7 @@ import onnxruntime
 import torch
 
 from freemask.placement.geometry import BACKGROUND_SIDE, FOREGROUND_SIDE
-from freemask.placement.model import CONFIG_FILE, WEIGHTS_FILE, FopaHeatmap, FopaNet, load_fopa
-from freemask.shared.errors import InvalidInput
+from freemask.placement.model import FopaHeatmap, FopaNet, load_fopa
 
 # Pinned so that a torch upgrade cannot silently raise the opset past what the
 # production Triton image's onnxruntime runs.
@@ -40,15 +39,6 @@ def _fopa_inputs(batch: int, generator: torch.Generator) -> tuple[torch.Tensor, 
     background = torch.rand(batch, 3, BACKGROUND_SIDE, BACKGROUND_SIDE, generator=generator) * 2 - 1
     foreground = torch.rand(batch, 4, FOREGROUND_SIDE, FOREGROUND_SIDE, generator=generator) * 2 - 1
     return background, foreground
-
-
-def load_weights(directory: Path) -> FopaNet:
-    """The FOPA net saved in `directory`; InvalidInput naming what is missing if it holds none."""
-    directory = Path(directory)
-    missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if not (directory / name).is_file()]
-    if missing:
-        raise InvalidInput(f"no FOPA weights in {directory}: missing {', '.join(missing)}")
-    return load_fopa(directory)
 
 
 def verify_onnx(model: FopaHeatmap, path: Path, batches: tuple[int, ...] = VERIFY_BATCHES) -> float:
@@ -81,7 +71,7 @@ def export_onnx(net_or_weights_dir: FopaNet | Path, path: Path) -> Path:
     `path` appears only once the check has passed; on any failure it is left as it was.
     The module is exported in eval mode; a net passed in gets its own mode back afterwards.
     """
-    net = net_or_weights_dir if isinstance(net_or_weights_dir, FopaNet) else load_weights(net_or_weights_dir)
+    net = net_or_weights_dir if isinstance(net_or_weights_dir, FopaNet) else load_fopa(Path(net_or_weights_dir))
     model = FopaHeatmap(net)
     was_training = net.training
     path = Path(path)

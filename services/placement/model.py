@@ -16,19 +16,16 @@ Weights are saved as safetensors with a JSON config beside them; the ONNX export
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from freemask.placement.geometry import BACKGROUND_SIDE, FOREGROUND_SIDE, HEATMAP_SIDE, NUM_SCALES
+from freemask.shared.small_models import read_small_model, save_small_model, small_model_version
 
 WEIGHTS_FILE = "fopa.safetensors"
-CONFIG_FILE = "config.json"
 DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "fopa"
 
 
@@ -109,21 +106,17 @@ class FopaHeatmap(nn.Module):
 
 
 def save_fopa(net: FopaNet, directory: Path) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(directory / WEIGHTS_FILE))
-    (directory / CONFIG_FILE).write_text(json.dumps(asdict(net.config), indent=2) + "\n", encoding="utf-8")
+    save_small_model(net, net.config, directory, WEIGHTS_FILE)
 
 
 def load_fopa(directory: Path = DEFAULT_WEIGHTS_DIR) -> FopaNet:
-    config = FopaConfig(**json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8")))
-    net = FopaNet(config)
-    net.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
+    """The FOPA net saved in `directory`; InvalidInput naming what is missing if it holds none."""
+    config, state = read_small_model(directory, WEIGHTS_FILE, "FOPA")
+    net = FopaNet(FopaConfig(**config))
+    net.load_state_dict(state)
     return net.eval()
 
 
 def weights_version(directory: Path = DEFAULT_WEIGHTS_DIR) -> str:
     """`ModelVersion.version` of the weights: a digest of the safetensors file and its config."""
-    digest = hashlib.sha256()
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        digest.update((directory / name).read_bytes())
-    return "sha256-" + digest.hexdigest()[:16]
+    return small_model_version(directory, WEIGHTS_FILE)

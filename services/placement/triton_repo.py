@@ -20,9 +20,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, get_args
 
-from freemask.placement.export import export_onnx, load_weights
+from freemask.placement.export import export_onnx
 from freemask.placement.geometry import BACKGROUND_SIDE, FOREGROUND_SIDE, HEATMAP_SIDE, NUM_SCALES
-from freemask.placement.model import DEFAULT_WEIGHTS_DIR, weights_version
+from freemask.placement.model import DEFAULT_WEIGHTS_DIR, load_fopa, weights_version
 from freemask.shared.errors import InvalidInput
 
 Target = Literal["embedded", "production"]
@@ -193,7 +193,7 @@ def write_repository(target: str, out_dir: Path, weights_dir: Path = DEFAULT_WEI
     export leaves the previous model (or none) untouched, never half a model.
     """
     spec = _target(target)
-    net = load_weights(weights_dir)
+    net = load_fopa(Path(weights_dir))
     model = replace(fopa_model(weights_version(weights_dir)), name=name, dynamic_batching=dynamic_batching)
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)

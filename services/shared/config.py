@@ -235,16 +235,27 @@ class AttentionMaskConfig(_Frozen):
     num_inference_steps: int = Field(50, ge=1, le=1000)
     guidance_scale: float = Field(3.0, ge=0.0, le=30.0)
     max_batch: int = Field(16, ge=1, description="prompts per diffusion pass")
-    # The affinity comes from the largest self-attention grid whose side is at most
-    # this (16 for the small generator, 32 for SD 1.5 at 512 px): a 64x64 grid's
+    # Where the random walk's affinity comes from: "learned", an AffinityNet head on the
+    # generated image (`affinity_weights`, unset = the head shipped for the small
+    # generator, trained on the reference world), or "self_attention", the UNet's own
+    # self-attention. The shipped head knows the reference world's pictures only: with
+    # other weights (Stable Diffusion) use "self_attention" or a head trained on their domain.
+    affinity: Literal["learned", "self_attention"] = "learned"
+    affinity_weights: Path | None = None
+    # The affinity grid's largest side: the learned head runs on the image area-averaged
+    # down by powers of two until it fits; self-attention uses the largest attention grid
+    # that fits (16 for the small generator, 32 for SD 1.5 at 512 px). A 64x64 grid's
     # 4096x4096 affinity per image costs more than it adds.
     affinity_max_side: int = Field(32, ge=1)
-    # Random-walk sharpening β and length t, and the level at which the propagated map is
-    # binarised before eq. 23 compares each τ's mask with it (unset = the map's mean).
+    # Random-walk sharpening β and length t; the map the mask is cut from: "refined" (the
+    # walked map; best when the affinity grid is the image's) or "attention" (the fused
+    # map; keeps detail when the grid is coarser than the image, as SD's at 512 px); and
+    # the level at which the walked map is binarised for eq. 23 (unset: fuzzy IoU with it).
     # Defaults: the best of a grid on train-split scenes (tests/benchmarks/bench_attention_mask.py).
     refine_beta: float = Field(4.0, gt=0.0)
-    refine_iterations: int = Field(8, ge=0)
-    refine_reference_threshold: float | None = Field(0.8, gt=0.0, lt=1.0)
+    refine_iterations: int = Field(256, ge=0, le=4096)
+    refine_cut: Literal["refined", "attention"] = "refined"
+    refine_reference_threshold: float | None = Field(None, gt=0.0, lt=1.0)
     min_component_fraction: float = Field(0.01, ge=0.0, lt=1.0)
 
 

@@ -8,8 +8,9 @@
    word's fused map (eq. 1/2) is compared with the scene's label by IoU:
    (a) at a fixed threshold of 0.5, (b) at the best single threshold for all
    images, (c) after this service's affinity refinement (random walk on the
-   self-attention, eq. 23 threshold search, blob removal). The knobs of (c)
-   and the timestep are chosen on train-split scenes, never on validation.
+   affinity, eq. 23 threshold search, blob removal). The affinity source (the
+   learned head or the self-attention), the knobs of (c), the layer weighting and
+   the timestep are chosen on train-split scenes, never on validation.
 2. **Masks of generated images.** A small segmenter is trained here on
    rendered scenes and their exact labels; on images the service generates,
    the IoU between its mask and the segmenter's is reported, beside the
@@ -77,6 +78,7 @@ class CapturedScenes:
 
     def __init__(self, gen: MaskGenerator, scenes: list[Scene], timestep: int, seed: int) -> None:
         pipe = gen.pipe
+        self.gen = gen
         size = scenes[0].image.shape[0]
         found = [(s, noun_positions(pipe.tokenizer, s.caption, s.objects[0].cls)) for s in scenes]
         self.scenes = [s for s, positions in found if positions]
@@ -88,12 +90,12 @@ class CapturedScenes:
         a = alphas[timestep].float()
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         ids = pipe.tokenize([s.caption for s in self.scenes])
-        with torch.no_grad(), capture_attention(pipe.unet, positions,
-                                                self_attention_resolutions=[self.affinity_grid]) as store:
+        with torch.no_grad(), capture_attention(
+                pipe.unet, positions, self_attention_resolutions=gen.self_attention_grids(self.affinity_grid)) as store:
             pipe.unet(xt, torch.full((len(xt),), timestep), encoder_hidden_states=pipe.text_encoder(ids)[0])
         self.cross = store.cross_attention_means()
         self.token_mask = store.token_mask
-        self.affinity = store.self_attention_means()[self.affinity_grid]
+        self.affinity = gen.affinities((x0 + 1) / 2, store, self.affinity_grid)
         self.size = (size, size)
         self.truth = [s.label == DRAWABLE_CLASSES.index(s.objects[0].cls) + 1 for s in self.scenes]
         self.valid = [s.label != 255 for s in self.scenes]
@@ -106,7 +108,9 @@ class CapturedScenes:
         per_tau = {tau: float(np.mean([iou(m >= tau, t, v) for m, t, v in zip(maps, self.truth, self.valid)]))
                    for tau in DEFAULT_THRESHOLDS}
         best_tau = max(per_tau, key=per_tau.get)
+        started = time.perf_counter()
         refined = [refine(soft[i], self.affinity[i], self.affinity_grid, config) for i in range(len(maps))]
+        refine_seconds = (time.perf_counter() - started) / len(maps)
         return {
             "iou_fixed_0_5": float(np.mean([iou(m >= 0.5, t, v) for m, t, v in zip(maps, self.truth, self.valid)])),
             "iou_best_global": per_tau[best_tau],
@@ -114,24 +118,41 @@ class CapturedScenes:
             "iou_refined": float(np.mean([iou(r.mask.numpy(), t, v)
                                          for r, t, v in zip(refined, self.truth, self.valid)])),
             "refined_threshold_mean": float(np.mean([r.threshold for r in refined])),
+            "refine_seconds_per_mask": refine_seconds,
         }
 
 
-def tune(gen: MaskGenerator, scenes: list[Scene], timesteps: list[int]) -> dict:
-    """The timestep, layer weighting and refinement knobs that maximise refined IoU on `scenes`."""
+def tune(generators: dict[str, MaskGenerator], scenes: list[Scene], timesteps: list[int]) -> dict:
+    """The affinity source, timestep, layer weighting and walk knobs that maximise refined IoU on `scenes`.
+
+    Coordinate search, as the full grid costs hours on 2 cores: for each affinity source,
+    first the timestep and layer weighting at the default walk, then β and t at those.
+    """
     best: dict = {"iou_refined": -1.0}
-    grids = gen.attention_resolutions(scenes[0].image.shape[0], scenes[0].image.shape[0])
-    weightings = {"equal": None, **{f"{g[0]}px_only": {g: 1.0} for g in grids}}
-    for timestep in timesteps:
-        captured = CapturedScenes(gen, scenes, timestep, SEED + 1)
-        for (name, weights), beta, iterations, reference in itertools.product(
-                weightings.items(), (1.0, 4.0, 8.0), (2, 8, 16), (None, 0.5, 0.7, 0.8)):
-            config = RefineConfig(beta=beta, iterations=iterations, reference_threshold=reference)
-            score = captured.scores(captured.soft(weights), config)
-            if score["iou_refined"] > best["iou_refined"]:
-                best = {**score, "timestep": timestep, "weighting": name, "beta": beta, "iterations": iterations,
-                        "reference_threshold": reference}
-                print(f"tuning: {json.dumps(best)}", file=sys.stderr, flush=True)
+    default = RefineConfig()
+    for source, gen in generators.items():
+        grids = gen.attention_resolutions(scenes[0].image.shape[0], scenes[0].image.shape[0])
+        weightings = {"equal": None, **{f"{g[0]}px_only": {g: 1.0} for g in grids}}
+        captured = {timestep: CapturedScenes(gen, scenes, timestep, SEED + 1) for timestep in timesteps}
+        source_best: dict = {"iou_refined": -1.0}
+        for timestep, (name, weights) in itertools.product(timesteps, weightings.items()):
+            score = captured[timestep].scores(captured[timestep].soft(weights), default)
+            if score["iou_refined"] > source_best["iou_refined"]:
+                source_best = {**score, "affinity": source, "timestep": timestep, "weighting": name,
+                               "beta": default.beta, "iterations": default.iterations, "cut": default.cut,
+                               "reference_threshold": default.reference_threshold}
+        chosen = captured[source_best["timestep"]]
+        soft = chosen.soft(weightings[source_best["weighting"]])
+        for beta, iterations, cut, reference in itertools.product((1.0, 2.0, 4.0, 8.0), (8, 64, 256),
+                                                                  ("refined", "attention"), (None, 0.5, 0.8)):
+            config = RefineConfig(beta=beta, iterations=iterations, cut=cut, reference_threshold=reference)
+            score = chosen.scores(soft, config)
+            if score["iou_refined"] > source_best["iou_refined"]:
+                source_best = {**source_best, **score, "beta": beta, "iterations": iterations, "cut": cut,
+                               "reference_threshold": reference}
+        print(f"tuning: {json.dumps(source_best)}", file=sys.stderr, flush=True)
+        if source_best["iou_refined"] > best["iou_refined"]:
+            best = source_best
     return best
 
 
@@ -208,8 +229,8 @@ def capture_overhead(gen: MaskGenerator, batch: int, steps: int, repeats: int) -
         pipe(prompts, num_inference_steps=steps, seed=list(range(batch)), output_type="pt")
         plain.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        with capture_attention(pipe.unet, positions, self_attention_resolutions=[gen.affinity_resolution(
-                gen.native_size, gen.native_size)], classifier_free_guidance=True):
+        with capture_attention(pipe.unet, positions, self_attention_resolutions=gen.self_attention_grids(
+                gen.affinity_resolution(gen.native_size, gen.native_size)), classifier_free_guidance=True):
             pipe(prompts, num_inference_steps=steps, seed=list(range(batch)), output_type="pt")
         captured.append(time.perf_counter() - t0)
     return {"capture_overhead": float(np.median(captured) / np.median(plain)),
@@ -230,22 +251,25 @@ def main() -> None:
     torch.set_num_threads(2)
     started = time.perf_counter()
     base = AttentionMaskConfig(weights=args.weights, device="cpu")
-    gen = MaskGenerator.from_config(base)
-    size = gen.native_size
+    learned = MaskGenerator.from_config(base)
+    generators = {"learned": learned,
+                  "self_attention": MaskGenerator(learned.pipe, base.model_copy(update={"affinity": "self_attention"}),
+                                                  learned.version)}
+    size = learned.native_size
 
-    best = tune(gen, single_object_scenes("train", args.tune_scenes, size), [25, 50, 100, 250])
+    best = tune(generators, single_object_scenes("train", args.tune_scenes, size), [25, 50, 100, 250])
+    gen = generators[best["affinity"]]
     grids = gen.attention_resolutions(size, size)
     weights = None if best["weighting"] == "equal" else {g: 1.0 for g in grids if best["weighting"] == f"{g[0]}px_only"}
     val = CapturedScenes(gen, single_object_scenes("val", args.val_scenes, size), best["timestep"], SEED)
-    chosen = RefineConfig(beta=best["beta"], iterations=best["iterations"],
+    chosen = RefineConfig(beta=best["beta"], iterations=best["iterations"], cut=best["cut"],
                           reference_threshold=best["reference_threshold"])
     measured = val.scores(val.soft(weights), chosen)
     print(f"validation: {json.dumps(measured)}", file=sys.stderr, flush=True)
 
     net, oracle_val_iou = train_segmenter(4000, size, args.segmenter_minutes)
-    tuned = MaskGenerator(gen.pipe, base.model_copy(update={
-        "refine_beta": best["beta"], "refine_iterations": best["iterations"],
-        "refine_reference_threshold": best["reference_threshold"]}), gen.version)
+    tuned = gen.reconfigured(refine_beta=best["beta"], refine_iterations=best["iterations"], refine_cut=best["cut"],
+                             refine_reference_threshold=best["reference_threshold"])
     generated = generated_vs_oracle(tuned, net, args.per_class, args.steps)
     overhead = capture_overhead(gen, batch=16, steps=args.steps, repeats=3)
 
@@ -259,6 +283,7 @@ def main() -> None:
         "capture_overhead": round(overhead["capture_overhead"], 3),
         "best_global_threshold": measured["best_global_threshold"],
         "refined_threshold_mean": round(measured["refined_threshold_mean"], 3),
+        "refine_seconds_per_mask": round(measured["refine_seconds_per_mask"], 4),
         "val_scenes": len(val.scenes),
         "oracle_segmenter_val_iou": round(oracle_val_iou, 4),
         **{k: round(v, 4) if isinstance(v, float) else v for k, v in generated.items()
@@ -269,8 +294,10 @@ def main() -> None:
         "commit": commit,
         "seed": SEED,
         "config": {"weights": str(args.weights or "shipped"), "generator_version": gen.version, "image_size": size,
+                   "affinity": best["affinity"], "affinity_source": gen.affinity_source,
                    "timestep": best["timestep"], "weighting": best["weighting"], "beta": best["beta"],
-                   "iterations": best["iterations"], "reference_threshold": best["reference_threshold"],
+                   "iterations": best["iterations"], "cut": best["cut"],
+                   "reference_threshold": best["reference_threshold"],
                    "affinity_resolution": list(val.affinity_grid), "thresholds": list(DEFAULT_THRESHOLDS),
                    "generated_steps": args.steps, "guidance_scale": base.guidance_scale},
     }

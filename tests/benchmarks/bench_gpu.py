@@ -151,7 +151,7 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device, dtype)
     config = AttentionMaskConfig(num_inference_steps=args.steps, guidance_scale=GUIDANCE,
-                                 max_batch=max(args.batches), device=device.type)
+                                 max_batch=max(args.batches), device=device.type, affinity="self_attention")
     generator = MaskGenerator(pipe, config, "random-" + ("tiny" if args.smoke else "sd15"))
     side = shape.image_side
     peak = peak_flops(device)

@@ -64,10 +64,30 @@ def test_a_prompt_without_the_class_or_with_it_truncated_away_is_invalid(gen: Ma
 def test_grids_of_the_small_generator(gen: MaskGenerator) -> None:
     assert gen.native_size == 32 and gen.latent_scale == 1
     assert gen.attention_resolutions(32, 32) == [(16, 16), (8, 8)]
-    assert gen.affinity_resolution(32, 32) == (16, 16)
-    narrow = MaskGenerator(gen.pipe, gen.config.model_copy(update={"affinity_max_side": 4}), gen.version)
+    # The learned head runs on the image itself, halved until it fits affinity_max_side.
+    assert gen.affinity_resolution(32, 32) == (32, 32) and gen.self_attention_grids((32, 32)) == []
+    assert gen.reconfigured(affinity_max_side=16).affinity_resolution(64, 32) == (16, 8)
+    assert gen.reconfigured(affinity_max_side=5).affinity_resolution(32, 32) == (4, 4)
+    attention = MaskGenerator(gen.pipe, gen.config.model_copy(update={"affinity": "self_attention"}), gen.version)
+    assert attention.affinity_resolution(32, 32) == (16, 16) and attention.self_attention_grids((16, 16)) == [(16, 16)]
     with pytest.raises(InvalidInput, match="affinity_max_side=4"):
-        narrow.affinity_resolution(32, 32)
+        attention.reconfigured(affinity_max_side=4).affinity_resolution(32, 32)
+
+
+def test_the_affinity_setting_and_the_head_must_agree(gen: MaskGenerator) -> None:
+    with pytest.raises(InvalidInput, match="needs an affinity head"):
+        MaskGenerator(gen.pipe, gen.config, gen.version)
+    with pytest.raises(InvalidInput, match="needs no affinity head"):
+        MaskGenerator(gen.pipe, gen.config.model_copy(update={"affinity": "self_attention"}), gen.version,
+                      gen.affinity_head)
+
+
+def test_self_attention_affinity_still_gives_masks(gen: MaskGenerator) -> None:
+    attention = MaskGenerator(gen.pipe, gen.config.model_copy(update={"affinity": "self_attention",
+                                                                      "refine_cut": "attention"}), gen.version)
+    result = attention.generate([attention.prompt_for("a photo of a dog on the grass", "dog", seed=3)])[0]
+    assert result.affinity_resolution == (16, 16) and result.mask.shape == (32, 32) and result.mask.any()
+    assert attention.affinity_source == "self-attention"
 
 
 def test_a_generated_object_is_well_formed(dog: GeneratedObject) -> None:
@@ -77,7 +97,7 @@ def test_a_generated_object_is_well_formed(dog: GeneratedObject) -> None:
     assert dog.mask.shape == (32, 32) and dog.mask.dtype == bool and dog.mask.any()
     assert dog.threshold in DEFAULT_THRESHOLDS and 0.0 <= dog.threshold_iou <= 1.0
     assert dog.token_positions == (4,)
-    assert dog.affinity_resolution == (16, 16) and dog.cross_attention_resolutions == ((16, 16), (8, 8))
+    assert dog.affinity_resolution == (32, 32) and dog.cross_attention_resolutions == ((16, 16), (8, 8))
     x, y, w, h = dog.mask_box
     rows, cols = np.nonzero(dog.mask)
     assert (x, y, x + w - 1, y + h - 1) == (cols.min(), rows.min(), cols.max(), rows.max())
@@ -101,7 +121,7 @@ def test_capture_does_not_change_the_pixels(gen: MaskGenerator, dog: GeneratedOb
 
 
 def test_prompts_are_grouped_into_passes_and_returned_in_order(gen: MaskGenerator) -> None:
-    two_per_pass = MaskGenerator(gen.pipe, gen.config.model_copy(update={"max_batch": 2}), gen.version)
+    two_per_pass = gen.reconfigured(max_batch=2)
     prompts = [
         two_per_pass.prompt_for("a photo of a cow in a field", "cow", seed=1),
         two_per_pass.prompt_for("a photo of a boat on the sea", "boat", seed=2, num_inference_steps=2),

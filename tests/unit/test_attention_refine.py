@@ -13,7 +13,6 @@ from freemask.attention_mask.refine import (
     DEFAULT_THRESHOLDS,
     RefineConfig,
     connected_components,
-    mask_iou,
     propagate,
     random_walk,
     refine,
@@ -37,6 +36,10 @@ def blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
     out = F.conv2d(image[None, None].float(), kernel.view(1, 1, 1, -1), padding=(0, 6))
     out = F.conv2d(out, kernel.view(1, 1, -1, 1), padding=(6, 0))
     return out[0, 0]
+
+
+def mask_iou(first: torch.Tensor, second: torch.Tensor) -> float:
+    return int((first & second).sum()) / max(int((first | second).sum()), 1)
 
 
 def group_affinity(groups: torch.Tensor) -> torch.Tensor:
@@ -77,31 +80,62 @@ def test_a_random_walk_on_a_block_affinity_spreads_within_the_block_only() -> No
 
 
 def test_threshold_search_picks_the_known_tau() -> None:
-    # A cone 1 - r/20: binarised at τ it is the disk of radius 20(1-τ); the reference is the
-    # disk of radius 13, so τ = 0.35 reproduces it exactly and every other τ does worse.
-    size = 64
-    ys, xs = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij")
+    # An object at 1.0 with a halo around it at level h, and 0 elsewhere (areas 100, 100, 824).
+    # Any τ <= h cuts object + halo: fuzzy IoU (100 + 100h) / 200; any τ > h cuts the object
+    # alone: 100 / (100 + 100h). A faint halo (h = 0.3: 0.65 against 0.77) is left out and
+    # the first τ above it wins; a strong one (h = 0.6: 0.80 against 0.625) is kept, and
+    # the smallest τ wins the tie among the τ that keep it.
+    def object_with_halo(halo: float) -> torch.Tensor:
+        values = torch.zeros(32, 32)
+        values[:10, :20] = halo
+        values[:10, :10] = 1.0
+        return values
+
+    tau, iou = threshold_search(object_with_halo(0.3), object_with_halo(0.3))
+    assert tau == 0.35 and iou == pytest.approx(100 / 130)
+    tau, iou = threshold_search(object_with_halo(0.6), object_with_halo(0.6))
+    assert tau == 0.05 and iou == pytest.approx(160 / 200)
+    # A map that is already binary is reproduced exactly.
+    assert threshold_search(object_with_halo(0.0), object_with_halo(0.0)) == (0.05, 1.0)
+    # Cutting another map: the τ whose disk of a cone 1 - r/20 is the binary reference disk of radius 13.
+    ys, xs = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
     radius = ((ys - 31.5) ** 2 + (xs - 31.5) ** 2).sqrt()
     cone = (1 - radius / 20).clamp_min(0)
-    reference = (radius <= 13).float()
-    tau, iou = threshold_search(cone, reference)
-    assert tau == 0.35 and iou == 1.0
-    # A configured reference level binarises the reference map there instead of at its mean.
+    assert threshold_search(cone, (radius <= 13).float()) == (0.35, 1.0)
+    # A reference level binarises the walked map there: the cone's own cut at that level wins.
     assert threshold_search(cone, cone, reference_threshold=0.5) == (0.5, 1.0)
 
 
-def test_refine_recovers_a_blurred_disk_whose_affinity_groups_the_disk_and_drops_a_speck() -> None:
-    size, coarse = 32, 16
+def blurred_disk_with_speck(size: int) -> tuple[torch.Tensor, torch.Tensor]:
     truth = disk(size, 9.0)
     soft = blur(truth.float(), sigma=2.0)
     soft[2:4, 28] = 1.0  # a two-pixel speck of spurious attention far from the object
-    soft = (soft - soft.min()) / (soft.max() - soft.min())
-    coarse_groups = F.interpolate(truth[None, None].float(), size=(coarse, coarse), mode="area")[0, 0] > 0.5
-    result = refine(soft, group_affinity(coarse_groups), (coarse, coarse), RefineConfig(iterations=2))
-    assert result.refined_map.shape == (size, size)
+    return truth, (soft - soft.min()) / (soft.max() - soft.min())
+
+
+def test_refine_cuts_the_walked_map_on_an_affinity_at_image_resolution() -> None:
+    # Attention that also lights the ground under the object (a band at 0.7, as the small
+    # generator's does): no single cut of the raw map separates the two. An affinity that
+    # groups the disk at the image's own grid (as the learned head does) averages the band
+    # into the rest of the background, and the walked map's cut is the disk.
+    truth, soft = blurred_disk_with_speck(32)
+    soft[24:30, 4:28] = torch.maximum(soft[24:30, 4:28], torch.tensor(0.7))
+    result = refine(soft, group_affinity(truth), (32, 32), RefineConfig(iterations=8))
+    assert result.refined_map.shape == (32, 32)
     assert float(result.refined_map.min()) == 0.0 and float(result.refined_map.max()) == 1.0
+    assert result.iou > 0.95
+    assert not bool(result.mask[2:4, 28].any()), "the speck must be removed"
+    assert mask_iou(result.mask, truth) > 0.95
+    assert max(mask_iou(soft >= tau, truth) for tau in DEFAULT_THRESHOLDS) < 0.85, "no raw cut is this good"
+
+
+def test_refine_cuts_the_attention_map_on_a_coarser_affinity() -> None:
+    size, coarse = 32, 16
+    truth, soft = blurred_disk_with_speck(size)
+    coarse_groups = F.interpolate(truth[None, None].float(), size=(coarse, coarse), mode="area")[0, 0] > 0.5
+    result = refine(soft, group_affinity(coarse_groups), (coarse, coarse), RefineConfig(iterations=2, cut="attention"))
+    assert result.refined_map.shape == (size, size)
     assert 0.3 <= result.threshold <= 0.6  # the blurred edge crosses the disk's rim near 0.5
-    assert result.iou > 0.9
     assert not bool(result.mask[2:4, 28].any()), "the speck must be removed"
     assert mask_iou(result.mask, truth) > 0.9
 
@@ -156,7 +190,5 @@ def test_bad_inputs_get_clear_errors() -> None:
         propagate(torch.zeros(8, 8), torch.eye(9), (4, 4))
     with pytest.raises(InvalidInput, match="transition is needed"):
         random_walk(torch.zeros(3, 3), torch.eye(4), 1)
-    with pytest.raises(InvalidInput, match="cannot be compared"):
-        mask_iou(torch.zeros(2, 2, dtype=torch.bool), torch.zeros(3, 3, dtype=torch.bool))
     with pytest.raises(InvalidInput, match="min_fraction"):
         remove_small_components(torch.zeros(2, 2, dtype=torch.bool), 1.5)

@@ -47,7 +47,8 @@ def sd_dir(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) -> 
 @pytest.fixture(scope="module")
 def gen(sd_dir: Path) -> MaskGenerator:
     return MaskGenerator.from_config(AttentionMaskConfig(weights=sd_dir, weights_version="tiny-sd",
-                                                         num_inference_steps=2, device="cpu"))
+                                                         affinity="self_attention", num_inference_steps=2,
+                                                         device="cpu"))
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,45 @@
+"""Storage of the small models trained here: safetensors weights with a JSON config beside them.
+
+FOPA, RAIN and the affinity head each ship a folder ``{config.json, <name>.safetensors}``;
+these three functions are the one way such a folder is written, read and named.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from freemask.shared.errors import InvalidInput
+
+CONFIG_FILE = "config.json"
+
+
+def save_small_model(net: nn.Module, config: Any, directory: Path, weights_file: str) -> None:
+    """Write `net`'s weights and its dataclass `config` into `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(directory / weights_file))
+    (directory / CONFIG_FILE).write_text(json.dumps(asdict(config), indent=2) + "\n", encoding="utf-8")
+
+
+def read_small_model(directory: Path, weights_file: str, model: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(config fields, state dict)`` of a folder written by `save_small_model`; `model` names it in errors."""
+    directory = Path(directory)
+    missing = [name for name in (CONFIG_FILE, weights_file) if not (directory / name).is_file()]
+    if missing:
+        raise InvalidInput(f"no {model} weights in {directory}: missing {', '.join(missing)}")
+    config = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
+    return config, load_file(str(directory / weights_file))
+
+
+def small_model_version(directory: Path, weights_file: str) -> str:
+    """`ModelVersion.version` of a folder's weights: a digest of its config and safetensors file."""
+    digest = hashlib.sha256()
+    for name in (CONFIG_FILE, weights_file):
+        digest.update((Path(directory) / name).read_bytes())
+    return "sha256-" + digest.hexdigest()[:16]
