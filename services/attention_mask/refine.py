@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from freemask.attention_mask.aggregate import Resolution, normalize_unit
+from freemask.shared.config import CIRCULAR_SEARCH
 from freemask.shared.errors import InvalidInput
 
 DEFAULT_THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * step, 2) for step in range(1, 20))  # 0.05 … 0.95
@@ -59,6 +60,10 @@ class RefineConfig:
     cut: Literal["refined", "attention"] = "refined"
     reference_threshold: float | None = None
     min_component_fraction: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.cut == "refined" and self.reference_threshold is not None:
+            raise InvalidInput(CIRCULAR_SEARCH)
 
 
 @dataclass(frozen=True)

@@ -223,6 +223,11 @@ class WorldConfig(_Frozen):
         return self
 
 
+CIRCULAR_SEARCH = ("refine_cut 'refined' with a refine_reference_threshold is circular: cutting the walked map "
+                   "and comparing it with itself binarised at that level just returns the level; leave "
+                   "refine_reference_threshold unset (fuzzy IoU) or cut the attention map (refine_cut 'attention')")
+
+
 class AttentionMaskConfig(_Frozen):
     """Stage 1: which generator draws, and how its attention becomes a mask."""
 
@@ -250,13 +255,20 @@ class AttentionMaskConfig(_Frozen):
     # Random-walk sharpening β and length t; the map the mask is cut from: "refined" (the
     # walked map; best when the affinity grid is the image's) or "attention" (the fused
     # map; keeps detail when the grid is coarser than the image, as SD's at 512 px); and
-    # the level at which the walked map is binarised for eq. 23 (unset: fuzzy IoU with it).
+    # the level at which the walked map is binarised for eq. 23 (unset: fuzzy IoU with it;
+    # only with the "attention" cut, since the walked map compared with itself is circular).
     # Defaults: the best of a grid on train-split scenes (tests/benchmarks/bench_attention_mask.py).
     refine_beta: float = Field(4.0, gt=0.0)
     refine_iterations: int = Field(256, ge=0, le=4096)
     refine_cut: Literal["refined", "attention"] = "refined"
     refine_reference_threshold: float | None = Field(None, gt=0.0, lt=1.0)
     min_component_fraction: float = Field(0.01, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _threshold_search_is_not_circular(self) -> AttentionMaskConfig:
+        if self.refine_cut == "refined" and self.refine_reference_threshold is not None:
+            raise ValueError(CIRCULAR_SEARCH)
+        return self
 
 
 class ThesaurusConfig(_Frozen):

@@ -145,6 +145,8 @@ def tune(generators: dict[str, MaskGenerator], scenes: list[Scene], timesteps: l
         soft = chosen.soft(weightings[source_best["weighting"]])
         for beta, iterations, cut, reference in itertools.product((1.0, 2.0, 4.0, 8.0), (8, 64, 256),
                                                                   ("refined", "attention"), (None, 0.5, 0.8)):
+            if cut == "refined" and reference is not None:
+                continue  # circular: the search would return the reference level itself
             config = RefineConfig(beta=beta, iterations=iterations, cut=cut, reference_threshold=reference)
             score = chosen.scores(soft, config)
             if score["iou_refined"] > source_best["iou_refined"]:

@@ -6,6 +6,7 @@ Every case is synthetic with a known answer, so a failure points at the maths, n
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 import torch
 import torch.nn.functional as F
 
@@ -20,6 +21,7 @@ from freemask.attention_mask.refine import (
     threshold_search,
     transition_matrix,
 )
+from freemask.shared.config import AttentionMaskConfig
 from freemask.shared.errors import InvalidInput
 
 
@@ -190,5 +192,10 @@ def test_bad_inputs_get_clear_errors() -> None:
         propagate(torch.zeros(8, 8), torch.eye(9), (4, 4))
     with pytest.raises(InvalidInput, match="transition is needed"):
         random_walk(torch.zeros(3, 3), torch.eye(4), 1)
+    with pytest.raises(InvalidInput, match="circular"):
+        RefineConfig(cut="refined", reference_threshold=0.5)
+    with pytest.raises(ValidationError, match="circular"):
+        AttentionMaskConfig(refine_cut="refined", refine_reference_threshold=0.5)
+    assert AttentionMaskConfig(refine_cut="attention", refine_reference_threshold=0.5).refine_reference_threshold == 0.5
     with pytest.raises(InvalidInput, match="min_fraction"):
         remove_small_components(torch.zeros(2, 2, dtype=torch.bool), 1.5)
