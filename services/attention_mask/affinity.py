@@ -28,7 +28,7 @@ from torch import nn
 
 from freemask.attention_mask.aggregate import Resolution
 from freemask.shared.errors import InvalidInput
-from freemask.shared.small_models import read_small_model, save_small_model, small_model_version
+from freemask.shared.small_models import load_small_model, save_small_model, small_model_version
 
 DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "affinity"
 WEIGHTS_FILE = "affinity.safetensors"
@@ -143,10 +143,7 @@ def save_affinity_head(head: AffinityHead, directory: Path) -> None:
 
 
 def load_affinity_head(directory: Path = DEFAULT_WEIGHTS_DIR) -> AffinityHead:
-    config, state = read_small_model(directory, WEIGHTS_FILE, "affinity head")
-    head = AffinityHead(AffinityConfig(**config))
-    head.load_state_dict(state)
-    return head.eval()
+    return load_small_model(AffinityHead, AffinityConfig, directory, WEIGHTS_FILE, "affinity head")
 
 
 def affinity_head_version(directory: Path = DEFAULT_WEIGHTS_DIR) -> str:

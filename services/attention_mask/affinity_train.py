@@ -29,6 +29,7 @@ from freemask.attention_mask.affinity import (
     affinity_loss,
     save_affinity_head,
 )
+from freemask.shared.small_models import training_log
 from freemask.world import dataset
 
 log = logging.getLogger("freemask.affinity.train")
@@ -50,11 +51,7 @@ def train(out: Path, steps: int, seed: int, config: AffinityConfig = AffinityCon
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    log_file = logging.FileHandler(out / "train_log.txt", mode="w", encoding="utf-8")
-    log_file.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%dT%H:%M:%SZ"))
-    log.addHandler(log_file)
-    log.setLevel(logging.INFO)
-    try:
+    with training_log(log, out):
         images, labels = render_training_set(pool, image_size)
         head = AffinityHead(config)
         optimiser = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
@@ -82,9 +79,6 @@ def train(out: Path, steps: int, seed: int, config: AffinityConfig = AffinityCon
                    "final_loss": round(logged_loss, 4)}
         log.info("done %s", json.dumps(summary))
         return summary
-    finally:
-        log.removeHandler(log_file)
-        log_file.close()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

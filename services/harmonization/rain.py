@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from freemask.shared.errors import InvalidInput
-from freemask.shared.small_models import read_small_model, save_small_model, small_model_version
+from freemask.shared.small_models import load_small_model, save_small_model, small_model_version
 
 WEIGHTS_FILE = "rain.safetensors"
 DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "rain"
@@ -95,10 +95,7 @@ def save_rain(net: RainNet, directory: Path) -> None:
 
 
 def load_rain(directory: Path = DEFAULT_WEIGHTS_DIR) -> RainNet:
-    config, state = read_small_model(directory, WEIGHTS_FILE, "RAIN")
-    net = RainNet(RainConfig(**config))
-    net.load_state_dict(state)
-    return net.eval()
+    return load_small_model(RainNet, RainConfig, directory, WEIGHTS_FILE, "RAIN")
 
 
 def rain_weights_version(directory: Path = DEFAULT_WEIGHTS_DIR) -> str:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from freemask.placement.geometry import BACKGROUND_SIDE, FOREGROUND_SIDE, HEATMAP_SIDE, NUM_SCALES
-from freemask.shared.small_models import read_small_model, save_small_model, small_model_version
+from freemask.shared.small_models import load_small_model, save_small_model, small_model_version
 
 WEIGHTS_FILE = "fopa.safetensors"
 DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "fopa"
@@ -111,10 +111,7 @@ def save_fopa(net: FopaNet, directory: Path) -> None:
 
 def load_fopa(directory: Path = DEFAULT_WEIGHTS_DIR) -> FopaNet:
     """The FOPA net saved in `directory`; InvalidInput naming what is missing if it holds none."""
-    config, state = read_small_model(directory, WEIGHTS_FILE, "FOPA")
-    net = FopaNet(FopaConfig(**config))
-    net.load_state_dict(state)
-    return net.eval()
+    return load_small_model(FopaNet, FopaConfig, directory, WEIGHTS_FILE, "FOPA")
 
 
 def weights_version(directory: Path = DEFAULT_WEIGHTS_DIR) -> str:

@@ -1,13 +1,18 @@
 """Storage of the small models trained here: safetensors weights with a JSON config beside them.
 
 FOPA, RAIN and the affinity head each ship a folder ``{config.json, <name>.safetensors}``;
-these three functions are the one way such a folder is written, read and named.
+the functions here are the one way such a folder is written, read and named, and
+`training_log` is where a training script's progress goes beside the weights.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -37,9 +42,33 @@ def read_small_model(directory: Path, weights_file: str, model: str) -> tuple[di
     return config, load_file(str(directory / weights_file))
 
 
+def load_small_model(model_class: Any, config_class: Any, directory: Path, weights_file: str, model: str) -> Any:
+    """``model_class(config_class(**config))`` with the folder's weights, in eval mode."""
+    config, state = read_small_model(directory, weights_file, model)
+    net = model_class(config_class(**config))
+    net.load_state_dict(state)
+    return net.eval()
+
+
 def small_model_version(directory: Path, weights_file: str) -> str:
     """`ModelVersion.version` of a folder's weights: a digest of its config and safetensors file."""
     digest = hashlib.sha256()
     for name in (CONFIG_FILE, weights_file):
         digest.update((Path(directory) / name).read_bytes())
     return "sha256-" + digest.hexdigest()[:16]
+
+
+@contextmanager
+def training_log(logger: logging.Logger, directory: Path) -> Iterator[None]:
+    """For the block, `logger`'s INFO records also go to ``directory/train_log.txt``, stamped in UTC."""
+    handler = logging.FileHandler(directory / "train_log.txt", mode="w", encoding="utf-8")
+    formatter = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%dT%H:%M:%SZ")
+    formatter.converter = time.gmtime  # this formatter only: the process's other logs keep their clock
+    handler.setFormatter(formatter)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()

@@ -43,6 +43,7 @@ from freemask.attention_mask.generator.model import (
 )
 from freemask.attention_mask.generator.pipeline import FreeMaskTextToImagePipeline
 from freemask.attention_mask.generator.tokenizer import world_vocabulary
+from freemask.shared.small_models import training_log
 from freemask.world import DEFAULT_WORLD, SceneSpec, render_scene, sample_scene_spec
 
 log = logging.getLogger("freemask.generator.train")
@@ -129,12 +130,7 @@ def train(out: Path, minutes: float, seed: int, config: GeneratorConfig = Genera
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    log_file = logging.FileHandler(out / "train_log.txt", mode="w", encoding="utf-8")
-    log_file.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%dT%H:%M:%SZ"))
-    logging.Formatter.converter = time.gmtime
-    log.addHandler(log_file)
-    log.setLevel(logging.INFO)
-    try:
+    with training_log(log, out):
         t0 = time.perf_counter()
         images, captions = render_pool(pool_size, config.image_size, seed, workers)
         log.info("rendered %d scenes at %d px in %.1f s", len(images), config.image_size, time.perf_counter() - t0)
@@ -208,9 +204,6 @@ def train(out: Path, minutes: float, seed: int, config: GeneratorConfig = Genera
                    "steps_per_s": round(step / max(elapsed * 60, 1e-9), 3)}
         log.info("done %s", json.dumps(summary))
         return summary
-    finally:
-        log.removeHandler(log_file)
-        log_file.close()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
