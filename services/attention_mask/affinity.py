@@ -100,8 +100,8 @@ def affinity_loss(embeddings: torch.Tensor, labels: torch.Tensor, radius: float)
         known = (l_a != IGNORE_LABEL) & (l_b != IGNORE_LABEL)
         same = known & (l_a == l_b)
         sets = (same & (l_a > 0), same & (l_a == 0), known & (l_a != l_b))
-        losses = (-torch.log(affinity + 1e-5), -torch.log(affinity + 1e-5), -torch.log(1.0 - affinity + 1e-5))
-        for k, (members, loss) in enumerate(zip(sets, losses)):
+        together, apart = -torch.log(affinity + 1e-5), -torch.log(1.0 - affinity + 1e-5)
+        for k, (members, loss) in enumerate(zip(sets, (together, together, apart))):
             sums[k] = sums[k] + loss[members].sum()
             counts[k] = counts[k] + members.sum()
     means = sums / counts.clamp_min(1.0)

@@ -4,8 +4,8 @@
    AffinityNet head on the image, `affinity.py`, or the UNet's mean self-attention)
    becomes a transition matrix ``T = D⁻¹ W^{∘β}`` (element-wise power β sharpens it, ``D``
    normalises rows); the map is propagated ``vec(M') = Tᵗ vec(M)``. Propagation fills an
-   object whose parts are affine to each other and starves background that merely sits
-   next to it: after enough steps the map is close to each region's mean attention.
+   object whose parts have a high affinity for each other and starves background that
+   merely sits next to it: after enough steps the map is close to each region's mean attention.
 2. **Threshold search (eq. 23).** Each candidate τ of a grid binarises a map, and the τ
    whose mask agrees best with the propagated map M' is kept. Agreement is the fuzzy IoU
    ``Σ min(B, M') / Σ max(B, M')`` of the binary mask B with the soft map M', which needs
