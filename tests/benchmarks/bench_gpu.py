@@ -150,8 +150,11 @@ def main() -> None:
         pipe = build_sd_layout(Path(tmp) / "bpe", shape, seed=SEED)
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device, dtype)
+    # The SD settings of charts/freemask/ci/gpu-production.yaml: self-attention affinity, a short walk,
+    # the attention map cut where it matches the walked map at 0.8.
     config = AttentionMaskConfig(num_inference_steps=args.steps, guidance_scale=GUIDANCE,
-                                 max_batch=max(args.batches), device=device.type, affinity="self_attention")
+                                 max_batch=max(args.batches), device=device.type, affinity="self_attention",
+                                 refine_iterations=8, refine_cut="attention", refine_reference_threshold=0.8)
     generator = MaskGenerator(pipe, config, "random-" + ("tiny" if args.smoke else "sd15"))
     side = shape.image_side
     peak = peak_flops(device)
