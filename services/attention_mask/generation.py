@@ -166,9 +166,6 @@ class MaskGenerator:
         self.version = version
         self.affinity_head = affinity_head.to(pipe.unet.device) if affinity_head is not None else None
         self.affinity_version = affinity_version
-        # meta.json's record of where each mask's affinity came from.
-        self.affinity_source = ("self-attention" if affinity_head is None
-                                else f"learned head {affinity_version or 'unversioned'}")
         # Capture installs its processors on the one shared UNet for the length of a pass, so
         # two passes at once (gRPC worker threads and the stage worker share this generator)
         # would write into each other's stores: passes run one at a time.
@@ -187,6 +184,13 @@ class MaskGenerator:
             return cls(pipe, config, version)
         head_dir = config.affinity_weights or DEFAULT_AFFINITY_DIR
         return cls(pipe, config, version, load_affinity_head(head_dir), affinity_head_version(head_dir))
+
+    @property
+    def affinity_source(self) -> str:
+        """meta.json's record of where each mask's affinity came from."""
+        if self.affinity_head is None:
+            return "self-attention"
+        return f"learned head {self.affinity_version or 'unversioned'}"
 
     def reconfigured(self, **updates: Any) -> MaskGenerator:
         """The same loaded models under a changed config (refinement knobs, batch size, ...)."""

@@ -32,21 +32,15 @@ def save_small_model(net: nn.Module, config: Any, directory: Path, weights_file:
     (directory / CONFIG_FILE).write_text(json.dumps(asdict(config), indent=2) + "\n", encoding="utf-8")
 
 
-def read_small_model(directory: Path, weights_file: str, model: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(config fields, state dict)`` of a folder written by `save_small_model`; `model` names it in errors."""
+def load_small_model(model_class: Any, config_class: Any, directory: Path, weights_file: str, model: str) -> Any:
+    """``model_class(config_class(**config))`` with the folder's weights, in eval mode; `model` names it in errors."""
     directory = Path(directory)
     missing = [name for name in (CONFIG_FILE, weights_file) if not (directory / name).is_file()]
     if missing:
         raise InvalidInput(f"no {model} weights in {directory}: missing {', '.join(missing)}")
     config = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
-    return config, load_file(str(directory / weights_file))
-
-
-def load_small_model(model_class: Any, config_class: Any, directory: Path, weights_file: str, model: str) -> Any:
-    """``model_class(config_class(**config))`` with the folder's weights, in eval mode."""
-    config, state = read_small_model(directory, weights_file, model)
     net = model_class(config_class(**config))
-    net.load_state_dict(state)
+    net.load_state_dict(load_file(str(directory / weights_file)))
     return net.eval()
 
 

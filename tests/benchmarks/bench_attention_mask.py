@@ -78,7 +78,6 @@ class CapturedScenes:
 
     def __init__(self, gen: MaskGenerator, scenes: list[Scene], timestep: int, seed: int) -> None:
         pipe = gen.pipe
-        self.gen = gen
         size = scenes[0].image.shape[0]
         found = [(s, noun_positions(pipe.tokenizer, s.caption, s.objects[0].cls)) for s in scenes]
         self.scenes = [s for s, positions in found if positions]
