@@ -1,13 +1,20 @@
-"""FOPA as ONNX: the file both Triton targets serve (DESIGN §3, the tritonserver row).
+"""FOPA as files that Triton serves (DESIGN §3, the tritonserver row).
 
-The exported graph is `FopaHeatmap` (sigmoid heatmaps) with a dynamic batch axis.
-Every export is checked against torch before it is published: a graph that
-exports cleanly but computes something else must never reach a server.
+- ONNX (`export_onnx`): what the embedded and production targets serve;
+- a `torch.export` program (`export_program`): what the embedded-gpu target runs with
+  torch on the GPU, since the wheel's server has no onnxruntime backend and the CPU
+  onnxruntime the python backend uses cannot reach a GPU.
+
+Both are `FopaHeatmap` (sigmoid heatmaps) with a dynamic batch axis. Every export
+is checked against torch before it is published: a graph that exports cleanly but
+computes something else must never reach a server.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -41,28 +48,78 @@ def _fopa_inputs(batch: int, generator: torch.Generator) -> tuple[torch.Tensor, 
     return background, foreground
 
 
-def verify_onnx(model: FopaHeatmap, path: Path, batches: tuple[int, ...] = VERIFY_BATCHES) -> float:
-    """Run `path` with onnxruntime and `model` with torch on random batches; return the largest difference.
+def _check_against_torch(model: FopaHeatmap, run: Callable[[np.ndarray, np.ndarray], np.ndarray], what: str,
+                         batches: tuple[int, ...]) -> float:
+    """Compare `run(background, foreground)` with `model` on random batches; return the largest difference.
 
-    Raises ExportMismatch if any batch differs by more than TOLERANCE or has the wrong shape.
+    Raises ExportMismatch if any batch fails to run, has the wrong shape or differs by more than TOLERANCE.
     """
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     generator = torch.Generator().manual_seed(0)
     worst = 0.0
     for batch in batches:
         background, foreground = _fopa_inputs(batch, generator)
         with torch.no_grad():
             expected = model(background, foreground).numpy()
-        (actual,) = session.run([OUTPUT_NAME], {INPUT_NAMES[0]: background.numpy(), INPUT_NAMES[1]: foreground.numpy()})
+        try:
+            actual = run(background.numpy(), foreground.numpy())
+        except Exception as exc:  # e.g. a batch size the graph was specialised away from
+            raise ExportMismatch(f"{what} export of FOPA fails on a batch of {batch}: {exc}") from exc
         if actual.shape != expected.shape:
-            raise ExportMismatch(f"ONNX export of FOPA gives {OUTPUT_NAME} {actual.shape} for a batch of {batch}, "
+            raise ExportMismatch(f"{what} export of FOPA gives {OUTPUT_NAME} {actual.shape} for a batch of {batch}, "
                                  f"torch gives {expected.shape}")
         difference = float(np.abs(actual - expected).max())
         if not difference <= TOLERANCE:  # `not <=` so that a NaN difference fails too
-            raise ExportMismatch(f"ONNX export of FOPA differs from torch by {difference:.3g} (> {TOLERANCE:g}) "
+            raise ExportMismatch(f"{what} export of FOPA differs from torch by {difference:.3g} (> {TOLERANCE:g}) "
                                  f"on a batch of {batch}")
         worst = max(worst, difference)
     return worst
+
+
+def verify_onnx(model: FopaHeatmap, path: Path, batches: tuple[int, ...] = VERIFY_BATCHES) -> float:
+    """Run `path` with onnxruntime and `model` with torch on random batches; return the largest difference."""
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def run(background: np.ndarray, foreground: np.ndarray) -> np.ndarray:
+        (heatmaps,) = session.run([OUTPUT_NAME], {INPUT_NAMES[0]: background, INPUT_NAMES[1]: foreground})
+        return heatmaps
+
+    return _check_against_torch(model, run, "ONNX", batches)
+
+
+def verify_program(model: FopaHeatmap, path: Path, batches: tuple[int, ...] = VERIFY_BATCHES) -> float:
+    """Load `path` as the embedded-gpu model does (on the CPU here) and compare it with `model`."""
+    program = torch.export.load(str(path)).module()
+
+    def run(background: np.ndarray, foreground: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return program(torch.from_numpy(background), torch.from_numpy(foreground)).numpy()
+
+    return _check_against_torch(model, run, "torch.export", batches)
+
+
+def _batch_dim() -> torch.export.Dim:
+    return torch.export.Dim("batch", min=1, max=MAX_EXPORT_BATCH)
+
+
+@contextmanager
+def _publishing(net_or_weights_dir: FopaNet | Path, path: Path) -> Iterator[tuple[FopaHeatmap, Path]]:
+    """Yield (model in eval mode, a partial path beside `path`); the partial file replaces `path`
+    only if the block finishes. On any failure `path` is left as it was; a net passed in gets
+    its own mode back afterwards."""
+    net = net_or_weights_dir if isinstance(net_or_weights_dir, FopaNet) else load_fopa(Path(net_or_weights_dir))
+    model = FopaHeatmap(net)
+    was_training = net.training
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # keeps the suffix: torch.export.save picks its format by it
+    partial = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
+    try:
+        model.eval()
+        yield model, partial
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+        net.train(was_training)
 
 
 def export_onnx(net_or_weights_dir: FopaNet | Path, path: Path) -> Path:
@@ -71,15 +128,8 @@ def export_onnx(net_or_weights_dir: FopaNet | Path, path: Path) -> Path:
     `path` appears only once the check has passed; on any failure it is left as it was.
     The module is exported in eval mode; a net passed in gets its own mode back afterwards.
     """
-    net = net_or_weights_dir if isinstance(net_or_weights_dir, FopaNet) else load_fopa(Path(net_or_weights_dir))
-    model = FopaHeatmap(net)
-    was_training = net.training
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        model.eval()
-        batch = torch.export.Dim("batch", min=1, max=MAX_EXPORT_BATCH)
+    with _publishing(net_or_weights_dir, path) as (model, partial):
+        batch = _batch_dim()
         torch.onnx.export(
             model,
             _fopa_inputs(_EXAMPLE_BATCH, torch.Generator().manual_seed(0)),
@@ -94,8 +144,16 @@ def export_onnx(net_or_weights_dir: FopaNet | Path, path: Path) -> Path:
             external_data=False,
         )
         verify_onnx(model, partial)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-        net.train(was_training)
-    return path
+    return Path(path)
+
+
+def export_program(net_or_weights_dir: FopaNet | Path, path: Path) -> Path:
+    """Export FOPA's heatmap model to `path` as a `torch.export` program (weights inside), verified
+    against torch; all-or-nothing like `export_onnx`. Load it with the same torch version."""
+    with _publishing(net_or_weights_dir, path) as (model, partial):
+        batch = _batch_dim()
+        program = torch.export.export(model, _fopa_inputs(_EXAMPLE_BATCH, torch.Generator().manual_seed(0)),
+                                      dynamic_shapes={"background": {0: batch}, "foreground": {0: batch}})
+        torch.export.save(program, str(partial))
+        verify_program(model, partial)
+    return Path(path)

@@ -1,13 +1,17 @@
-"""The Triton model repository for FOPA, generated for two targets from one description.
+"""The Triton model repository for FOPA, generated for three targets from one description.
 
 - **embedded** (`make run`, tests, CI): the wheel's tritonserver bundles only the python
   backend, so `triton_model.py` runs the ONNX file with onnxruntime on CPU;
-- **production** (the NGC Triton image): its onnxruntime backend runs the same file on GPU.
+- **embedded-gpu** (the same server on a GPU host): `triton_model.py` runs a
+  `torch.export` program with torch, on CUDA when the host has it (else on CPU). The
+  python backend's onnxruntime is the CPU build, and its GPU build is a separate
+  wheel of several hundred MB;
+- **production** (the NGC Triton image): its onnxruntime backend runs the ONNX file on GPU.
 
-Clients rely on what both share — the model name, tensor names, dims, batching and the
+Clients rely on what all share — the model name, tensor names, dims, batching and the
 `weights_version` parameter — so that text comes from `FOPA_TENSORS` and
-`fopa_model(...)` alone, and only the backend, placement and backend parameters
-differ per target.
+`fopa_model(...)` alone, and only the backend, placement, model file and backend
+parameters differ per target.
 """
 
 from __future__ import annotations
@@ -15,22 +19,23 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, get_args
 
-from freemask.placement.export import export_onnx
+from freemask.placement.export import export_onnx, export_program
 from freemask.placement.geometry import BACKGROUND_SIDE, FOREGROUND_SIDE, HEATMAP_SIDE, NUM_SCALES
-from freemask.placement.model import DEFAULT_WEIGHTS_DIR, load_fopa, weights_version
+from freemask.placement.model import DEFAULT_WEIGHTS_DIR, FopaNet, load_fopa, weights_version
 from freemask.shared.errors import InvalidInput
 
-Target = Literal["embedded", "production"]
+Target = Literal["embedded", "embedded-gpu", "production"]
 TARGETS: tuple[str, ...] = get_args(Target)
 
 MODEL_NAME = "fopa"
 MODEL_VERSION = "1"
 ONNX_FILE = "model.onnx"
+PROGRAM_FILE = "model.pt2"  # torch.export.save's format, chosen by this suffix
 CONFIG_FILE = "config.pbtxt"
 PYTHON_MODEL_FILE = "model.py"  # the name the python backend loads from the version directory
 PYTHON_MODEL_SOURCE = Path(__file__).resolve().with_name("triton_model.py")
@@ -69,6 +74,8 @@ class TargetSpec:
     instance_kind: str
     default_model_filename: str | None
     parameters: tuple[tuple[str, str], ...]  # read by the backend, not by clients
+    model_file: str  # in the version directory
+    export: Callable[[FopaNet, Path], Path]  # writes model_file, verified against torch
 
 
 FOPA_TENSORS: tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]] = (
@@ -85,7 +92,22 @@ TARGET_SPECS: dict[str, TargetSpec] = {
         platform=None,
         instance_kind="KIND_CPU",
         default_model_filename=None,  # the python backend's file is model.py, found by name
-        parameters=(("onnx_file", ONNX_FILE), ("intra_op_threads", str(EMBEDDED_INTRA_OP_THREADS))),
+        parameters=(("runtime", "onnxruntime"), ("model_file", ONNX_FILE),
+                    ("intra_op_threads", str(EMBEDDED_INTRA_OP_THREADS))),
+        model_file=ONNX_FILE,
+        export=export_onnx,
+    ),
+    "embedded-gpu": TargetSpec(
+        backend="python",
+        platform=None,
+        # KIND_MODEL: the model picks its device (CUDA if the host has one), so the same
+        # repository also loads on a host without a GPU, where KIND_GPU would fail
+        instance_kind="KIND_MODEL",
+        default_model_filename=None,
+        parameters=(("runtime", "torch"), ("model_file", PROGRAM_FILE),
+                    ("intra_op_threads", str(EMBEDDED_INTRA_OP_THREADS))),
+        model_file=PROGRAM_FILE,
+        export=export_program,
     ),
     "production": TargetSpec(
         backend="onnxruntime",
@@ -93,6 +115,8 @@ TARGET_SPECS: dict[str, TargetSpec] = {
         instance_kind="KIND_GPU",
         default_model_filename=ONNX_FILE,
         parameters=(),
+        model_file=ONNX_FILE,
+        export=export_onnx,
     ),
 }
 
@@ -149,7 +173,7 @@ def render_interface(model: ModelSpec) -> str:
 
 
 def render_config(target: str, model: ModelSpec) -> str:
-    """config.pbtxt of `model` for `target` ("embedded" or "production")."""
+    """config.pbtxt of `model` for `target` (one of TARGETS)."""
     spec = _target(target)
     serving = [f"backend: {_quote(spec.backend)}"]
     if spec.platform:
@@ -207,7 +231,7 @@ def write_repository(target: str, out_dir: Path, weights_dir: Path = DEFAULT_WEI
     try:
         version_dir = staging / MODEL_VERSION
         version_dir.mkdir(parents=True)
-        export_onnx(net, version_dir / ONNX_FILE)
+        spec.export(net, version_dir / spec.model_file)
         if spec.backend == "python":
             shutil.copyfile(PYTHON_MODEL_SOURCE, version_dir / PYTHON_MODEL_FILE)
         (staging / CONFIG_FILE).write_text(render_config(target, model), encoding="utf-8")

@@ -206,14 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
     placement_publish = placement_actions.add_parser(
         "publish", help="upload fopa/ under a store key prefix, for a Triton reading its repository from S3")
     # the choices are triton_repo.TARGETS, spelled out so that `--help` need not import torch
-    target_help = ("embedded: python backend on CPU (the embedded stack); "
+    targets = ("embedded", "embedded-gpu", "production")
+    target_help = ("embedded: python backend, onnxruntime on CPU (the embedded stack); "
+                   "embedded-gpu: python backend, torch on CUDA if there is one (the embedded server on a GPU host); "
                    "production: onnxruntime backend on GPU (the NGC Triton image)")
-    placement_export.add_argument("--target", required=True, choices=("embedded", "production"), help=target_help)
+    placement_export.add_argument("--target", required=True, choices=targets, help=target_help)
     placement_export.add_argument("--out", type=Path, required=True, help="model repository to write fopa/ into")
     placement_publish.add_argument("--prefix", required=True,
                                    help="store key prefix of the repository (under store.prefix), e.g. "
                                         "triton/repository")
-    placement_publish.add_argument("--target", default="production", choices=("embedded", "production"),
+    placement_publish.add_argument("--target", default="production", choices=targets,
                                    help=f"{target_help} (default: production)")
     for action in (placement_export, placement_publish):
         action.add_argument("--weights", type=Path, help="FOPA weights directory (default: the shipped weights)")

@@ -16,6 +16,7 @@ weights. Measured, at 512 x 512, with classifier-free guidance:
 - `flops_fraction[b]`: FLOPs of the plain pipeline call (torch.utils.flop_counter) per second
   of it, over the card's dense peak for the dtype (target >= 0.40 at b >= 8);
 - FOPA pairs/s and RAIN images/s: the shipped torch models on the same card, batch 64;
+- with `--channels-last`, the UNet and VAE in channels-last memory format;
 - with `--compile`, the 50-step latency and the largest batch again with the UNet under
   `torch.compile` (`compiled`; an error there is recorded, not fatal).
 
@@ -134,6 +135,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time the UNet under torch.compile")
     parser.add_argument("--profile", action="store_true",
                         help="print torch.profiler's busiest operators of one captured pass at the largest batch")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="UNet and VAE in channels-last memory format (NHWC convolutions, no layout conversions)")
     parser.add_argument("--commit", help="the commit measured, where the tree has no git metadata")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -150,6 +153,9 @@ def main() -> None:
         pipe = build_sd_layout(Path(tmp) / "bpe", shape, seed=SEED)
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device, dtype)
+    if args.channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
     # The SD settings of charts/freemask/ci/gpu-production.yaml: self-attention affinity, a short walk,
     # the attention map cut where it matches the walked map at 0.8.
     config = AttentionMaskConfig(num_inference_steps=args.steps, guidance_scale=GUIDANCE,
@@ -207,7 +213,7 @@ def main() -> None:
         "seed": SEED,
         "config": {"layout": "tiny" if args.smoke else "sd15", "image_side": side, "dtype": str(dtype),
                    "steps": args.steps, "guidance_scale": GUIDANCE, "batches": args.batches,
-                   "repeats": args.repeats, "torch": torch.__version__,
+                   "repeats": args.repeats, "torch": torch.__version__, "channels_last": args.channels_last,
                    "unet_parameters": sum(p.numel() for p in pipe.unet.parameters())},
     }
     out = args.out or (None if args.smoke else RESULTS)

@@ -1,6 +1,7 @@
 """Placement benchmark: are FOPA's boxes plausible, and what does Triton's batching buy?
 
     .venv/bin/python tests/benchmarks/bench_placement.py [--pairs 500]
+    .venv/bin/python tests/benchmarks/bench_placement.py --target embedded-gpu   # on a GPU host: Triton only
 
 1. **Quality on held-out reference scenes.** Each validation scene of the reference
    world (64 px, with the objects already in it) gets a foreground of a class that
@@ -18,7 +19,10 @@
    trip of one pair sent alone to `fopa`. The ONNX model alone, in-process at batch 1
    and 8, shows how much of a pair's cost batching could save at all.
 
-Writes tests/benchmarks/results/placement.json.
+With `--target embedded-gpu` only part 2 runs, with the repository of that target (the
+python backend running FOPA with torch on the first CUDA device), and the results go to
+tests/benchmarks/results/placement_gpu.json with the card's name. Otherwise the results go
+to tests/benchmarks/results/placement.json.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime
@@ -58,7 +63,7 @@ from freemask.placement.placer import PlacementQuery, place  # noqa: E402
 from freemask.placement.triton_repo import (  # noqa: E402
     EMBEDDED_INTRA_OP_THREADS,
     MODEL_VERSION,
-    ONNX_FILE,
+    TARGET_SPECS,
     write_repository,
 )
 from freemask.shared.config import load_config  # noqa: E402
@@ -214,13 +219,88 @@ def onnx_ms_per_pair(path: Path, requests: list[tuple[np.ndarray, np.ndarray]], 
     return (time.perf_counter() - started) / runs / batch * 1000
 
 
+def triton_rates(target: str, arrays: list[tuple[np.ndarray, np.ndarray]], request_count: int,
+                 trials: int) -> dict[str, Any]:
+    """Part 2 for `target`'s repository: throughput with and without dynamic batching, and latency."""
+    requests = triton_inputs(arrays)
+    requests = (requests * (request_count // len(requests) + 1))[:request_count]
+    extra: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        repository = Path(tmp) / "models"
+        model_file = write_repository(target, repository) / MODEL_VERSION / TARGET_SPECS[target].model_file
+        if target == "embedded":
+            extra["onnxruntime_ms_per_pair"] = {f"batch_{batch}": round(onnx_ms_per_pair(model_file, arrays, batch), 3)
+                                                for batch in (1, 8)}
+        write_repository(target, repository, name="fopa_unbatched", dynamic_batching=False)
+        http_port, grpc_port, metrics_port = reserve_ports(3)
+        server = start_tritonserver(repository, Path(tmp) / "work", http_port, grpc_port, metrics_port,
+                                    Path(tmp) / "tritonserver.log")
+        url = f"127.0.0.1:{grpc_port}"
+        try:
+            batched, unbatched = [], []
+            for _ in range(trials):  # interleaved, so drift hits both alike
+                unbatched.append(throughput(url, "fopa_unbatched", requests, CONCURRENCY))
+                batched.append(throughput(url, "fopa", requests, CONCURRENCY))
+            latency = latency_ms(url, "fopa", requests, 200)
+            latency_unbatched = latency_ms(url, "fopa_unbatched", requests, 200)
+        finally:
+            stop_pid(server.pid)
+    return {
+        "triton_batching_gain": round(statistics.median(batched) / statistics.median(unbatched), 3),
+        "latency_ms_per_pair": round(latency, 2),
+        "pairs_per_s_concurrency_8": {"dynamic_batching": round(statistics.median(batched), 1),
+                                      "no_batching": round(statistics.median(unbatched), 1)},
+        "latency_ms_per_pair_no_batching": round(latency_unbatched, 2),
+        **extra,
+    }
+
+
+def git_commit() -> str | None:
+    return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip() or None
+
+
+def write_result(out: Path, name: str, result: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / name).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(result, indent=2))
+
+
+def gpu_main(args: argparse.Namespace) -> None:
+    """`--target embedded-gpu`: part 2 alone, on the first CUDA device."""
+    if not torch.cuda.is_available() and args.out is None:
+        raise SystemExit("no CUDA device: embedded-gpu would measure torch on the CPU; pass --out to check the "
+                         "script anyway without touching results/placement_gpu.json")
+    started = time.perf_counter()
+    pairs = val_pairs(args.pairs, load_config(environ={}).world.classes)
+    triton = triton_rates(args.target, model_inputs(pairs), args.requests, args.trials)
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    write_result(args.out or RESULTS, "placement_gpu.json", {
+        "device": device,
+        **triton,
+        "pairs": len(pairs),
+        "bench_seconds": round(time.perf_counter() - started, 1),
+        "commit": args.commit or git_commit(),
+        "seed": SEED,
+        "config": {"weights_version": weights_version(DEFAULT_WEIGHTS_DIR), "concurrency": CONCURRENCY,
+                   "requests_per_run": args.requests, "trials": args.trials, "torch": torch.__version__,
+                   "triton": "embedded tritonserver 2.51, python backend + torch.export program (KIND_MODEL)",
+                   "cpus": os.cpu_count()},
+    })
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=VAL_SIZE, help="validation scenes to place into")
     parser.add_argument("--requests", type=int, default=1600, help="Triton requests per throughput run")
     parser.add_argument("--trials", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--target", choices=("embedded", "embedded-gpu"), default="embedded",
+                        help="the Triton repository to measure; embedded-gpu measures Triton alone")
+    parser.add_argument("--out", type=Path, help=f"results directory (default: {RESULTS})")
+    parser.add_argument("--commit", help="the commit measured, where the tree has no git metadata")
     args = parser.parse_args()
+    if args.target == "embedded-gpu":
+        gpu_main(args)
+        return
     torch.set_num_threads(2)
     started = time.perf_counter()
     config = load_config(environ={})
@@ -234,54 +314,25 @@ def main() -> None:
     print(f"quality: model {model_quality}, random {random_quality}, legal {legal_quality}", file=sys.stderr)
 
     arrays = model_inputs(pairs)
-    requests = triton_inputs(arrays)
-    requests = (requests * (args.requests // len(requests) + 1))[:args.requests]
-    with tempfile.TemporaryDirectory() as tmp:
-        repository = Path(tmp) / "models"
-        onnx_file = write_repository("embedded", repository) / MODEL_VERSION / ONNX_FILE
-        compute = {batch: onnx_ms_per_pair(onnx_file, arrays, batch) for batch in (1, 8)}
-        write_repository("embedded", repository, name="fopa_unbatched", dynamic_batching=False)
-        http_port, grpc_port, metrics_port = reserve_ports(3)
-        server = start_tritonserver(repository, Path(tmp) / "work", http_port, grpc_port, metrics_port,
-                                    Path(tmp) / "tritonserver.log")
-        url = f"127.0.0.1:{grpc_port}"
-        try:
-            batched, unbatched = [], []
-            for _ in range(args.trials):  # interleaved, so drift hits both alike
-                unbatched.append(throughput(url, "fopa_unbatched", requests, CONCURRENCY))
-                batched.append(throughput(url, "fopa", requests, CONCURRENCY))
-            latency = latency_ms(url, "fopa", requests, 200)
-            latency_unbatched = latency_ms(url, "fopa_unbatched", requests, 200)
-        finally:
-            stop_pid(server.pid)
-
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
-    result = {
+    triton = triton_rates(args.target, arrays, args.requests, args.trials)
+    write_result(args.out or RESULTS, "placement.json", {
         "rule_rate": round(model_quality["rule_rate"], 4),
         "rule_rate_random": round(random_quality["rule_rate"], 4),
         "box_iou": round(model_quality["box_iou"], 4),
         "box_iou_random": round(random_quality["box_iou"], 4),
-        "triton_batching_gain": round(statistics.median(batched) / statistics.median(unbatched), 3),
-        "latency_ms_per_pair": round(latency, 2),
-        "pairs_per_s_concurrency_8": {"dynamic_batching": round(statistics.median(batched), 1),
-                                      "no_batching": round(statistics.median(unbatched), 1)},
-        "latency_ms_per_pair_no_batching": round(latency_unbatched, 2),
-        "onnxruntime_ms_per_pair": {f"batch_{batch}": round(ms, 3) for batch, ms in compute.items()},
+        **triton,
         "rule_rate_legal_heatmaps": round(legal_quality["rule_rate"], 4),
         "rule_rate_without_scene_objects": round(alone["rule_rate"], 4),
         "no_box_within_overlap_limit": model_quality["no_box"],
         "pairs": len(pairs),
         "bench_seconds": round(time.perf_counter() - started, 1),
-        "commit": commit or None,
+        "commit": args.commit or git_commit(),
         "seed": SEED,
         "config": {"weights_version": weights_version(DEFAULT_WEIGHTS_DIR), "image_side": IMAGE_SIDE,
                    "max_overlap": config.placement.max_overlap, "concurrency": CONCURRENCY,
                    "requests_per_run": args.requests, "trials": args.trials, "device": "cpu",
                    "triton": "embedded tritonserver 2.51, python backend + onnxruntime", "cpus": os.cpu_count()},
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "placement.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(json.dumps(result, indent=2))
+    })
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""FOPA served by the embedded tritonserver, from a repository `write_repository("embedded", …)` generated.
+"""FOPA served by the embedded tritonserver, from repositories `write_repository` generated for the
+python-backend targets: `embedded` (onnxruntime) and `embedded-gpu` (torch, on the CPU here).
 
 Random weights stand in for the shipped ones: what is checked is that Triton serves
 exactly what torch computes, batched, with per-request errors.
@@ -42,13 +43,13 @@ class FopaServer:
     weights_dir: Path
 
 
-@pytest.fixture(scope="module")
-def fopa_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FopaServer]:
-    root = tmp_path_factory.mktemp("fopa-triton")
+@pytest.fixture(scope="module", params=["embedded", "embedded-gpu"])
+def fopa_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FopaServer]:
+    root = tmp_path_factory.mktemp(f"fopa-triton-{request.param}")
     torch.manual_seed(0)
     save_fopa(FopaNet(), root / "weights")
     repository = root / "models"
-    write_repository("embedded", repository, root / "weights")
+    write_repository(request.param, repository, root / "weights")
     http_port, grpc_port, metrics_port = reserve_ports(3)
     server = start_tritonserver(
         repository,

@@ -1,4 +1,4 @@
-"""FOPA's ONNX export, the Triton configs rendered for both targets, the all-or-nothing
+"""FOPA's ONNX and torch.export exports, the Triton configs rendered for every target, the all-or-nothing
 repository writer, and the python-backend model's batching (with a stand-in for the stub's
 `triton_python_backend_utils`; tests/integration/test_placement_triton.py runs the real one).
 
@@ -25,7 +25,14 @@ from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
 from freemask.placement import triton_repo
-from freemask.placement.export import OPSET_VERSION, ExportMismatch, export_onnx, verify_onnx
+from freemask.placement.export import (
+    OPSET_VERSION,
+    ExportMismatch,
+    export_onnx,
+    export_program,
+    verify_onnx,
+    verify_program,
+)
 from freemask.placement.model import FopaHeatmap, FopaNet, load_fopa, weights_version
 from freemask.placement.triton_repo import (
     TARGETS,
@@ -54,6 +61,11 @@ def repositories(fopa_weights_dir: Path, tmp_path_factory: pytest.TempPathFactor
 @pytest.fixture(scope="module")
 def onnx_path(repositories: dict[str, Path]) -> Path:
     return repositories["production"] / "1" / "model.onnx"
+
+
+@pytest.fixture(scope="module")
+def program_path(repositories: dict[str, Path]) -> Path:
+    return repositories["embedded-gpu"] / "1" / "model.pt2"
 
 
 def _batch(rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -153,10 +165,52 @@ def test_a_wrong_export_is_never_published(
     assert list(out.iterdir()) == []
 
 
-# --- config.pbtxt for both targets ---------------------------------------------------------------------------
+# --- torch.export program (embedded-gpu) --------------------------------------------------------------------
 
 
-def test_both_targets_share_the_client_contract() -> None:
+@pytest.mark.parametrize("rows", [1, 4, 64])
+def test_program_equals_torch_at_any_batch_size(program_path: Path, reference: FopaHeatmap, rows: int) -> None:
+    program = torch.export.load(str(program_path)).module()
+    background, foreground = _batch(rows, seed=rows)
+
+    with torch.inference_mode():
+        heatmap = program(torch.from_numpy(background), torch.from_numpy(foreground)).numpy()
+
+    assert heatmap.shape == (rows, 8, 32, 32)
+    np.testing.assert_allclose(heatmap, _expected(reference, background, foreground), rtol=0, atol=TOLERANCE)
+
+
+def test_verify_catches_a_program_that_computes_something_else(
+    program_path: Path, reference: FopaHeatmap, tmp_path: Path
+) -> None:
+    torch.manual_seed(1)
+    other = export_program(FopaNet(), tmp_path / "other.pt2")  # a valid program of different weights
+
+    assert verify_program(reference, program_path) <= TOLERANCE
+    with pytest.raises(ExportMismatch, match=r"torch.export export of FOPA differs from torch by .* batch of 1"):
+        verify_program(reference, other)
+
+
+def test_a_wrong_program_is_never_published(
+    fopa_weights_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.manual_seed(1)
+    wrong = torch.export.export(FopaHeatmap(FopaNet()).eval(), (torch.zeros(2, 3, 64, 64), torch.zeros(2, 4, 32, 32)))
+    save = torch.export.save
+    monkeypatch.setattr(torch.export, "save", lambda program, path: save(wrong, path))
+    out = tmp_path / "out"
+    out.mkdir()
+
+    with pytest.raises(ExportMismatch):
+        export_program(fopa_weights_dir, out / "model.pt2")
+
+    assert list(out.iterdir()) == []
+
+
+# --- config.pbtxt for every target ---------------------------------------------------------------------------
+
+
+def test_all_targets_share_the_client_contract() -> None:
     model = fopa_model("sha256-0123456789abcdef")
     texts = {target: render_config(target, model) for target in TARGETS}
     configs = {target: _parse(text) for target, text in texts.items()}
@@ -178,12 +232,18 @@ def test_both_targets_share_the_client_contract() -> None:
         assert len(config.instance_group) == 1 and config.instance_group[0].count == 1
 
 
-def test_embedded_runs_the_python_backend_on_cpu() -> None:
-    config = _parse(render_config("embedded", fopa_model("v")))
+@pytest.mark.parametrize(("target", "kind", "runtime", "model_file"), [
+    ("embedded", "KIND_CPU", "onnxruntime", "model.onnx"),
+    # KIND_MODEL: the model picks CUDA when there is one, so the repository also loads without a GPU
+    ("embedded-gpu", "KIND_MODEL", "torch", "model.pt2"),
+])
+def test_embedded_targets_run_the_python_backend(target: str, kind: str, runtime: str, model_file: str) -> None:
+    config = _parse(render_config(target, fopa_model("v")))
 
     assert config.backend == "python" and not config.platform
-    assert model_config_pb2.ModelInstanceGroup.Kind.Name(config.instance_group[0].kind) == "KIND_CPU"
-    assert config.parameters["onnx_file"].string_value == "model.onnx"
+    assert model_config_pb2.ModelInstanceGroup.Kind.Name(config.instance_group[0].kind) == kind
+    assert config.parameters["runtime"].string_value == runtime
+    assert config.parameters["model_file"].string_value == model_file
     assert int(config.parameters["intra_op_threads"].string_value) >= 1
 
 
@@ -197,7 +257,7 @@ def test_production_runs_the_onnxruntime_backend_on_gpu() -> None:
 
 
 def test_unknown_target_is_refused() -> None:
-    with pytest.raises(InvalidInput, match="unknown Triton target 'staging'; expected one of embedded, production"):
+    with pytest.raises(InvalidInput, match="unknown Triton target 'staging'; expected one of embedded, embedded-gpu, production"):
         render_config("staging", fopa_model("v"))
 
 
@@ -217,14 +277,17 @@ def test_config_matches_the_exported_graph(onnx_path: Path) -> None:
 
 
 def test_repository_layout_per_target(repositories: dict[str, Path], fopa_weights_dir: Path) -> None:
-    embedded, production = repositories["embedded"], repositories["production"]
+    embedded, gpu, production = repositories["embedded"], repositories["embedded-gpu"], repositories["production"]
 
     assert sorted(str(p.relative_to(embedded)) for p in embedded.rglob("*")) == [
         "1", "1/model.onnx", "1/model.py", "config.pbtxt"]
+    assert sorted(str(p.relative_to(gpu)) for p in gpu.rglob("*")) == [
+        "1", "1/model.pt2", "1/model.py", "config.pbtxt"]
     assert sorted(str(p.relative_to(production)) for p in production.rglob("*")) == [
         "1", "1/model.onnx", "config.pbtxt"]
-    assert (embedded / "1" / "model.py").read_bytes() == triton_repo.PYTHON_MODEL_SOURCE.read_bytes()
-    for repository in (embedded, production):
+    for repository in (embedded, gpu):
+        assert (repository / "1" / "model.py").read_bytes() == triton_repo.PYTHON_MODEL_SOURCE.read_bytes()
+    for repository in (embedded, gpu, production):
         config = _parse((repository / "config.pbtxt").read_text())
         assert config.parameters["weights_version"].string_value == weights_version(fopa_weights_dir)
         assert [p.name for p in repository.parent.iterdir()] == ["fopa"]
@@ -309,23 +372,24 @@ def _fake_pb_utils() -> types.ModuleType:
     return module
 
 
-class _CountingSession:
-    """Wraps the model's onnxruntime session to record the batch size of every run."""
+class _CountingRuntime:
+    """Wraps the model's runtime to record the batch size of every call."""
 
-    def __init__(self, session: onnxruntime.InferenceSession) -> None:
-        self.session = session
+    def __init__(self, runtime: Callable[[dict[str, np.ndarray]], np.ndarray]) -> None:
+        self.runtime = runtime
         self.batches: list[int] = []
 
-    def run(self, outputs: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def __call__(self, feed: dict[str, np.ndarray]) -> np.ndarray:
         self.batches.append(next(iter(feed.values())).shape[0])
-        return self.session.run(outputs, feed)
+        return self.runtime(feed)
 
 
-@pytest.fixture
-def python_model(repositories: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> Any:
-    """The embedded repository's model.py, initialised as the python backend would."""
+@pytest.fixture(params=["embedded", "embedded-gpu"])
+def python_model(request: pytest.FixtureRequest, repositories: dict[str, Path],
+                 monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A python-backend repository's model.py, initialised as the python backend would (on CPU here)."""
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils())
-    repository = repositories["embedded"]
+    repository = repositories[request.param]
     spec = importlib.util.spec_from_file_location("fopa_triton_model", repository / "1" / "model.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -334,8 +398,8 @@ def python_model(repositories: dict[str, Path], monkeypatch: pytest.MonkeyPatch)
                                        preserving_proto_field_name=True)
     model = module.TritonPythonModel()
     model.initialize({"model_config": json.dumps(config), "model_repository": str(repository),
-                      "model_version": "1", "model_instance_name": "fopa_0"})
-    model.session = _CountingSession(model.session)
+                      "model_version": "1", "model_instance_name": "fopa_0", "model_instance_kind": "CPU"})
+    model.runtime = _CountingRuntime(model.runtime)
     return model
 
 
@@ -345,7 +409,7 @@ def test_python_model_runs_a_dynamic_batch_in_one_call(python_model: Any, refere
 
     responses = python_model.execute(requests)
 
-    assert python_model.session.batches == [6]
+    assert python_model.runtime.batches == [6]
     for response, (background, foreground) in zip(responses, batches, strict=True):
         assert response.error is None
         (heatmap,) = response.output_tensors
@@ -381,7 +445,7 @@ def test_python_model_fails_only_the_bad_request(
     assert responses[1].error is not None and responses[1].output_tensors == []
     assert responses[1].error.code == _TritonError.INVALID_ARG
     assert message in responses[1].error.message
-    assert python_model.session.batches == [4]
+    assert python_model.runtime.batches == [4]
     for index in (0, 2):
         assert responses[index].error is None
         np.testing.assert_allclose(responses[index].output_tensors[0].values, _expected(reference, *batches[index]),
