@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import statistics
 import subprocess
@@ -191,6 +192,39 @@ def throughput(url: str, model: str, requests: list, threads: int) -> float:
             client.close()
 
 
+def _client_process(url: str, model: str, arrays: list[tuple[np.ndarray, np.ndarray]], count: int,
+                    barrier: Any, finished: Any) -> None:
+    requests = triton_inputs(arrays)
+    with grpcclient.InferenceServerClient(url) as client:
+        client.infer(model, requests[0], client_timeout=30)  # warm up
+        barrier.wait()
+        for i in range(count):
+            client.infer(model, requests[i % len(requests)], client_timeout=30)
+    finished.put(time.monotonic())
+
+
+def throughput_processes(url: str, model: str, arrays: list[tuple[np.ndarray, np.ndarray]], total: int,
+                         processes: int) -> float:
+    """Like `throughput`, with one client process per concurrent request: no shared GIL caps the load."""
+    context = multiprocessing.get_context("spawn")  # a forked gRPC client is not safe
+    barrier, finished = context.Barrier(processes + 1), context.Queue()
+    share = total // processes
+    workers = [context.Process(target=_client_process, daemon=True, args=(
+        url, model, [arrays[(i * share + j) % len(arrays)] for j in range(min(share, len(arrays)))], share,
+        barrier, finished)) for i in range(processes)]
+    for worker in workers:
+        worker.start()
+    try:
+        barrier.wait(timeout=300)  # every client started and warmed up (monotonic time is system-wide)
+        started = time.monotonic()
+        return share * processes / (max(finished.get(timeout=300) for _ in workers) - started)
+    finally:
+        for worker in workers:
+            worker.join(timeout=30)
+            if worker.is_alive():
+                worker.kill()
+
+
 def latency_ms(url: str, model: str, requests: list, count: int) -> float:
     client = grpcclient.InferenceServerClient(url)
     try:
@@ -219,11 +253,17 @@ def onnx_ms_per_pair(path: Path, requests: list[tuple[np.ndarray, np.ndarray]], 
     return (time.perf_counter() - started) / runs / batch * 1000
 
 
-def triton_rates(target: str, arrays: list[tuple[np.ndarray, np.ndarray]], request_count: int,
-                 trials: int) -> dict[str, Any]:
-    """Part 2 for `target`'s repository: throughput with and without dynamic batching, and latency."""
+CLIENTS = ("threads", "processes")
+
+
+def triton_rates(target: str, arrays: list[tuple[np.ndarray, np.ndarray]], request_count: int, trials: int,
+                 clients: tuple[str, ...]) -> dict[str, Any]:
+    """Part 2 for `target`'s repository: throughput with and without dynamic batching for each kind of
+    client in `clients` (the first is the headline), and latency."""
     requests = triton_inputs(arrays)
     requests = (requests * (request_count // len(requests) + 1))[:request_count]
+    measure = {"threads": lambda url, model: throughput(url, model, requests, CONCURRENCY),
+               "processes": lambda url, model: throughput_processes(url, model, arrays, request_count, CONCURRENCY)}
     extra: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         repository = Path(tmp) / "models"
@@ -237,20 +277,28 @@ def triton_rates(target: str, arrays: list[tuple[np.ndarray, np.ndarray]], reque
                                     Path(tmp) / "tritonserver.log")
         url = f"127.0.0.1:{grpc_port}"
         try:
-            batched, unbatched = [], []
-            for _ in range(trials):  # interleaved, so drift hits both alike
-                unbatched.append(throughput(url, "fopa_unbatched", requests, CONCURRENCY))
-                batched.append(throughput(url, "fopa", requests, CONCURRENCY))
+            rates: dict[tuple[str, str], list[float]] = {}
+            for _ in range(trials):  # interleaved, so drift hits all alike
+                for client in clients:
+                    for model in ("fopa_unbatched", "fopa"):
+                        rates.setdefault((client, model), []).append(measure[client](url, model))
             latency = latency_ms(url, "fopa", requests, 200)
             latency_unbatched = latency_ms(url, "fopa_unbatched", requests, 200)
         finally:
             stop_pid(server.pid)
+    by_client = {client: {"triton_batching_gain": round(statistics.median(rates[client, "fopa"])
+                                                        / statistics.median(rates[client, "fopa_unbatched"]), 3),
+                          "pairs_per_s_concurrency_8": {
+                              "dynamic_batching": round(statistics.median(rates[client, "fopa"]), 1),
+                              "no_batching": round(statistics.median(rates[client, "fopa_unbatched"]), 1)}}
+                 for client in clients}
+    headline, *others = clients
     return {
-        "triton_batching_gain": round(statistics.median(batched) / statistics.median(unbatched), 3),
+        "triton_batching_gain": by_client[headline]["triton_batching_gain"],
         "latency_ms_per_pair": round(latency, 2),
-        "pairs_per_s_concurrency_8": {"dynamic_batching": round(statistics.median(batched), 1),
-                                      "no_batching": round(statistics.median(unbatched), 1)},
+        "pairs_per_s_concurrency_8": by_client[headline]["pairs_per_s_concurrency_8"],
         "latency_ms_per_pair_no_batching": round(latency_unbatched, 2),
+        **({"clients": headline, "other_clients": {client: by_client[client] for client in others}} if others else {}),
         **extra,
     }
 
@@ -272,7 +320,9 @@ def gpu_main(args: argparse.Namespace) -> None:
                          "script anyway without touching results/placement_gpu.json")
     started = time.perf_counter()
     pairs = val_pairs(args.pairs, load_config(environ={}).world.classes)
-    triton = triton_rates(args.target, model_inputs(pairs), args.requests, args.trials)
+    # 8 client processes first: on a GPU host, 8 threads sharing one GIL cap the batched rate (their figure
+    # is kept beside it); the CPU figure keeps threads, which leave the 2 cores to the server
+    triton = triton_rates(args.target, model_inputs(pairs), args.requests, args.trials, CLIENTS[::-1])
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     write_result(args.out or RESULTS, "placement_gpu.json", {
         "device": device,
@@ -314,7 +364,7 @@ def main() -> None:
     print(f"quality: model {model_quality}, random {random_quality}, legal {legal_quality}", file=sys.stderr)
 
     arrays = model_inputs(pairs)
-    triton = triton_rates(args.target, arrays, args.requests, args.trials)
+    triton = triton_rates(args.target, arrays, args.requests, args.trials, ("threads",))
     write_result(args.out or RESULTS, "placement.json", {
         "rule_rate": round(model_quality["rule_rate"], 4),
         "rule_rate_random": round(random_quality["rule_rate"], 4),
