@@ -76,10 +76,19 @@ class GeneratedObject:
     cross_attention_resolutions: tuple[Resolution, ...]
     affinity_resolution: Resolution
 
-    def require_mask(self, what: str) -> GeneratedObject:
-        """Self, if the mask has a pixel; an empty mask is a result nobody can use."""
+    def require_mask(self, what: str, max_fraction: float | None = None) -> GeneratedObject:
+        """Self, if the mask has a pixel and covers at most `max_fraction` of the image (None: any share).
+
+        Both are results nobody can use: an empty mask, and one larger than any single object
+        can be, which is what the refinement makes of a picture in which the generator drew no
+        object (the walk spreads over the background, which is then labelled as the class).
+        """
         if not self.mask.any():
             raise Unusable(f"the refined mask of {what} is empty: the class word attended nowhere")
+        fraction = float(self.mask.mean())
+        if max_fraction is not None and fraction > max_fraction:
+            raise Unusable(f"the refined mask of {what} covers {fraction:.0%} of the image, more than "
+                           f"attention_mask.max_mask_fraction={max_fraction:g}: most likely no object was drawn")
         return self
 
     @property

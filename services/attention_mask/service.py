@@ -10,14 +10,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from prometheus_client import Histogram
+from prometheus_client import Counter, Histogram
 
 from freemask.attention_mask.generation import GeneratedObject, MaskGenerator, ObjectPrompt
 from freemask.attention_mask.refine import DEFAULT_THRESHOLDS
 from freemask.attention_mask.requests import validate_generate_request
-from freemask.shared.bus import InboundMessage, OutboundMessage, Topics
+from freemask.shared.bus import BatchResult, InboundMessage, OutboundMessage, Topics
 from freemask.shared.config import FreemaskConfig
-from freemask.shared.errors import InvalidInput
+from freemask.shared.errors import InvalidInput, Unusable
 from freemask.shared.images import encode_npz, encode_png
 from freemask.shared.keys import sample_key
 from freemask.shared.metrics import ServiceMetrics
@@ -34,15 +34,18 @@ class MaskMetrics:
     """What operators watch for degenerate masks: the chosen τ and the share of the image masked."""
 
     def __init__(self, metrics: ServiceMetrics) -> None:
-        self._service = metrics.service
+        self.service = metrics.service
         self.threshold = Histogram("freemask_attention_mask_threshold", "threshold τ chosen by eq. 23",
                                    ["service"], buckets=DEFAULT_THRESHOLDS, registry=metrics.registry)
         self.area_fraction = Histogram("freemask_attention_mask_area_fraction", "share of the image in the mask",
                                        ["service"], buckets=_AREA_BUCKETS, registry=metrics.registry)
+        self.rejected = Counter("freemask_attention_mask_rejected", "masks refused as Unusable, by reason "
+                                "(empty, too_large: over attention_mask.max_mask_fraction)",
+                                ["service", "reason"], registry=metrics.registry)
 
     def observe(self, result: GeneratedObject) -> None:
-        self.threshold.labels(self._service).observe(result.threshold)
-        self.area_fraction.labels(self._service).observe(float(result.mask.mean()))
+        self.threshold.labels(self.service).observe(result.threshold)
+        self.area_fraction.labels(self.service).observe(float(result.mask.mean()))
 
 
 class SingleObjectWriter:
@@ -56,7 +59,31 @@ class SingleObjectWriter:
         self._metrics = metrics
 
     def run(self, requests: Sequence[generate_pb2.GenerateRequest]) -> list[generate_pb2.SingleObject]:
-        """Validate all, generate in batched passes, store each; all-or-nothing on bad input."""
+        """Validate all, generate in batched passes, store each; all-or-nothing, also when one mask is
+        Unusable (the gRPC call answers for the whole batch)."""
+        prompts, results = self._generate(requests)
+        for request, result in zip(requests, results):
+            self._require_mask(request, result)
+        return [self._store_sample(request, prompt, result) for request, prompt, result in
+                zip(requests, prompts, results)]
+
+    def run_each(self, requests: Sequence[generate_pb2.GenerateRequest]
+                 ) -> list[generate_pb2.SingleObject | Unusable]:
+        """Like `run`, but an Unusable mask fails only its own request: the others are stored and
+        answered, in order. Bad input still fails the whole batch before anything runs."""
+        prompts, results = self._generate(requests)
+        outcomes: list[generate_pb2.SingleObject | Unusable] = []
+        for request, prompt, result in zip(requests, prompts, results):
+            try:
+                self._require_mask(request, result)
+            except Unusable as err:
+                outcomes.append(err)
+            else:
+                outcomes.append(self._store_sample(request, prompt, result))
+        return outcomes
+
+    def _generate(self, requests: Sequence[generate_pb2.GenerateRequest]
+                  ) -> tuple[list[ObjectPrompt], list[GeneratedObject]]:
         if not requests:
             raise InvalidInput("no requests given")
         if len(requests) > self._config.limits.max_batch:
@@ -65,11 +92,17 @@ class SingleObjectWriter:
         if len(set(sample_ids)) != len(sample_ids):
             raise InvalidInput("sample ids in one batch must be distinct")
         prompts = [self._prompt(r) for r in requests]
-        results = self._generator.generate(prompts)
-        for request, result in zip(requests, results):
-            result.require_mask(f"sample {request.sample_id!r} ({request.class_name}, seed {request.seed})")
-        return [self._store_sample(request, prompt, result) for request, prompt, result in
-                zip(requests, prompts, results)]
+        return prompts, self._generator.generate(prompts)
+
+    def _require_mask(self, request: generate_pb2.GenerateRequest, result: GeneratedObject) -> None:
+        try:
+            result.require_mask(f"sample {request.sample_id!r} ({request.class_name}, seed {request.seed})",
+                                self._config.attention_mask.max_mask_fraction)
+        except Unusable:
+            if self._metrics is not None:
+                self._metrics.rejected.labels(self._metrics.service, "empty" if not result.mask.any()
+                                              else "too_large").inc()
+            raise
 
     def _prompt(self, request: generate_pb2.GenerateRequest) -> ObjectPrompt:
         validate_generate_request(request, self._config.world, self._config.limits)
@@ -150,11 +183,16 @@ class GenerateStage:
         self._writer = writer
 
     def handle(self, message: InboundMessage) -> list[OutboundMessage]:
-        return self.handle_batch([message])[0]
+        return [OutboundMessage(Topics.SINGLES, single.sample_id, single)
+                for single in self._writer.run([message.decode(generate_pb2.GenerateRequest)])]
 
-    def handle_batch(self, messages: Sequence[InboundMessage]) -> list[list[OutboundMessage]]:
+    def handle_batch(self, messages: Sequence[InboundMessage]) -> list[BatchResult]:
+        """One diffusion pass for the whole poll; a message whose mask is Unusable is answered with
+        that error (dead-lettered at once), so the others need not be generated again one by one."""
         requests = [m.decode(generate_pb2.GenerateRequest) for m in messages]
-        return [[OutboundMessage(Topics.SINGLES, single.sample_id, single)] for single in self._writer.run(requests)]
+        return [outcome if isinstance(outcome, Unusable) else [OutboundMessage(Topics.SINGLES, outcome.sample_id,
+                                                                               outcome)]
+                for outcome in self._writer.run_each(requests)]
 
 
 def build(context: ServiceContext) -> ServiceParts:

@@ -119,9 +119,12 @@ class OutboundMessage:
 
 
 Handler = Callable[[InboundMessage], Sequence[OutboundMessage]]
-# Outputs of several messages at once, one sequence per message in order; for stages
-# whose core is cheaper per item in a batch (a diffusion pass over many prompts).
-BatchHandler = Callable[[Sequence[InboundMessage]], Sequence[Sequence[OutboundMessage]]]
+# One message's answer from a batch handler: its outputs, or the error that a retry would
+# repeat (InvalidInput, Unusable), which dead-letters that message alone.
+BatchResult = Sequence[OutboundMessage] | InvalidInput | Unusable
+# Answers to several messages at once, one per message in order; for stages whose core is
+# cheaper per item in a batch (a diffusion pass over many prompts).
+BatchHandler = Callable[[Sequence[InboundMessage]], Sequence[BatchResult]]
 
 
 def _client_options(config: BusConfig) -> dict[str, object]:
@@ -345,8 +348,9 @@ class StageWorker:
     ) -> tuple[list[OutboundMessage], dict[TopicPartition, OffsetAndMetadata]] | None:
         """All records through the batch handler in one call; None to fall back to one at a time.
 
-        Any failure of the batch (one bad message among good ones, say) falls back to the
-        per-message path, which retries and dead-letters each message on its own.
+        A message the handler answers with InvalidInput or Unusable is dead-lettered at once.
+        Any failure of the batch itself (one bad message among good ones, say) falls back to
+        the per-message path, which retries and dead-letters each message on its own.
         """
         if self.batch_handler is None or len(records) < 2 or self._stop.is_set():
             return None
@@ -364,7 +368,10 @@ class StageWorker:
         outputs: list[OutboundMessage] = []
         settled: dict[TopicPartition, OffsetAndMetadata] = {}
         for (partition, record), message, result in zip(records, messages, results):
-            outputs.extend(self._succeeded(message, result, per_message))
+            if isinstance(result, (InvalidInput, Unusable)):
+                outputs.append(self._dead_letter(message, result, 1, _now()))
+            else:
+                outputs.extend(self._succeeded(message, result, per_message))
             settled[partition] = OffsetAndMetadata(record.offset + 1, "", -1)
         return outputs, settled
 

@@ -91,8 +91,10 @@ class InProcessPlatform:
                 try:
                     results.append(stage.handler(message))
                 except Exception as err:  # noqa: BLE001
-                    results.append([])
-                    failed.append((message.key or "", str(err)))
-        for outputs in results:
-            pending.extend(outputs)
+                    results.append(err)
+        for message, result in zip(messages, results, strict=True):
+            if isinstance(result, Exception):  # the batch handler's per-message errors too
+                failed.append((message.key or "", str(result)))
+            else:
+                pending.extend(result)
         return failed

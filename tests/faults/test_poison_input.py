@@ -152,6 +152,7 @@ def platform(stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory) -> 
     env.update({
         "FREEMASK_STORE__PREFIX": PREFIX, "FREEMASK_BUS__GROUP_PREFIX": f"poison-{uuid.uuid4().hex[:8]}",
         "FREEMASK_BUS__RETRY_BACKOFF_S": "0.2", "FREEMASK_ATTENTION_MASK__NUM_INFERENCE_STEPS": "3",
+        "FREEMASK_ATTENTION_MASK__MAX_MASK_FRACTION": "1.0",  # 3 steps draw blurs whose masks are often large
         "FREEMASK_THESAURUS__REFERENCE_CAPTIONS": "10000", "FREEMASK_SCORING__INPUT_SIZE": "32",
         "FREEMASK_SCORING__DEVICE": "cpu", "FREEMASK_COORDINATOR__POLL_INTERVAL_S": "0.3",
         "FREEMASK_COORDINATOR__IMAGE_SIZE": "32",

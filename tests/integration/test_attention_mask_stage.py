@@ -1,6 +1,7 @@
 """The attention-mask stage on the real broker and store: GenerateRequests in,
 SingleObjects out whose files exist and agree with the message; a bad request
-goes to the DLQ; a redelivery rewrites identical bytes."""
+goes to the DLQ; a mask over the size limit is dead-lettered alone, inside its batch;
+a redelivery rewrites identical bytes."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from PIL import Image
 
 from freemask.attention_mask.generation import MaskGenerator
 from freemask.attention_mask.service import GenerateStage, SingleObjectWriter
-from freemask.shared.bus import InboundMessage, OutboundMessage, StageWorker, Topics
+from freemask.shared.bus import BatchResult, InboundMessage, OutboundMessage, StageWorker, Topics
 from freemask.shared.config import FreemaskConfig
 from freemask.shared.metrics import ServiceMetrics
 from freemask.shared.singles import single_object_from_meta
@@ -30,13 +31,19 @@ pytestmark = pytest.mark.stack
 
 @pytest.fixture(scope="module")
 def config(stack: EmbeddedStack) -> FreemaskConfig:
+    # 3 steps draw blurs whose masks are often large: the size limit is off except where a test sets it
     return config_for(stack, FREEMASK_ATTENTION_MASK__NUM_INFERENCE_STEPS="3",
+                      FREEMASK_ATTENTION_MASK__MAX_MASK_FRACTION="1.0",
                       FREEMASK_BUS__GROUP_PREFIX=f"attention-{uuid.uuid4().hex[:8]}")
 
 
 @pytest.fixture(scope="module")
-def writer(config: FreemaskConfig, one_torch_thread: None) -> SingleObjectWriter:
-    generator = MaskGenerator.from_config(config.attention_mask)
+def generator(config: FreemaskConfig, one_torch_thread: None) -> MaskGenerator:
+    return MaskGenerator.from_config(config.attention_mask)
+
+
+@pytest.fixture(scope="module")
+def writer(config: FreemaskConfig, generator: MaskGenerator) -> SingleObjectWriter:
     return SingleObjectWriter(config, generator, ObjectStore(config.store))
 
 
@@ -48,16 +55,22 @@ def generate_request(sample_id: str, cls: str = "cow", background: str = "field"
 
 def run_stage(config: FreemaskConfig, writer: SingleObjectWriter, requests: list[generate_pb2.GenerateRequest]
               ) -> tuple[StageWorker, list[int]]:
+    """Run the stage over `requests`; returns the worker and the size of every call of a handler
+    (1 for a message handled alone)."""
     (source,) = unique_topics(config.bus, "generate")
     publish_samples(config.bus, source, requests)
     stage = GenerateStage(writer)
     batch_sizes: list[int] = []
 
-    def counted_batch(messages: list[InboundMessage]) -> list[list[OutboundMessage]]:
+    def counted_batch(messages: list[InboundMessage]) -> list[BatchResult]:
         batch_sizes.append(len(messages))
         return stage.handle_batch(messages)
 
-    worker = StageWorker("attention_mask", source, stage.handle, config.bus, ServiceMetrics("attention_mask"),
+    def counted_one(message: InboundMessage) -> list[OutboundMessage]:
+        batch_sizes.append(1)
+        return stage.handle(message)
+
+    worker = StageWorker("attention_mask", source, counted_one, config.bus, ServiceMetrics("attention_mask"),
                          batch_handler=counted_batch)
     worker.run(max_messages=len(requests), timeout_s=120)
     return worker, batch_sizes
@@ -119,3 +132,33 @@ def test_a_bad_request_is_dead_lettered_and_writes_nothing(config: FreemaskConfi
     store = ObjectStore(config.store)
     assert list(store.list(f"runs/stage-run/rounds/1/samples/{bad.sample_id}/")) == []
     assert store.exists(f"runs/stage-run/rounds/1/samples/{good.sample_id}/meta.json")
+
+
+def test_a_mask_over_the_size_limit_is_dead_lettered_alone_inside_its_batch(
+        config: FreemaskConfig, generator: MaskGenerator) -> None:
+    suffix = uuid.uuid4().hex[:8]
+    requests = [generate_request(f"size-{suffix}-{i}", cls, bg)
+                for i, (cls, bg) in enumerate([("cow", "field"), ("boat", "sea"), ("bus", "road"), ("bird", "sky")])]
+    results = generator.generate([generator.prompt_for(r.prompt, r.class_name, r.seed) for r in requests])
+    fractions = [float(result.mask.mean()) for result in results]
+    assert max(fractions) > min(fractions) > 0, "the test needs masks of different sizes"
+    limit = (max(fractions) + min(fractions)) / 2
+    limited = config.model_copy(update={"attention_mask": config.attention_mask.model_copy(
+        update={"max_mask_fraction": limit})})
+    too_large = {r.sample_id for r, fraction in zip(requests, fractions) if fraction > limit}
+
+    worker, batch_sizes = run_stage(limited, SingleObjectWriter(limited, generator, ObjectStore(config.store)),
+                                    requests)
+
+    assert worker.stats.processed == 4 and worker.stats.dead_lettered == len(too_large)
+    assert max(batch_sizes) > 1, "the stage should have generated several prompts in one pass"
+    assert sum(batch_sizes) == 4, "each message handled once: no batch fell back to one message at a time"
+    letters = [dead_letter_pb2.DeadLetter.FromString(value)
+               for key, value, _ in drain_records(config.bus, Topics.DLQ, sorted(too_large)) if key in too_large]
+    assert {letter.key.decode() for letter in letters} == too_large
+    assert all("max_mask_fraction" in letter.error and letter.attempts == 1 and letter.error_type == "Unusable"
+               for letter in letters)
+    store = ObjectStore(config.store)
+    for request in requests:
+        stored = store.exists(f"runs/stage-run/rounds/1/samples/{request.sample_id}/meta.json")
+        assert stored == (request.sample_id not in too_large)

@@ -12,9 +12,11 @@ import pytest
 from kafka import KafkaAdminClient
 
 from freemask.shared.bus import (
-    InboundMessage, OutboundMessage, Publisher, StageWorker, Topics, ensure_topics, make_consumer, make_producer,
+    BatchResult, InboundMessage, OutboundMessage, Publisher, StageWorker, Topics, ensure_topics, make_consumer,
+    make_producer,
 )
 from freemask.shared.config import BusConfig, FreemaskConfig, load_config
+from freemask.shared.errors import Unusable
 from freemask.shared.metrics import ServiceMetrics
 from freemask.shared.processes import stop_pid
 from freemask.v1 import dead_letter_pb2, generate_pb2
@@ -162,6 +164,37 @@ def test_a_batch_handler_takes_whole_polls_and_a_failing_batch_falls_back_to_one
     assert set(drain_keys(config, sink, good)) == set(good)
     letters = {letter.key.decode(): letter for letter in _dlq_for(config, source, expected=1)}
     assert letters["s-poison"].attempts == 2 and "one bad apple" in letters["s-poison"].error
+
+
+def test_a_batch_handler_can_dead_letter_one_message_without_failing_the_batch(
+        stack_config: FreemaskConfig) -> None:
+    config = stack_config.bus
+    source, sink = unique_topics(config, "in", "out")
+    ensure_topics(config, [Topics.DLQ])
+    good = [f"s-{i}" for i in range(12)]
+    produce(config, source, [*good[:6], "s-unusable", *good[6:]])
+    handled: list[str] = []
+
+    def together(messages: list[InboundMessage]) -> list[BatchResult]:
+        requests = [m.decode(generate_pb2.GenerateRequest) for m in messages]
+        handled.extend(r.sample_id for r in requests)
+        return [Unusable(f"{r.sample_id} is of no use") if r.sample_id == "s-unusable"
+                else [OutboundMessage(sink, r.sample_id, r)] for r in requests]
+
+    def one(message: InboundMessage) -> list[OutboundMessage]:  # a poll of one record comes here
+        (result,) = together([message])
+        if isinstance(result, Exception):
+            raise result
+        return list(result)
+
+    worker = StageWorker(f"partial-{source}", source, one, config, ServiceMetrics("test"), batch_handler=together)
+    stats = worker.run(max_messages=len(good) + 1, timeout_s=60)
+    assert stats.processed == len(good) + 1 and stats.dead_lettered == 1 and stats.retries == 0
+    assert sorted(handled) == sorted([*good, "s-unusable"]), "each message handled once: no fallback, no retry"
+    assert set(drain_keys(config, sink, good)) == set(good)
+    (letter,) = _dlq_for(config, source, expected=1)
+    assert letter.key.decode() == "s-unusable" and letter.attempts == 1 and letter.error_type == "Unusable"
+    assert "s-unusable is of no use" in letter.error
 
 
 def test_wrong_message_type_on_a_topic_is_refused(stack_config: FreemaskConfig) -> None:

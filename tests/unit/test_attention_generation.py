@@ -158,6 +158,16 @@ def test_an_empty_mask_is_unusable(dog: GeneratedObject) -> None:
     assert dog.require_mask("sample 'x'") is dog
 
 
+def test_a_mask_larger_than_the_limit_is_unusable(dog: GeneratedObject) -> None:
+    fraction = float(dog.mask.mean())
+    assert 0 < fraction < 1
+    with pytest.raises(Unusable, match=r"sample 'x'.*covers \d+% of the image, more than "
+                                       r"attention_mask.max_mask_fraction"):
+        dog.require_mask("sample 'x'", max_fraction=fraction * 0.99)
+    assert dog.require_mask("sample 'x'", max_fraction=fraction) is dog  # at the limit is allowed
+    assert dog.require_mask("sample 'x'", max_fraction=None) is dog
+
+
 def test_the_version_is_a_content_digest(tmp_path: Path) -> None:
     copy = tmp_path / "generator"
     shutil.copytree(WEIGHTS_DIR, copy)
