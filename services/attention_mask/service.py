@@ -183,16 +183,18 @@ class GenerateStage:
         self._writer = writer
 
     def handle(self, message: InboundMessage) -> list[OutboundMessage]:
-        return [OutboundMessage(Topics.SINGLES, single.sample_id, single)
-                for single in self._writer.run([message.decode(generate_pb2.GenerateRequest)])]
+        return [_single_out(single) for single in self._writer.run([message.decode(generate_pb2.GenerateRequest)])]
 
     def handle_batch(self, messages: Sequence[InboundMessage]) -> list[BatchResult]:
         """One diffusion pass for the whole poll; a message whose mask is Unusable is answered with
         that error (dead-lettered at once), so the others need not be generated again one by one."""
         requests = [m.decode(generate_pb2.GenerateRequest) for m in messages]
-        return [outcome if isinstance(outcome, Unusable) else [OutboundMessage(Topics.SINGLES, outcome.sample_id,
-                                                                               outcome)]
-                for outcome in self._writer.run_each(requests)]
+        outcomes = self._writer.run_each(requests)
+        return [outcome if isinstance(outcome, Unusable) else [_single_out(outcome)] for outcome in outcomes]
+
+
+def _single_out(single: generate_pb2.SingleObject) -> OutboundMessage:
+    return OutboundMessage(Topics.SINGLES, single.sample_id, single)
 
 
 def build(context: ServiceContext) -> ServiceParts:
