@@ -20,7 +20,9 @@
    and 8, shows how much of a pair's cost batching could save at all.
 
 With `--target embedded-gpu` only part 2 runs, with the repository of that target (the
-python backend running FOPA with torch on the first CUDA device), and the results go to
+python backend running FOPA with torch on the first CUDA device). Its headline clients
+are 8 processes, one request in flight each: 8 threads of one process share one GIL,
+which caps the batched rate on a GPU (their figure is kept beside it). The results go to
 tests/benchmarks/results/placement_gpu.json with the card's name. Otherwise the results go
 to tests/benchmarks/results/placement.json.
 """
@@ -253,9 +255,6 @@ def onnx_ms_per_pair(path: Path, requests: list[tuple[np.ndarray, np.ndarray]], 
     return (time.perf_counter() - started) / runs / batch * 1000
 
 
-CLIENTS = ("threads", "processes")
-
-
 def triton_rates(target: str, arrays: list[tuple[np.ndarray, np.ndarray]], request_count: int, trials: int,
                  clients: tuple[str, ...]) -> dict[str, Any]:
     """Part 2 for `target`'s repository: throughput with and without dynamic batching for each kind of
@@ -322,7 +321,7 @@ def gpu_main(args: argparse.Namespace) -> None:
     pairs = val_pairs(args.pairs, load_config(environ={}).world.classes)
     # 8 client processes first: on a GPU host, 8 threads sharing one GIL cap the batched rate (their figure
     # is kept beside it); the CPU figure keeps threads, which leave the 2 cores to the server
-    triton = triton_rates(args.target, model_inputs(pairs), args.requests, args.trials, CLIENTS[::-1])
+    triton = triton_rates(args.target, model_inputs(pairs), args.requests, args.trials, ("processes", "threads"))
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     write_result(args.out or RESULTS, "placement_gpu.json", {
         "device": device,

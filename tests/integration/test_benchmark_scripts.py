@@ -1,6 +1,7 @@
-"""The evaluation and GPU benchmarks run end to end at a toy size, so they cannot rot between
-the rare machines that run them in full. Only their wiring and output are checked here: the
-figures themselves belong to `make bench`, never to a pass/fail test."""
+"""The evaluation and GPU benchmarks, and the placement benchmark's GPU mode, run end to end at
+a toy size, so they cannot rot between the rare machines that run them in full. Only their
+wiring and output are checked here: the figures themselves belong to `make bench`, never to
+a pass/fail test."""
 
 from __future__ import annotations
 
@@ -42,3 +43,15 @@ def test_the_gpu_benchmark_runs_its_tiny_layout_on_cpu(tmp_path: Path) -> None:
     for key in ("device", "capture_overhead", "images_per_s", "flops_fraction", "commit", "config", "seed"):
         assert key in result, key
     assert set(result["images_per_s"]) == {"1", "2"} and result["gflops_per_image"]["2"] > 0
+
+
+@pytest.mark.stack
+def test_the_placement_gpu_mode_runs_on_cpu(tmp_path: Path) -> None:
+    """`--target embedded-gpu` with `--out` measures the torch runtime on the CPU: wiring only."""
+    run_benchmark("bench_placement.py", "--target", "embedded-gpu", "--pairs", "8", "--requests", "16", "--trials",
+                  "1", "--out", str(tmp_path), timeout=600)
+    result = json.loads((tmp_path / "placement_gpu.json").read_text())
+    for key in ("device", "triton_batching_gain", "pairs_per_s_concurrency_8", "latency_ms_per_pair", "commit",
+                "config", "seed"):
+        assert key in result, key
+    assert result["clients"] == "processes" and set(result["other_clients"]) == {"threads"}
