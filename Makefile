@@ -39,9 +39,11 @@ bench: $(INSTALLED) $(PROTO_STAMP) $(TRITON_FOPA)
 	$(PY) tests/benchmarks/bench_pipeline.py
 	$(PY) tests/benchmarks/bench_evaluation.py
 
-## bench-gpu: on a machine with an NVIDIA GPU, the SD-1.5-sized attention-mask path, FOPA and RAIN (results/gpu.json)
+## bench-gpu: on a machine with an NVIDIA GPU, the SD-1.5-sized attention-mask path, FOPA and RAIN (results/gpu.json),
+## and Triton's batching gain with FOPA on the GPU (results/placement_gpu.json)
 bench-gpu: $(INSTALLED) $(PROTO_STAMP)
 	$(PY) tests/benchmarks/bench_gpu.py
+	$(PY) tests/benchmarks/bench_placement.py --target embedded-gpu
 
 ## models: retrain the shipped small models from scratch on 2 CPU cores (seeded, logged next to the weights)
 models: $(INSTALLED) $(PROTO_STAMP)
