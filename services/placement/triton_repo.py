@@ -86,29 +86,27 @@ FOPA_TENSORS: tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]] = (
     (TensorSpec("HEATMAP", "TYPE_FP32", (NUM_SCALES, HEATMAP_SIDE, HEATMAP_SIDE)),),
 )
 
-TARGET_SPECS: dict[str, TargetSpec] = {
-    "embedded": TargetSpec(
+
+def _python_backend(runtime: str, model_file: str, instance_kind: str,
+                    export: Callable[[FopaNet, Path], Path]) -> TargetSpec:
+    """A target that `triton_model.py` serves: it reads the runtime and file from the parameters."""
+    return TargetSpec(
         backend="python",
         platform=None,
-        instance_kind="KIND_CPU",
+        instance_kind=instance_kind,
         default_model_filename=None,  # the python backend's file is model.py, found by name
-        parameters=(("runtime", "onnxruntime"), ("model_file", ONNX_FILE),
+        parameters=(("runtime", runtime), ("model_file", model_file),
                     ("intra_op_threads", str(EMBEDDED_INTRA_OP_THREADS))),
-        model_file=ONNX_FILE,
-        export=export_onnx,
-    ),
-    "embedded-gpu": TargetSpec(
-        backend="python",
-        platform=None,
-        # KIND_MODEL: the model picks its device (CUDA if the host has one), so the same
-        # repository also loads on a host without a GPU, where KIND_GPU would fail
-        instance_kind="KIND_MODEL",
-        default_model_filename=None,
-        parameters=(("runtime", "torch"), ("model_file", PROGRAM_FILE),
-                    ("intra_op_threads", str(EMBEDDED_INTRA_OP_THREADS))),
-        model_file=PROGRAM_FILE,
-        export=export_program,
-    ),
+        model_file=model_file,
+        export=export,
+    )
+
+
+TARGET_SPECS: dict[str, TargetSpec] = {
+    "embedded": _python_backend("onnxruntime", ONNX_FILE, "KIND_CPU", export_onnx),
+    # KIND_MODEL: the model picks its device (CUDA if the host has one), so the same
+    # repository also loads on a host without a GPU, where KIND_GPU would fail
+    "embedded-gpu": _python_backend("torch", PROGRAM_FILE, "KIND_MODEL", export_program),
     "production": TargetSpec(
         backend="onnxruntime",
         platform="onnxruntime_onnx",

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +45,7 @@ from freemask.attention_mask.generation import MaskGenerator, class_token_positi
 from freemask.harmonization.rain import load_rain  # noqa: E402
 from freemask.placement.model import FopaHeatmap, load_fopa  # noqa: E402
 from freemask.shared.config import AttentionMaskConfig  # noqa: E402
+from results_files import git_commit, write_json  # noqa: E402
 from sd_layout import SD15, TINY, build_sd_layout, write_bpe_files  # noqa: E402
 
 RESULTS = HERE / "results"
@@ -91,11 +91,6 @@ def small_model_rates(device: torch.device, dtype: torch.dtype, batch: int, repe
         fopa_s = timed(lambda: fopa(backgrounds, foregrounds), device, repeats)
         rain_s = timed(lambda: rain(composites, masks), device, repeats)
     return {"fopa_pairs_per_s": round(batch / fopa_s, 1), "rain_images_per_s": round(batch / rain_s, 1)}
-
-
-def git_commit() -> str | None:
-    done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE, check=False)
-    return done.stdout.strip() or None
 
 
 def compiled_rates(pipe: Any, generator: MaskGenerator, device: torch.device, side: int, steps: int, batch: int,
@@ -234,8 +229,7 @@ def main() -> None:
 
 def write_result(result: dict[str, Any], out: Path | None) -> None:
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "gpu.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        write_json(out, "gpu.json", result)
 
 
 if __name__ == "__main__":

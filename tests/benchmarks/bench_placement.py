@@ -34,7 +34,6 @@ import json
 import multiprocessing
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,6 +51,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "integration"))
 
 from ports import reserve_ports  # noqa: E402
+from results_files import git_commit, write_json  # noqa: E402
 
 from freemask.placement.dataset import legal_heatmaps, render_single_object  # noqa: E402
 from freemask.placement.geometry import (  # noqa: E402
@@ -302,16 +302,6 @@ def triton_rates(target: str, arrays: list[tuple[np.ndarray, np.ndarray]], reque
     }
 
 
-def git_commit() -> str | None:
-    return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip() or None
-
-
-def write_result(out: Path, name: str, result: dict[str, Any]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / name).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(json.dumps(result, indent=2))
-
-
 def gpu_main(args: argparse.Namespace) -> None:
     """`--target embedded-gpu`: part 2 alone, on the first CUDA device."""
     if not torch.cuda.is_available() and args.out is None:
@@ -323,7 +313,7 @@ def gpu_main(args: argparse.Namespace) -> None:
     # is kept beside it); the CPU figure keeps threads, which leave the 2 cores to the server
     triton = triton_rates(args.target, model_inputs(pairs), args.requests, args.trials, ("processes", "threads"))
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    write_result(args.out or RESULTS, "placement_gpu.json", {
+    result = {
         "device": device,
         **triton,
         "pairs": len(pairs),
@@ -334,7 +324,9 @@ def gpu_main(args: argparse.Namespace) -> None:
                    "requests_per_run": args.requests, "trials": args.trials, "torch": torch.__version__,
                    "triton": "embedded tritonserver 2.51, python backend + torch.export program (KIND_MODEL)",
                    "cpus": os.cpu_count()},
-    })
+    }
+    write_json(args.out or RESULTS, "placement_gpu.json", result)
+    print(json.dumps(result, indent=2))
 
 
 def main() -> None:
@@ -364,7 +356,7 @@ def main() -> None:
 
     arrays = model_inputs(pairs)
     triton = triton_rates(args.target, arrays, args.requests, args.trials, ("threads",))
-    write_result(args.out or RESULTS, "placement.json", {
+    result = {
         "rule_rate": round(model_quality["rule_rate"], 4),
         "rule_rate_random": round(random_quality["rule_rate"], 4),
         "box_iou": round(model_quality["box_iou"], 4),
@@ -381,7 +373,9 @@ def main() -> None:
                    "max_overlap": config.placement.max_overlap, "concurrency": CONCURRENCY,
                    "requests_per_run": args.requests, "trials": args.trials, "device": "cpu",
                    "triton": "embedded tritonserver 2.51, python backend + onnxruntime", "cpus": os.cpu_count()},
-    })
+    }
+    write_json(args.out or RESULTS, "placement.json", result)
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
