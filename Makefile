@@ -31,6 +31,7 @@ faults: $(INSTALLED) $(PROTO_STAMP) $(TRITON_FOPA)
 bench: $(INSTALLED) $(PROTO_STAMP) $(TRITON_FOPA)
 	$(PY) tests/benchmarks/bench_platform.py
 	$(PY) tests/benchmarks/bench_generator.py
+	$(PY) tests/benchmarks/bench_generator.py --sampling-sweep
 	$(PY) tests/benchmarks/bench_attention_mask.py
 	$(PY) tests/benchmarks/bench_thesaurus.py
 	$(PY) tests/benchmarks/bench_placement.py

@@ -1,16 +1,25 @@
 """Generator benchmark: is the shipped small generator drawing the class and background it was asked for?
 
-    .venv/bin/python tests/benchmarks/bench_generator.py [--weights DIR] [--per-class 16]
+    .venv/bin/python tests/benchmarks/bench_generator.py [--weights DIR] [--per-class 16] [--sampling-sweep]
 
 A small CNN is trained here, in the same run, on rendered single-object world
-scenes to name the object's class and the background. It then labels images
+scenes to name the object's class and the background, and on rendered empty
+backgrounds, for which its answer is "no object". It then labels images
 the shipped generator draws from "a photo of a {class} {place}" prompts:
 recognisability of class c is the fraction of c's images it labels c;
 background accuracy is the fraction whose background it labels as prompted.
+Without the "no object" answer an empty sky had to be named a bird or an
+aeroplane, the only classes seen there, and a generator that drew nothing
+was credited for it; `no_object` reports how often each class came out empty.
 Its own accuracy on held-out rendered validation scenes is reported beside
 them, because a generated image can be no more recognisable than the judge
 is accurate. Writes tests/benchmarks/results/generator.json and the sample
 grid generator_samples.png (one row per class).
+
+With --sampling-sweep it instead draws the same prompts and seeds at each
+(guidance, eta) of SAMPLING_SWEEP, judged by one judge so the settings compare
+fairly (two judges differ by a few points on the same images), and writes
+tests/benchmarks/results/generator_sampling.json.
 """
 
 from __future__ import annotations
@@ -19,10 +28,11 @@ import argparse
 import json
 import multiprocessing
 import re
-import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,11 +45,16 @@ from freemask.world import (
     DEFAULT_WORLD,
     DRAWABLE_BACKGROUNDS,
     DRAWABLE_CLASSES,
+    SceneSpec,
     allowed_backgrounds,
     dataset,
     render_scene,
+    sample_lighting,
     sample_scene_spec,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared results_files
+from results_files import git_commit, write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SEED = 0
@@ -49,25 +64,42 @@ PLACES = {"sky": "in the sky", "sea": "on the sea", "road": "on the road", "gras
 
 
 JUDGE_SEED_TAG = 0x1D6E  # the judge's scenes are apart from the generator's training pool
+NO_OBJECT = "no object"  # the judge's answer for a picture of a background alone
+JUDGE_CLASSES = (*DRAWABLE_CLASSES, NO_OBJECT)
+EMPTY_EVERY = len(JUDGE_CLASSES)  # one scene in this many is a background alone: as common as each class
+VAL_EMPTY_SCENES = 100
+EMPTY_VAL_TAG = 0xE3  # keeps the held-out empty scenes apart from the training ones
+# (guidance scale, DDIM eta) pairs for --sampling-sweep; the first is the default
+SAMPLING_SWEEP = ((3.0, 1.0), (1.5, 1.0), (6.0, 1.0), (9.0, 1.0), (3.0, 0.0), (6.0, 0.0))
+
+
+def empty_scene(rng: np.random.Generator, image_size: int) -> SceneSpec:
+    """A background alone, with the lighting variation of a real scene."""
+    background = DRAWABLE_BACKGROUNDS[int(rng.integers(len(DRAWABLE_BACKGROUNDS)))]
+    return SceneSpec(background, (), image_size, int(rng.integers(2**31)), sample_lighting(rng))
 
 
 def _render_single(args: tuple[int, int, int, int]) -> tuple[np.ndarray, list[str], list[str]]:
     seed, start, stop, image_size = args
     images, classes, backgrounds = [], [], []
     for i in range(start, stop):
-        scene = render_scene(sample_scene_spec(np.random.default_rng([JUDGE_SEED_TAG, seed, i]), DEFAULT_WORLD,
-                                               image_size, n_objects=1))
-        if len(scene.objects) != 1:
-            continue
+        rng = np.random.default_rng([JUDGE_SEED_TAG, seed, i])
+        if i % EMPTY_EVERY == 0:
+            scene = render_scene(empty_scene(rng, image_size))
+            classes.append(NO_OBJECT)
+        else:
+            scene = render_scene(sample_scene_spec(rng, DEFAULT_WORLD, image_size, n_objects=1))
+            if len(scene.objects) != 1:
+                continue
+            classes.append(scene.objects[0].cls)
         images.append(scene.image)
-        classes.append(scene.objects[0].cls)
         backgrounds.append(scene.background)
     return np.stack(images), classes, backgrounds
 
 
 def render_pool_single(size: int, image_size: int, seed: int, workers: int = 2
                        ) -> tuple[np.ndarray, list[str], list[str]]:
-    """Single-object scenes with their class and background, rendered on `workers` processes."""
+    """Single-object scenes and empty ones, with their class and background, rendered on `workers` processes."""
     bounds = np.linspace(0, size, workers * 4 + 1).astype(int)
     jobs = [(seed, int(a), int(b), image_size) for a, b in zip(bounds[:-1], bounds[1:])]
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
@@ -77,7 +109,7 @@ def render_pool_single(size: int, image_size: int, seed: int, workers: int = 2
 
 
 class Judge(nn.Module):
-    """A small CNN with two heads: object class and background."""
+    """A small CNN with two heads: object class (or no object) and background."""
 
     def __init__(self, n_classes: int, n_backgrounds: int) -> None:
         super().__init__()
@@ -103,10 +135,10 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 def train_judge(size: int, image_size: int, minutes: float, seed: int) -> tuple[Judge, dict[str, float]]:
     images, classes, backgrounds = render_pool_single(size, image_size, seed)
     x = to_tensor(images)
-    yc = torch.tensor([DRAWABLE_CLASSES.index(c) for c in classes])
+    yc = torch.tensor([JUDGE_CLASSES.index(c) for c in classes])
     yb = torch.tensor([DRAWABLE_BACKGROUNDS.index(b) for b in backgrounds])
     torch.manual_seed(seed)
-    judge = Judge(len(DRAWABLE_CLASSES), len(DRAWABLE_BACKGROUNDS))
+    judge = Judge(len(JUDGE_CLASSES), len(DRAWABLE_BACKGROUNDS))
     opt = torch.optim.AdamW(judge.parameters(), lr=2e-3, weight_decay=1e-3)
     rng = np.random.default_rng(seed)
     start = time.perf_counter()
@@ -123,14 +155,19 @@ def train_judge(size: int, image_size: int, minutes: float, seed: int) -> tuple[
         opt.step()
         steps += 1
     judge.eval()
-    # Held-out check on the fixed validation split: single-object scenes only.
+    # Held-out check on the fixed validation split (single-object scenes only), and on
+    # empty backgrounds drawn apart from the training ones.
     val = [dataset("val", i, image_size) for i in range(500)]
     val = [s for s in val if len(s.objects) == 1]
     pc, pb = predict(judge, np.stack([s.image for s in val]))
-    acc_c = float(np.mean([DRAWABLE_CLASSES[p] == s.objects[0].cls for p, s in zip(pc, val)]))
+    acc_c = float(np.mean([JUDGE_CLASSES[p] == s.objects[0].cls for p, s in zip(pc, val)]))
     acc_b = float(np.mean([DRAWABLE_BACKGROUNDS[p] == s.background for p, s in zip(pb, val)]))
+    empty_rngs = (np.random.default_rng([JUDGE_SEED_TAG, seed, EMPTY_VAL_TAG, i]) for i in range(VAL_EMPTY_SCENES))
+    empty = np.stack([render_scene(empty_scene(rng, image_size)).image for rng in empty_rngs])
+    acc_empty = float(np.mean(predict(judge, empty)[0] == JUDGE_CLASSES.index(NO_OBJECT)))
     return judge, {"judge_val_class_accuracy": round(acc_c, 4), "judge_val_background_accuracy": round(acc_b, 4),
-                   "judge_val_scenes": len(val), "judge_steps": steps, "judge_train_images": size}
+                   "judge_val_scenes": len(val), "judge_empty_accuracy": round(acc_empty, 4),
+                   "judge_empty_scenes": VAL_EMPTY_SCENES, "judge_steps": steps, "judge_train_images": size}
 
 
 @torch.no_grad()
@@ -156,6 +193,45 @@ def prompts_for(per_class: int) -> list[tuple[str, str, str]]:
     return out
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """What the judge made of one setting's images."""
+
+    images: np.ndarray
+    recognisability: dict[str, float]  # class -> share of its images named as it
+    no_object: dict[str, float]  # class -> share of its images in which the judge saw nothing
+    background_accuracy: float
+    generation_seconds: float
+
+    def summary(self) -> dict[str, Any]:
+        return {"recognisability_mean": mean_of(self.recognisability), "per_class": self.recognisability,
+                "no_object_mean": mean_of(self.no_object), "no_object": self.no_object,
+                "background_accuracy": round(self.background_accuracy, 4)}
+
+
+def mean_of(per_class: dict[str, float]) -> float:
+    return round(float(np.mean(list(per_class.values()))), 4)
+
+
+def draw_and_judge(pipe: FreeMaskTextToImagePipeline, judge: Judge, jobs: list[tuple[str, str, str]], steps: int,
+                   guidance: float, eta: float | None = None) -> Verdict:
+    """Draw every job's prompt (seed = its index) and judge the images."""
+    t0 = time.perf_counter()
+    images = np.concatenate([
+        pipe([p for _, _, p in jobs[i:i + 64]], num_inference_steps=steps, guidance_scale=guidance, eta=eta,
+             seed=[SEED * 100_000 + j for j in range(i, min(i + 64, len(jobs)))]).images
+        for i in range(0, len(jobs), 64)])
+    seconds = time.perf_counter() - t0
+    pc, pb = predict(judge, images)
+
+    def share(cls: str, answer: str) -> float:
+        return round(float(np.mean([JUDGE_CLASSES[p] == answer for p, (c, _, _) in zip(pc, jobs) if c == cls])), 4)
+
+    return Verdict(images, {cls: share(cls, cls) for cls in DRAWABLE_CLASSES},
+                   {cls: share(cls, NO_OBJECT) for cls in DRAWABLE_CLASSES},
+                   float(np.mean([DRAWABLE_BACKGROUNDS[p] == b for p, (_, b, _) in zip(pb, jobs)])), seconds)
+
+
 def save_grid(images: np.ndarray, jobs: list[tuple[str, str, str]], per_class: int, path: Path, cols: int = 8,
               scale: int = 2) -> None:
     size = images.shape[1] * scale
@@ -179,6 +255,8 @@ def main() -> None:
     parser.add_argument("--judge-images", type=int, default=8000)
     parser.add_argument("--judge-minutes", type=float, default=3.0)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--sampling-sweep", action="store_true",
+                        help="judge every (guidance, eta) of SAMPLING_SWEEP instead; writes generator_sampling.json")
     args = parser.parse_args()
     torch.set_num_threads(2)
     started = time.perf_counter()
@@ -189,35 +267,34 @@ def main() -> None:
     print(f"judge trained: {judge_stats}", file=sys.stderr)
 
     jobs = prompts_for(args.per_class)
-    t0 = time.perf_counter()
-    images = np.concatenate([
-        pipe([p for _, _, p in jobs[i:i + 64]], num_inference_steps=args.steps, guidance_scale=args.guidance,
-             seed=[SEED * 100_000 + j for j in range(i, min(i + 64, len(jobs)))]).images
-        for i in range(0, len(jobs), 64)])
-    gen_s = time.perf_counter() - t0
-    pc, pb = predict(judge, images)
-    per_class = {cls: round(float(np.mean([DRAWABLE_CLASSES[p] == c for p, (c, _, _) in zip(pc, jobs) if c == cls])),
-                            4) for cls in DRAWABLE_CLASSES}
-    bg_acc = float(np.mean([DRAWABLE_BACKGROUNDS[p] == b for p, (_, b, _) in zip(pb, jobs)]))
+    weights = args.weights.relative_to(Path.cwd()) if args.weights.is_relative_to(Path.cwd()) else args.weights
+    if args.sampling_sweep:
+        settings = []
+        for guidance, eta in SAMPLING_SWEEP:
+            verdict = draw_and_judge(pipe, judge, jobs, args.steps, guidance, eta)
+            settings.append({"guidance_scale": guidance, "eta": eta, **verdict.summary()})
+            print(f"guidance {guidance} eta {eta}: recognisability {settings[-1]['recognisability_mean']}, "
+                  f"no object {settings[-1]['no_object_mean']}", file=sys.stderr)
+        write_json(args.out, "generator_sampling.json", {
+            "settings": settings, **judge_stats, "images_per_class": args.per_class,
+            "bench_seconds": round(time.perf_counter() - started, 1), "commit": git_commit(), "seed": SEED,
+            "config": {"weights": str(weights), "num_inference_steps": args.steps}})
+        return
+    verdict = draw_and_judge(pipe, judge, jobs, args.steps, args.guidance)
     args.out.mkdir(parents=True, exist_ok=True)
-    save_grid(images, jobs, args.per_class, args.out / "generator_samples.png")
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    save_grid(verdict.images, jobs, args.per_class, args.out / "generator_samples.png")
     unet_params = sum(p.numel() for p in pipe.unet.parameters())
     enc_params = sum(p.numel() for p in pipe.text_encoder.parameters())
     result = {
-        "recognisability_mean": round(float(np.mean(list(per_class.values()))), 4),
-        "per_class": per_class,
-        "background_accuracy": round(bg_acc, 4),
+        **verdict.summary(),
         "train_minutes": train_minutes(args.weights),
         **judge_stats,
         "images_per_class": args.per_class,
-        "generation_seconds": round(gen_s, 1),
+        "generation_seconds": round(verdict.generation_seconds, 1),
         "bench_seconds": round(time.perf_counter() - started, 1),
-        "commit": commit,
+        "commit": git_commit(),
         "seed": SEED,
-        "config": {"weights": str(args.weights.relative_to(Path.cwd()) if args.weights.is_relative_to(Path.cwd())
-                                  else args.weights),
+        "config": {"weights": str(weights),
                    "image_size": size, "num_inference_steps": args.steps, "guidance_scale": args.guidance,
                    "eta": pipe.default_eta,
                    "scheduler": type(pipe.scheduler).__name__, "prompt_template": "a photo of a {class} {place}",
@@ -227,7 +304,7 @@ def main() -> None:
                                              "up_block_types", "layers_per_block", "cross_attention_dim",
                                              "attention_head_dim")}},
     }
-    (args.out / "generator.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_json(args.out, "generator.json", result)
     print(json.dumps(result, indent=2))
 
 

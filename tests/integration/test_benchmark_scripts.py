@@ -1,7 +1,7 @@
-"""The evaluation and GPU benchmarks, and the placement benchmark's GPU mode, run end to end at
-a toy size, so they cannot rot between the rare machines that run them in full. Only their
-wiring and output are checked here: the figures themselves belong to `make bench`, never to
-a pass/fail test."""
+"""The evaluation and GPU benchmarks, the placement benchmark's GPU mode and the generator
+benchmark (both modes) run end to end at a toy size, so they cannot rot between the rare
+machines that run them in full. Only their wiring and output are checked here: the figures
+themselves belong to `make bench`, never to a pass/fail test."""
 
 from __future__ import annotations
 
@@ -55,3 +55,19 @@ def test_the_placement_gpu_mode_runs_on_cpu(tmp_path: Path) -> None:
                 "config", "seed"):
         assert key in result, key
     assert result["clients"] == "processes" and set(result["other_clients"]) == {"threads"}
+
+
+@pytest.mark.parametrize("sweep", [False, True], ids=["default", "sampling-sweep"])
+def test_the_generator_benchmark_judges_with_a_no_object_answer(tmp_path: Path, sweep: bool) -> None:
+    run_benchmark("bench_generator.py", "--per-class", "1", "--steps", "2", "--judge-images", "300",
+                  "--judge-minutes", "0.05", "--out", str(tmp_path), *(["--sampling-sweep"] if sweep else []),
+                  timeout=600)
+    result = json.loads((tmp_path / ("generator_sampling.json" if sweep else "generator.json")).read_text())
+    for key in ("judge_empty_accuracy", "commit", "config", "seed"):
+        assert key in result, key
+    verdicts = result["settings"] if sweep else [result]
+    assert len(verdicts) == (6 if sweep else 1)
+    for verdict in verdicts:
+        assert set(verdict["no_object"]) == set(verdict["per_class"]) and len(verdict["per_class"]) == 12
+        # a class's image is named as the class, as nothing, or as something else: never more than all of them
+        assert all(verdict["per_class"][c] + verdict["no_object"][c] <= 1.0 for c in verdict["per_class"])
