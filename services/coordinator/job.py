@@ -16,8 +16,7 @@ from tqdm import tqdm
 
 from freemask.coordinator.exports import export_run
 from freemask.shared.config import FreemaskConfig
-from freemask.shared.errors import Unavailable
-from freemask.shared.grpc_runtime import open_channel
+from freemask.shared.grpc_runtime import error_from_rpc, open_channel
 from freemask.shared.store import ObjectStore
 from freemask.v1 import coordinator_pb2, coordinator_pb2_grpc
 
@@ -98,7 +97,7 @@ def follow_run(config: FreemaskConfig, run_id: str, seed: int, overrides: Mappin
                                     f"{coordinator_pb2.RunState.Name(status.state)})")
                 time.sleep(1.0)
         except grpc.RpcError as err:
-            raise Unavailable(f"coordinator at {target}: {err.code().name}: {err.details()}") from None
+            raise error_from_rpc(err, f"coordinator at {target}") from None
         finally:
             for bar in (bootstrap, *stages.values(), *bars.values()):
                 bar.close()

@@ -48,8 +48,8 @@ from freemask.scoring.data import write_manifest
 from freemask.scoring.models import model_version
 from freemask.shared.bus import OutboundMessage, Publisher, Topics, make_consumer, make_producer, read_to_end
 from freemask.shared.config import BusConfig, FreemaskConfig, ServerConfig
-from freemask.shared.errors import InvalidInput, NotFound, Unavailable, shown
-from freemask.shared.grpc_runtime import open_channel
+from freemask.shared.errors import InvalidInput, NotFound, Unusable, shown
+from freemask.shared.grpc_runtime import error_from_rpc, open_channel
 from freemask.shared.keys import validate_id
 from freemask.shared.scene_steps import require_finite
 from freemask.shared.singles import validate_single_object
@@ -159,7 +159,7 @@ class ScoringClient:
         try:
             return method(request, timeout=self._timeout_s)
         except grpc.RpcError as err:
-            raise Unavailable(f"scoring service: {err.code().name}: {err.details()}") from None
+            raise error_from_rpc(err, "scoring service") from None
 
     def close(self) -> None:
         self._channel.close()
@@ -252,16 +252,19 @@ class Coordinator:
                 job_id = self._jobs.get(run_id)
                 if machine.record.phase != TRAIN or job_id is None:
                     continue
-                status = self._scoring.status(job_id)
-                if status.state == scoring_pb2.TRAIN_STATE_SUCCEEDED:
-                    manifest = self._config.coordinator.validation_manifest
-                    miou = (self._scoring.mean_iou(manifest, model_version(run_id, machine.record.round))
-                            if manifest else None)
-                    self._carry_out(machine, machine.on_trained(machine.record.round, miou))
-                elif status.state == scoring_pb2.TRAIN_STATE_FAILED:
-                    machine.on_training_failed(status.error)
-                else:
-                    continue
+                try:
+                    status = self._scoring.status(job_id)
+                    if status.state == scoring_pb2.TRAIN_STATE_SUCCEEDED:
+                        manifest = self._config.coordinator.validation_manifest
+                        miou = (self._scoring.mean_iou(manifest, model_version(run_id, machine.record.round))
+                                if manifest else None)
+                        self._carry_out(machine, machine.on_trained(machine.record.round, miou))
+                    elif status.state == scoring_pb2.TRAIN_STATE_FAILED:
+                        machine.on_training_failed(status.error)
+                    else:
+                        continue
+                except (InvalidInput, Unusable) as err:  # refused: asking again gets the same answer
+                    machine.on_training_failed(str(err))
                 self._repository.save(machine.record)
 
     def _route(self, record: Any) -> tuple[RunMachine, list[Action]] | None:
@@ -303,8 +306,11 @@ class Coordinator:
             if isinstance(action, Train):
                 if action.pairs:
                     write_manifest(self._store, action.manifest_key, action.pairs)
-                self._jobs[record.run_id] = self._scoring.train(record.run_id, action, record.settings.train_epochs,
-                                                                record.seed)
+                try:
+                    self._jobs[record.run_id] = self._scoring.train(record.run_id, action,
+                                                                    record.settings.train_epochs, record.seed)
+                except (InvalidInput, Unusable) as err:  # refused: asking again gets the same answer
+                    machine.on_training_failed(str(err))
         self._publish([OutboundMessage(a.topic, a.key, a.message) for a in actions if isinstance(a, Publish)])
 
 

@@ -57,6 +57,21 @@ def status_for(err: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def error_from_rpc(err: grpc.RpcError, peer: str) -> Exception:
+    """`status_for` read backwards, for a client: the core's error for a call to `peer` that failed.
+
+    A refusal that a retry cannot change (INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION) keeps
+    its kind, so the caller can give up at once; anything else, a peer that is down or a deadline
+    passed included, is Unavailable, which callers retry.
+    """
+    code = err.code()
+    message = f"{peer}: {code.name}: {err.details()}"
+    for error_type, error_code in _ERROR_CODES:
+        if code == error_code and error_type in (InvalidInput, NotFound, Unusable):
+            return error_type(message)
+    return Unavailable(message)
+
+
 # gRPC drops a status whose details exceed its metadata limit (about 16 KB) and answers
 # RESOURCE_EXHAUSTED instead: a message that quotes a huge input must still arrive as its own code.
 MAX_STATUS_DETAIL_CHARS = 4000

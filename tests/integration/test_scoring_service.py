@@ -32,12 +32,15 @@ import grpc
 import numpy as np
 import pytest
 
+from freemask.coordinator.rounds import Train
+from freemask.coordinator.service import ScoringClient
 from freemask.scoring.iou import sample_score
 from freemask.scoring.models import SegmenterStore
 from freemask.scoring.scorer import label_names
 from freemask.scoring.service import build
 from freemask.shared.bus import StageWorker, Topics
 from freemask.shared.config import FreemaskConfig
+from freemask.shared.errors import InvalidInput, NotFound, Unavailable
 from freemask.shared.images import encode_png
 from freemask.shared.metrics import ServiceMetrics
 from freemask.shared.runner import ServiceContext, ServiceParts
@@ -326,6 +329,27 @@ def test_bad_train_requests_are_invalid_and_write_nothing(target: str, store: Ob
     time.sleep(0.5)  # were a job started by mistake, it would have written its first files by now
     assert keys_under(store, f"models/segmenter/{run_id}/") == []
     assert keys_under(store, "models/segmenter/") == models_before
+
+
+def test_the_coordinators_client_tells_a_refusal_from_an_outage(target: str) -> None:
+    """The coordinator gives a run up on a refusal and retries an outage, so its client must not
+    report every failed call as Unavailable."""
+    client = ScoringClient(target)
+    try:
+        run_id = new_run()
+        missing = f"datasets/{run_id}/absent.jsonl"
+        with pytest.raises(InvalidInput, match="INVALID_ARGUMENT: dataset manifest .* does not exist"):
+            client.train(run_id, Train(0, missing, (), None), epochs=1, seed=0)
+        with pytest.raises(NotFound, match="train-0000000000000000"):
+            client.status("train-0000000000000000")
+    finally:
+        client.close()
+    nobody = ScoringClient("127.0.0.1:1", timeout_s=5.0)  # nothing listens on port 1
+    try:
+        with pytest.raises(Unavailable, match="UNAVAILABLE"):
+            nobody.status("train-0000000000000000")
+    finally:
+        nobody.close()
 
 
 # --- Score -----------------------------------------------------------------------------------------------------

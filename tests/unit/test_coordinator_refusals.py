@@ -1,6 +1,8 @@
 """The coordinator builds D_t and the α cut from other stages' outputs: an output it cannot use
 (keys in another sample's folder, a NaN or out-of-range score) goes to the DLQ under its sample id
-instead of into the run, and the slot is then counted as dead-lettered like any poison message."""
+instead of into the run, and the slot is then counted as dead-lettered like any poison message.
+A training request the scoring service refuses ends the run with the reason; asking again would
+get the same answer."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import pytest
 from freemask.coordinator.service import Coordinator, RunRepository, refused, validate_scored
 from freemask.shared.bus import OutboundMessage, Topics
 from freemask.shared.config import load_config
-from freemask.shared.errors import InvalidInput
+from freemask.shared.errors import InvalidInput, Unavailable
 from freemask.v1 import common_pb2, dead_letter_pb2, generate_pb2, samples_pb2
 
 from memory_store import MemoryStore
@@ -98,3 +100,39 @@ def test_a_score_in_range_passes_and_the_refusal_keeps_the_record_byte_for_byte(
     assert isinstance(letter, dead_letter_pb2.DeadLetter)
     assert samples_pb2.ScoredSample.FromString(letter.value) == scored and letter.error == "nope"
     assert letter.first_failure_time.seconds > 0 and letter.last_failure_time == letter.first_failure_time
+
+
+class RefusingScoring:
+    """A scoring service that answers Train with `error`, as ScoringClient raises it."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+        self.calls = 0
+
+    def train(self, run_id: str, action, epochs: int | None, seed: int) -> str:
+        self.calls += 1
+        raise self.error
+
+
+def finish_bootstrap(scoring) -> Coordinator:
+    store = MemoryStore()
+    published: list[OutboundMessage] = []
+    coordinator = Coordinator(load_config(environ={}), RunRepository(store), store, scoring=scoring,
+                              publish=published.extend)  # type: ignore[arg-type]
+    coordinator.start_run(RUN, seed=1, overrides={"initial_samples": "1", "rounds": "1"})
+    (request,) = [m.message for m in published if m.topic == Topics.GENERATE]
+    coordinator.handle([record(Topics.SINGLES, request.sample_id, single_for(request))])  # D_0 done: train f_0
+    return coordinator
+
+
+def test_a_training_request_the_scoring_service_refuses_fails_the_run_with_the_reason() -> None:
+    scoring = RefusingScoring(InvalidInput("scoring service: INVALID_ARGUMENT: epochs must be in [1, 1000]"))
+    coordinator = finish_bootstrap(scoring)
+    state = coordinator.record(RUN)
+    assert scoring.calls == 1 and state.phase == "failed", state.phase
+    assert "training f_0 failed" in state.error and "epochs must be in [1, 1000]" in state.error
+
+
+def test_a_scoring_service_that_is_down_leaves_the_run_to_be_retried() -> None:
+    with pytest.raises(Unavailable):
+        finish_bootstrap(RefusingScoring(Unavailable("scoring service: UNAVAILABLE: connection refused")))
