@@ -70,6 +70,9 @@ log = logging.getLogger(__name__)
 STATE_PREFIX = "coordinator/runs/"
 CONSUMER_GROUP = "coordinator"
 INPUT_TOPICS = (Topics.SINGLES, Topics.SCORED, Topics.DLQ)
+# What scoring answers to a request it will never accept: asking again gets the same answer, so the
+# run fails with the reason. Outages (Unavailable) and a forgotten job (NotFound) are retried instead.
+SCORING_REFUSALS = (InvalidInput, Unusable)
 _RUN_SETTINGS = ("rounds", "alpha", "initial_samples", "samples_per_round", "composed_fraction", "objects_to_add",
                  "train_epochs", "image_size")
 _STATES = {TRAIN: coordinator_pb2.RUN_STATE_RUNNING, GENERATE: coordinator_pb2.RUN_STATE_RUNNING,
@@ -263,7 +266,7 @@ class Coordinator:
                         machine.on_training_failed(status.error)
                     else:
                         continue
-                except (InvalidInput, Unusable) as err:  # refused: asking again gets the same answer
+                except SCORING_REFUSALS as err:
                     machine.on_training_failed(str(err))
                 self._repository.save(machine.record)
 
@@ -309,7 +312,7 @@ class Coordinator:
                 try:
                     self._jobs[record.run_id] = self._scoring.train(record.run_id, action,
                                                                     record.settings.train_epochs, record.seed)
-                except (InvalidInput, Unusable) as err:  # refused: asking again gets the same answer
+                except SCORING_REFUSALS as err:
                     machine.on_training_failed(str(err))
         self._publish([OutboundMessage(a.topic, a.key, a.message) for a in actions if isinstance(a, Publish)])
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,6 +43,9 @@ from freemask.attention_mask.refine import DEFAULT_THRESHOLDS, RefineConfig, ref
 from freemask.shared.config import AttentionMaskConfig
 from freemask.world import CLASS_NOUNS, DRAWABLE_CLASSES, allowed_backgrounds, dataset
 from freemask.world.scene import Scene
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared results_files
+from results_files import git_commit, write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SEED = 0
@@ -274,8 +276,7 @@ def main() -> None:
     generated = generated_vs_oracle(tuned, net, args.per_class, args.steps)
     overhead = capture_overhead(gen, batch=16, steps=args.steps, repeats=3)
 
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    commit = git_commit()
     result = {
         "iou_fixed_0_5": round(measured["iou_fixed_0_5"], 4),
         "iou_best_global": round(measured["iou_best_global"], 4),
@@ -302,8 +303,7 @@ def main() -> None:
                    "affinity_resolution": list(val.affinity_grid), "thresholds": list(DEFAULT_THRESHOLDS),
                    "generated_steps": args.steps, "guidance_scale": base.guidance_scale},
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "attention_mask.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_json(args.out, "attention_mask.json", result)
     print(json.dumps(result, indent=2))
 
 

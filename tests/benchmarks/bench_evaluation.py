@@ -37,7 +37,6 @@ import argparse
 import io
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -69,6 +68,7 @@ from freemask.world import IGNORE_ID, dataset, render_objects_one_by_one, render
 from freemask.world.scene import scene_with  # noqa: E402
 from in_process import InProcessPlatform  # noqa: E402
 from ports import reserve_ports  # noqa: E402
+from results_files import git_commit, write_json  # noqa: E402
 
 RESULTS = HERE / "results"
 SEED = 0
@@ -321,7 +321,7 @@ def main() -> None:
         finally:
             stack.down(progress=print)
     miou = {name: entry["miou"] for name, entry in table.items()}
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
+    commit = git_commit()
     result = {
         "miou_real": miou["real"],
         "miou_freemask": miou[FREEMASK],
@@ -345,8 +345,7 @@ def main() -> None:
                    "scoring": config.scoring.model_dump(mode="json"),
                    "num_inference_steps": config.attention_mask.num_inference_steps, "cpus": os.cpu_count()},
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_json(args.out, "evaluation.json", result)
     print(json.dumps({k: v for k, v in result.items() if k not in ("table", "config", "occlusion")}, indent=2))
 
 

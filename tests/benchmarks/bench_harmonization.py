@@ -25,7 +25,7 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -37,6 +37,9 @@ from freemask.harmonization.train import IMAGE_SIDE, lighting_pairs, scores
 from freemask.harmonization.transfer import transfer_statistics
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # the benchmarks' shared results_files
+from results_files import git_commit, write_json  # noqa: E402
+
 RESULTS = HERE / "results"
 SEED = 2026  # training uses seeds 0 (pool) and 1000 (its held-out pairs)
 
@@ -86,7 +89,7 @@ def main() -> None:
     started = time.perf_counter()
     measured = quality(args.pairs)
     throughput = {side: images_per_s(side) for side in (256, 512)}
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
+    commit = git_commit()
     result = {
         "psnr_rain": round(measured["rain"]["psnr"], 3),
         "psnr_copy_paste": round(measured["copy_paste"]["psnr"], 3),
@@ -103,8 +106,7 @@ def main() -> None:
         "config": {"weights_version": RainHarmonizer.from_directory(DEFAULT_WEIGHTS_DIR).version,
                    "pair_side": IMAGE_SIDE, "threads": 2, "device": "cpu", "cpus": os.cpu_count()},
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "harmonization.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_json(args.out, "harmonization.json", result)
     print(json.dumps(result, indent=2))
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +39,7 @@ sys.path.insert(0, str(HERE.parent / "integration"))
 
 from in_process import InProcessPlatform  # noqa: E402
 from ports import reserve_ports  # noqa: E402
+from results_files import git_commit, write_json  # noqa: E402
 
 from freemask.coordinator.job import stage_totals  # noqa: E402
 from freemask.coordinator.rounds import RunMachine, Train  # noqa: E402
@@ -140,7 +140,7 @@ def main() -> None:
         finally:
             stack.down(progress=print)
     services_rate, in_process_rate = services_scored / services_s, in_process_scored / in_process_s
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
+    commit = git_commit()
     result = {
         "samples_per_s_services": round(services_rate, 3),
         "samples_per_s_in_process": round(in_process_rate, 3),
@@ -156,8 +156,7 @@ def main() -> None:
                    "num_inference_steps": config.attention_mask.num_inference_steps, "scoring_input_size": 32,
                    "cpus": os.cpu_count()},
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "pipeline.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_json(args.out, "pipeline.json", result)
     print(json.dumps(result, indent=2))
 
 

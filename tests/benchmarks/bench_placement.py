@@ -17,7 +17,9 @@
    batching and `fopa_unbatched` without. 8 client threads send one pair per request;
    throughput with ÷ without is the batching gain. The latency is the median round
    trip of one pair sent alone to `fopa`. The ONNX model alone, in-process at batch 1
-   and 8, shows how much of a pair's cost batching could save at all.
+   and 8, shows how much of a pair's cost batching could save at all; so does the CPU
+   time per pair of the server (tritonserver and its python stubs) and of the client
+   threads in each mode, and the model's FLOPs per pair against one core's time.
 
 With `--target embedded-gpu` only part 2 runs, with the repository of that target (the
 python backend running FOPA with torch on the first CUDA device). Its headline clients
@@ -46,6 +48,7 @@ import numpy as np
 import onnxruntime
 import torch
 import tritonclient.grpc as grpcclient
+from torch.utils.flop_counter import FlopCounterMode
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "integration"))
@@ -240,11 +243,12 @@ def latency_ms(url: str, model: str, requests: list, count: int) -> float:
         client.close()
 
 
-def onnx_ms_per_pair(path: Path, requests: list[tuple[np.ndarray, np.ndarray]], batch: int, runs: int = 40) -> float:
-    """The model alone, in this process, with the embedded server's thread count: what batching can save
-    in compute (as opposed to per-request overhead)."""
+def onnx_ms_per_pair(path: Path, requests: list[tuple[np.ndarray, np.ndarray]], batch: int, runs: int = 40,
+                     threads: int = EMBEDDED_INTRA_OP_THREADS) -> float:
+    """The model alone, in this process (by default with the embedded server's thread count): what
+    batching can save in compute (as opposed to per-request overhead)."""
     options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = EMBEDDED_INTRA_OP_THREADS
+    options.intra_op_num_threads = threads
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     feeds = {"BACKGROUND": np.concatenate([bg for bg, _ in requests[:batch]]),
              "FOREGROUND": np.concatenate([fg for _, fg in requests[:batch]])}
@@ -253,6 +257,33 @@ def onnx_ms_per_pair(path: Path, requests: list[tuple[np.ndarray, np.ndarray]], 
     for _ in range(runs):
         session.run(None, feeds)
     return (time.perf_counter() - started) / runs / batch * 1000
+
+
+def process_tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of `pid` and every live descendant (tritonserver and its python stubs)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            total += process_tree_cpu_seconds(int(child))
+    return total
+
+
+def this_process_cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def model_cost(path: Path, arrays: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    """Why batching gains little on a CPU: one core's time per pair does not fall with the batch,
+    because onnxruntime already runs the convolutions near the core's arithmetic rate at batch 1."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        load_fopa().eval()(*(torch.from_numpy(array) for array in arrays[0]))
+    gflop = counter.get_total_flops() / 1e9
+    one_core = {f"batch_{batch}": onnx_ms_per_pair(path, arrays, batch, threads=1) for batch in (1, 8)}
+    return {"gflop_per_pair": round(gflop, 4),
+            "onnxruntime_one_thread_ms_per_pair": {key: round(ms, 3) for key, ms in one_core.items()},
+            "onnxruntime_one_thread_gflop_per_s": round(gflop / (one_core["batch_1"] / 1000), 1)}
 
 
 def triton_rates(target: str, arrays: list[tuple[np.ndarray, np.ndarray]], request_count: int, trials: int,
@@ -270,6 +301,7 @@ def triton_rates(target: str, arrays: list[tuple[np.ndarray, np.ndarray]], reque
         if target == "embedded":
             extra["onnxruntime_ms_per_pair"] = {f"batch_{batch}": round(onnx_ms_per_pair(model_file, arrays, batch), 3)
                                                 for batch in (1, 8)}
+            extra.update(model_cost(model_file, arrays))
         write_repository(target, repository, name="fopa_unbatched", dynamic_batching=False)
         http_port, grpc_port, metrics_port = reserve_ports(3)
         server = start_tritonserver(repository, Path(tmp) / "work", http_port, grpc_port, metrics_port,
@@ -277,25 +309,40 @@ def triton_rates(target: str, arrays: list[tuple[np.ndarray, np.ndarray]], reque
         url = f"127.0.0.1:{grpc_port}"
         try:
             rates: dict[tuple[str, str], list[float]] = {}
+            # CPU seconds per pair, of the server (tritonserver and its stubs) and of this process
+            cpu: dict[tuple[str, str, str], list[float]] = {}
             for _ in range(trials):  # interleaved, so drift hits all alike
                 for client in clients:
                     for model in ("fopa_unbatched", "fopa"):
+                        server_before, client_before = process_tree_cpu_seconds(server.pid), this_process_cpu_seconds()
                         rates.setdefault((client, model), []).append(measure[client](url, model))
+                        for side, spent in (("server", process_tree_cpu_seconds(server.pid) - server_before),
+                                            ("client", this_process_cpu_seconds() - client_before)):
+                            cpu.setdefault((client, model, side), []).append(spent / request_count)
             latency = latency_ms(url, "fopa", requests, 200)
             latency_unbatched = latency_ms(url, "fopa_unbatched", requests, 200)
         finally:
             stop_pid(server.pid)
+    modes = {"dynamic_batching": "fopa", "no_batching": "fopa_unbatched"}
+
+    def cpu_ms(client: str, side: str) -> dict[str, float]:
+        return {mode: round(1000 * statistics.median(cpu[client, model, side]), 3) for mode, model in modes.items()}
+
     by_client = {client: {"triton_batching_gain": round(statistics.median(rates[client, "fopa"])
                                                         / statistics.median(rates[client, "fopa_unbatched"]), 3),
-                          "pairs_per_s_concurrency_8": {
-                              "dynamic_batching": round(statistics.median(rates[client, "fopa"]), 1),
-                              "no_batching": round(statistics.median(rates[client, "fopa_unbatched"]), 1)}}
+                          "pairs_per_s_concurrency_8": {mode: round(statistics.median(rates[client, model]), 1)
+                                                        for mode, model in modes.items()},
+                          "server_cpu_ms_per_pair": cpu_ms(client, "server")}
                  for client in clients}
+    if "threads" in clients:  # the client threads run in this process, so its CPU time is theirs
+        by_client["threads"]["client_cpu_ms_per_pair"] = cpu_ms("threads", "client")
     headline, *others = clients
     return {
         "triton_batching_gain": by_client[headline]["triton_batching_gain"],
         "latency_ms_per_pair": round(latency, 2),
         "pairs_per_s_concurrency_8": by_client[headline]["pairs_per_s_concurrency_8"],
+        **{key: by_client[headline][key] for key in ("server_cpu_ms_per_pair", "client_cpu_ms_per_pair")
+           if key in by_client[headline]},
         "latency_ms_per_pair_no_batching": round(latency_unbatched, 2),
         **({"clients": headline, "other_clients": {client: by_client[client] for client in others}} if others else {}),
         **extra,

@@ -10,11 +10,9 @@ compare ratios from one run rather than absolute numbers across runs.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +24,7 @@ sys.path.insert(0, str(HERE.parent / "integration"))
 
 from bus_helpers import drain, produce, unique_topics  # noqa: E402
 from ports import reserve_ports  # noqa: E402
+from results_files import git_commit, write_json  # noqa: E402
 
 from freemask.shared.bus import InboundMessage, OutboundMessage, StageWorker, make_consumer  # noqa: E402
 from freemask.shared.config import BusConfig, StackConfig  # noqa: E402
@@ -90,13 +89,6 @@ def store_mb_per_s(store: ObjectStore) -> tuple[float, float]:
     return megabytes / put_s, megabytes / get_s
 
 
-def commit_id() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = reserve_ports(17)[0]
@@ -122,18 +114,17 @@ def main() -> None:
         "stage_messages_per_s": {str(batch): round(rate, 1) for batch, rate in per_batch.items()},
         "stage_batch_gain_256_vs_1": round(per_batch[256] / per_batch[1], 1),
         "store_mb_per_s": {"put_1mb": round(statistics.median(put_mb_s), 1), "get_1mb": round(statistics.median(get_mb_s), 1)},
-        "commit": commit_id(),
+        "commit": git_commit(),
         "config": {"trials": TRIALS, "stage_messages": {str(b): n for b, n in STAGE_MESSAGES.items()}, "object_bytes": OBJECT_BYTES, "objects": OBJECTS,
                    "broker": "tansu 0.6 (s3:// storage on SeaweedFS)", "store": "seaweedfs weed mini"},
         "seed": None,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
     results["config"]["session_timeout_ms"] = tuned.session_timeout_ms
-    (RESULTS / "platform.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json(RESULTS, "platform.json", results)
     lines = [
         "# Platform benchmark (`make bench`)", "",
-        f"commit `{results['commit'][:12]}`, {os.cpu_count()} CPUs, medians of {TRIALS} trials", "",
+        f"commit `{(results['commit'] or 'unknown')[:12]}`, {os.cpu_count()} CPUs, medians of {TRIALS} trials", "",
         "| measure | value |", "|---|---|",
         f"| first message after subscribing, session {tuned.session_timeout_ms} ms (ours) | {join_tuned:.2f} s |",
         f"| first message after subscribing, kafka-python default 45 s session | {join_default:.2f} s |",

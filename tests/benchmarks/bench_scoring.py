@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "integration"))
 
 from ports import reserve_ports  # noqa: E402
+from results_files import git_commit, write_json  # noqa: E402
 
 from freemask.scoring.data import write_reference_split  # noqa: E402
 from freemask.scoring.models import SegmenterStore  # noqa: E402
@@ -132,7 +132,7 @@ def main() -> None:
                         if torch.cuda.is_available() else None)
         finally:
             stack.down(progress=print)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
+    commit = git_commit()
     result = {
         "miou_real": round(evaluation.mean_iou, 4),
         "per_class": {name: round(iou, 4) for name, iou in sorted(evaluation.class_iou.items())},
@@ -149,8 +149,7 @@ def main() -> None:
                    "cuda": "not available on this machine" if gpu_rate is None else torch.cuda.get_device_name(),
                    "threads": args.threads, "cpus": os.cpu_count(), "model_parameters": parameters},
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "scoring.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_json(args.out, "scoring.json", result)
     print(json.dumps(result, indent=2))
 
 

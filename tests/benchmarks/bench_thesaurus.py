@@ -38,6 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "integration"))
 
 from ports import reserve_ports  # noqa: E402
+from results_files import git_commit, write_json  # noqa: E402
 
 from freemask.shared.config import FreemaskConfig, StackConfig, load_config  # noqa: E402
 from freemask.shared.grpc_runtime import check_health  # noqa: E402
@@ -164,7 +165,7 @@ def main() -> None:
         unfiltered = plausibility(config, served, 0.0)["plausible_rate"]
         print(f"plausibility: {json.dumps(plausible)}", file=sys.stderr)
         lookups, version = serve_and_measure(config, served, args.calls, args.threads, Path(tmp))
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
+    commit = git_commit()
     result = {
         "plausible_rate": round(plausible["plausible_rate"], 4),
         "plausible_rate_random": round(plausible["plausible_rate_random"], 4),
@@ -184,8 +185,7 @@ def main() -> None:
                    "build_corpus": f"reference world, seed {SEED + 1}, plain text file",
                    "cpus": os.cpu_count()},
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "thesaurus.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_json(args.out, "thesaurus.json", result)
     print(json.dumps(result, indent=2))
 
 

@@ -11,8 +11,11 @@ HERE = Path(__file__).resolve().parent
 
 
 def git_commit() -> str | None:
-    """HEAD of the checkout the benchmarks live in; None where the tree has no git metadata."""
-    done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE, check=False)
+    """HEAD of the checkout the benchmarks live in; None where the tree has no git metadata or no git."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE, check=False)
+    except OSError:
+        return None
     return done.stdout.strip() or None
 
 
