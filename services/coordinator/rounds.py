@@ -148,6 +148,10 @@ class RunRecord:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    def copy(self) -> RunRecord:
+        """A deep copy, sharing nothing with this record."""
+        return RunRecord.from_json(self.to_json())
+
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RunRecord:
         settings = data["settings"]

@@ -113,8 +113,8 @@ class RunRepository:
     def key(run_id: str) -> str:
         return f"{STATE_PREFIX}{validate_id(run_id, 'run id')}/state.json"
 
-    def save(self, record: RunRecord) -> None:
-        """Stamp the record's times and write it."""
+    def save(self, record: RunRecord) -> RunRecord:
+        """Stamp the record's times and write it; returns a copy of what was written."""
         now = time.time()
         record.created_at = record.created_at or now
         record.updated_at = now
@@ -122,6 +122,7 @@ class RunRepository:
             record.finished_at = now
         self._store.put_bytes(self.key(record.run_id), json.dumps(record.to_json(), sort_keys=True).encode(),
                               "application/json")
+        return record.copy()
 
     def load(self, run_id: str) -> RunRecord | None:
         try:
@@ -169,7 +170,13 @@ class ScoringClient:
 
 
 class Coordinator:
-    """The runs this process drives, their state machines, and the side effects of their actions."""
+    """The runs this process drives, their state machines, and the side effects of their actions.
+
+    One lock serialises every change to a run, and a change can wait on the broker (publish) or the
+    scoring service (train, status) for as long as their timeouts. Reads do not take it: `record`
+    answers from a copy of each run's last saved state, so a status query stays fast during an outage
+    and never sees a run halfway through a batch.
+    """
 
     def __init__(self, config: FreemaskConfig, repository: RunRepository, store: ObjectStore,
                  scoring: ScoringClient, publish: Callable[[Sequence[OutboundMessage]], None]) -> None:
@@ -180,45 +187,48 @@ class Coordinator:
         self._publish = publish
         self._machines: dict[str, RunMachine] = {}
         self._jobs: dict[str, str] = {}  # run id -> training job id of its current round
+        self._saved: dict[str, RunRecord] = {}  # run id -> copy of its last saved state, for readers
         self._lock = threading.RLock()
 
     def resume(self, already_accepted: Mapping[str, set[str]]) -> None:
-        """Load every run; an unfinished one carries on from its saved phase."""
+        """Load every run; an unfinished one carries on from its saved phase. A run this process
+        already drives (started or stopped before the loop came up) is live, not resumed: resuming it
+        would publish its bootstrap a second time."""
         with self._lock:
             for record in self._repository.all():
+                if record.run_id in self._machines:
+                    continue
                 machine = RunMachine(record)
                 self._machines[record.run_id] = machine
+                self._saved[record.run_id] = record.copy()
                 if machine.finished:
                     continue
                 for sample_id in sorted(already_accepted.get(record.run_id, set()) - set(record.accepted)):
                     record.accepted.append(sample_id)  # published just before a crash: never again
                 self._carry_out(machine, machine.training_again() if record.phase == TRAIN
                                 else machine.start() if record.phase == BOOTSTRAP else [])
-                self._repository.save(record)
+                self._save(record)
 
     def start_run(self, run_id: str, seed: int, overrides: Mapping[str, str]) -> RunRecord:
         """Start a run, or return the existing one of that id."""
         with self._lock:
             if run_id in self._machines:
-                return self._machines[run_id].record
+                return self.record(run_id)
             settings = run_settings(self._config, overrides)
             existing = self._repository.load(run_id)
             if existing is not None:
-                self._machines[run_id] = RunMachine(existing)
+                self._machines[run_id] = RunMachine(existing.copy())
+                self._saved[run_id] = existing
                 return existing
             machine = RunMachine.new(run_id, seed, settings)
             self._machines[run_id] = machine
             self._carry_out(machine, machine.start())
-            self._repository.save(machine.record)
-            return machine.record
+            return self._save(machine.record)
 
     def record(self, run_id: str) -> RunRecord:
-        """A run's state: the live one, or the saved one (a run this process has not resumed yet)."""
-        with self._lock:
-            machine = self._machines.get(validate_id(run_id, "run_id"))
-            if machine is not None:
-                return machine.record
-        saved = self._repository.load(run_id)
+        """A run's last saved state, without waiting for the lock (see the class docstring); a run
+        this process has not loaded yet is read from the store."""
+        saved = self._saved.get(validate_id(run_id, "run_id")) or self._repository.load(run_id)
         if saved is None:
             raise NotFound(f"no run {run_id!r}")
         return saved
@@ -232,8 +242,7 @@ class Coordinator:
                     raise NotFound(f"no run {run_id!r}")
                 machine = self._machines[run_id] = RunMachine(saved)
             machine.stop(reason)
-            self._repository.save(machine.record)
-            return machine.record
+            return self._save(machine.record)
 
     def handle(self, records: Sequence[Any]) -> None:
         """A polled batch of bus records: route, act (publishing first), then save the runs changed."""
@@ -246,7 +255,7 @@ class Coordinator:
                     self._carry_out(machine, actions)
                     changed.add(machine.record.run_id)
             for run_id in changed:
-                self._repository.save(self._machines[run_id].record)
+                self._save(self._machines[run_id].record)
 
     def tick(self) -> None:
         """Poll the training jobs of runs waiting on f_t."""
@@ -268,7 +277,12 @@ class Coordinator:
                         continue
                 except SCORING_REFUSALS as err:
                     machine.on_training_failed(str(err))
-                self._repository.save(machine.record)
+                self._save(machine.record)
+
+    def _save(self, record: RunRecord) -> RunRecord:
+        """Persist a run, then show readers the copy: only what is saved is ever shown."""
+        self._saved[record.run_id] = saved = self._repository.save(record)
+        return saved
 
     def _route(self, record: Any) -> tuple[RunMachine, list[Action]] | None:
         try:

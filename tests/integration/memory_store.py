@@ -1,11 +1,12 @@
 """An ObjectStore stand-in over a dict, for unit tests of cores that read and write keys.
 
-It implements the calls the cores make (stat, get_bytes, put_bytes, put_file, exists, delete)
+It implements the calls the cores make (stat, get_bytes, put_bytes, put_file, exists, delete, list)
 with the store's errors; tests that need the real S3 API use the embedded stack.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 from freemask.shared.store import ObjectInfo, ObjectNotFound, StoreError
@@ -38,3 +39,8 @@ class MemoryStore:
 
     def delete(self, key: str) -> None:
         self.objects.pop(key, None)
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        for key in sorted(self.objects):
+            if key.startswith(prefix):
+                yield self.stat(key)
