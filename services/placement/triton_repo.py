@@ -61,6 +61,10 @@ class ModelSpec:
     max_batch_size: int
     preferred_batch_sizes: tuple[int, ...]
     max_queue_delay_microseconds: int
+    # The longest a request may wait in the batcher's queue before Triton rejects it. A request can
+    # ask for less (the placement client sends its own timeout), so Triton drops what the client has
+    # given up on instead of computing it: under overload, abandoned work would only deepen the queue.
+    queue_timeout_microseconds: int
     parameters: tuple[tuple[str, str], ...]  # (key, string value), read by clients via get_model_config
     dynamic_batching: bool = True  # off only to measure what it gains (tests/benchmarks/bench_placement.py)
 
@@ -129,6 +133,7 @@ def fopa_model(version: str) -> ModelSpec:
         max_batch_size=64,
         preferred_batch_sizes=(8, 16, 32),
         max_queue_delay_microseconds=2000,
+        queue_timeout_microseconds=60_000_000,
         parameters=(("weights_version", version),),
     )
 
@@ -166,6 +171,11 @@ def render_interface(model: ModelSpec) -> str:
         parts.append("dynamic_batching {\n"
                      f"  preferred_batch_size: [ {', '.join(str(size) for size in model.preferred_batch_sizes)} ]\n"
                      f"  max_queue_delay_microseconds: {model.max_queue_delay_microseconds}\n"
+                     "  default_queue_policy {\n"
+                     "    timeout_action: REJECT\n"
+                     f"    default_timeout_microseconds: {model.queue_timeout_microseconds}\n"
+                     "    allow_timeout_override: true\n"
+                     "  }\n"
                      "}")
     return "\n".join(parts)
 
