@@ -191,13 +191,11 @@ class Coordinator:
         self._lock = threading.RLock()
 
     def resume(self, already_accepted: Mapping[str, set[str]]) -> None:
-        """Load every run; an unfinished one carries on from its saved phase. A run this process
-        already drives (started or stopped before the loop came up) is live, not resumed: resuming it
-        would publish its bootstrap a second time."""
+        """Load every run; an unfinished one carries on from its saved phase. The loop calls this
+        again after every failure, so what a failed batch changed but did not save is dropped here and
+        its actions (a Train the scoring service did not take, say) are carried out again."""
         with self._lock:
             for record in self._repository.all():
-                if record.run_id in self._machines:
-                    continue
                 machine = RunMachine(record)
                 self._machines[record.run_id] = machine
                 self._saved[record.run_id] = record.copy()
@@ -221,9 +219,11 @@ class Coordinator:
                 self._saved[run_id] = existing
                 return existing
             machine = RunMachine.new(run_id, seed, settings)
-            self._machines[run_id] = machine
             self._carry_out(machine, machine.start())
-            return self._save(machine.record)
+            saved = self._save(machine.record)
+            # Only now: a StartRun that failed to publish or save leaves no run behind, and its retry starts afresh.
+            self._machines[run_id] = machine
+            return saved
 
     def record(self, run_id: str) -> RunRecord:
         """A run's last saved state, without waiting for the lock (see the class docstring); a run

@@ -1,16 +1,19 @@
 """Calls that race the coordinator's loop. A run's status is read without the lock that serialises
 changes to runs: a change can wait on the broker or the scoring service for as long as their
 timeouts, and GetRun must not wait with it; readers see the last saved state, never a run halfway
-through a batch. A StartRun served before the loop's start-up is not bootstrapped a second time."""
+through a batch. A StartRun that fails leaves no half-started run behind."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
 
+import pytest
+
 from freemask.coordinator.service import Coordinator, RunRepository
 from freemask.shared.bus import OutboundMessage, Topics
 from freemask.shared.config import load_config
+from freemask.shared.errors import NotFound, Unavailable
 
 from memory_store import MemoryStore
 from test_coordinator_refusals import RUN, TrainingRecorder, record, single_for
@@ -69,17 +72,25 @@ def test_a_status_read_does_not_wait_for_a_publish_held_up_by_the_broker() -> No
     assert all(slot.single is None for slot in during.bootstrap), "a reader's copy changed under it"
 
 
-def test_a_run_started_before_the_loop_resumes_is_not_bootstrapped_twice() -> None:
+
+def test_a_start_that_could_not_publish_leaves_no_run_and_its_retry_starts_it() -> None:
     store = MemoryStore()
     published: list[OutboundMessage] = []
-    coordinator = Coordinator(load_config(environ={}), RunRepository(store), store, scoring=TrainingRecorder(),
-                              publish=published.extend)  # type: ignore[arg-type]
-    coordinator.start_run(RUN, seed=1, overrides={"initial_samples": "3", "rounds": "1"})  # StartRun came first
-    coordinator.resume({})  # then the loop's start-up
-    requested = [m.key for m in published if m.topic == Topics.GENERATE]
-    assert len(requested) == 3 and len(set(requested)) == 3, requested
+    broker_down = [True]
 
-    restarted = Coordinator(load_config(environ={}), RunRepository(store), store, scoring=TrainingRecorder(),
-                            publish=published.extend)  # type: ignore[arg-type]
-    restarted.resume({})  # a new process: the unfinished bootstrap is asked for again (the stage deduplicates)
-    assert [m.key for m in published if m.topic == Topics.GENERATE] == requested * 2
+    def publish(messages: Sequence[OutboundMessage]) -> None:
+        if broker_down[0]:
+            raise Unavailable("broker at 127.0.0.1:1 is unreachable")
+        published.extend(messages)
+
+    coordinator = Coordinator(load_config(environ={}), RunRepository(store), store, scoring=TrainingRecorder(),
+                              publish=publish)  # type: ignore[arg-type]
+    with pytest.raises(Unavailable):
+        coordinator.start_run(RUN, seed=1, overrides={"initial_samples": "2", "rounds": "1"})
+    with pytest.raises(NotFound):
+        coordinator.record(RUN)
+
+    broker_down[0] = False
+    started = coordinator.start_run(RUN, seed=1, overrides={"initial_samples": "2", "rounds": "1"})
+    assert started.phase == "bootstrap" and coordinator.record(RUN).run_id == RUN
+    assert len([m for m in published if m.topic == Topics.GENERATE]) == 2

@@ -134,5 +134,22 @@ def test_a_training_request_the_scoring_service_refuses_fails_the_run_with_the_r
 
 
 def test_a_scoring_service_that_is_down_leaves_the_run_to_be_retried() -> None:
+    store = MemoryStore()
+    published: list[OutboundMessage] = []
+    coordinator = Coordinator(load_config(environ={}), RunRepository(store), store,
+                              scoring=RefusingScoring(Unavailable("scoring service: UNAVAILABLE: connection refused")),
+                              publish=published.extend)  # type: ignore[arg-type]
+    coordinator.start_run(RUN, seed=1, overrides={"initial_samples": "1", "rounds": "1"})
+    (request,) = [m.message for m in published if m.topic == Topics.GENERATE]
+    delivery = record(Topics.SINGLES, request.sample_id, single_for(request))
     with pytest.raises(Unavailable):
-        finish_bootstrap(RefusingScoring(Unavailable("scoring service: UNAVAILABLE: connection refused")))
+        coordinator.handle([delivery])  # D_0 is complete: Train f_0, which the outage refuses
+    assert coordinator.record(RUN).phase == "bootstrap"  # the failed batch saved nothing
+
+    # The loop restarts on the same coordinator: a resume from the saved state, then the single
+    # (its offset never committed) is delivered again, and f_0 is asked for again.
+    coordinator._scoring = recorder = TrainingRecorder()
+    coordinator.resume({})
+    coordinator.handle([delivery])
+    assert recorder.manifests == [f"runs/{RUN}/rounds/0/dataset.jsonl"]
+    assert coordinator.record(RUN).phase == "train"
