@@ -36,8 +36,6 @@ VERSION_PARAMETER = "weights_version"
 # time, or up without the model ready (still loading, or its queue full).
 _UNREACHABLE = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.CANCELLED"}
 _MODEL_NOT_READY = {"StatusCode.NOT_FOUND", "StatusCode.RESOURCE_EXHAUSTED"}
-# What Triton answers for a request its queue policy dropped (ModelSpec.queue_timeout_microseconds)
-_QUEUE_TIMEOUT = "Request timeout expired"
 
 
 class TritonError(RuntimeError):
@@ -84,12 +82,9 @@ class TritonHeatmaps:
             tensor.set_data_from_numpy(np.ascontiguousarray(values, dtype=np.float32))
             inputs.append(tensor)
         try:
-            # `timeout` is the same limit told to Triton (in µs), so that its queue drops the request
-            # once this client has stopped waiting for it (see ModelSpec.queue_timeout_microseconds)
             result = self._client.infer(self._config.model_name, inputs,
                                         outputs=[grpcclient.InferRequestedOutput(HEATMAP_OUTPUT)],
-                                        client_timeout=self._config.timeout_s,
-                                        timeout=round(self._config.timeout_s * 1_000_000))
+                                        client_timeout=self._config.timeout_s)
         except InferenceServerException as err:
             raise self._translate(err, "inference") from None
         heatmaps = result.as_numpy(HEATMAP_OUTPUT)
@@ -125,10 +120,6 @@ class TritonHeatmaps:
         if status == "StatusCode.DEADLINE_EXCEEDED":  # maybe up but slow: name the limit it missed
             return Unavailable(f"Triton at {self.url} is unreachable: no answer within triton.timeout_s = "
                                f"{self._config.timeout_s:g} s ({doing} for model {self._config.model_name!r})")
-        if status == "StatusCode.UNAVAILABLE" and _QUEUE_TIMEOUT in message:  # up, but too busy to get to it
-            return Unavailable(f"Triton at {self.url} is overloaded: the request waited in the queue of model "
-                               f"{self._config.model_name!r} past triton.timeout_s = "
-                               f"{self._config.timeout_s:g} s and was dropped ({doing})")
         if status in _UNREACHABLE:
             return Unavailable(f"Triton at {self.url} is unreachable ({doing} for model "
                                f"{self._config.model_name!r}: {status}: {message})")

@@ -322,14 +322,12 @@ class FakeTritonClient:
         self.error = error
         self.config_reads = 0
         self.batches: list[int] = []
-        self.timeouts: list[tuple[float, int]] = []  # (client_timeout, timeout) of each infer
 
     def get_model_config(self, name: str, client_timeout: float) -> service_pb2.ModelConfigResponse:
         self.config_reads += 1
         return self.config
 
-    def infer(self, model_name: str, inputs, outputs, client_timeout: float, timeout: int):
-        self.timeouts.append((client_timeout, timeout))
+    def infer(self, model_name: str, inputs, outputs, client_timeout: float):
         if self.error is not None:
             raise self.error
         rows = inputs[0].shape()[0]
@@ -375,14 +373,6 @@ def test_triton_errors_become_the_platforms_errors(status: str, error: type[Exce
     with pytest.raises(error) as info:
         source(*inputs(1))
     assert fragment in str(info.value)
-
-
-def test_triton_is_told_when_the_client_stops_waiting_and_a_request_it_dropped_is_called_overload() -> None:
-    client = FakeTritonClient(error=InferenceServerException("Request timeout expired", status="StatusCode.UNAVAILABLE"))
-    with pytest.raises(Unavailable, match="overloaded: the request waited in the queue of model 'fopa' past "
-                                          "triton.timeout_s = 10 s and was dropped"):
-        triton(client)(*inputs(1))
-    assert client.timeouts == [(10.0, 10_000_000)]  # seconds for the client, microseconds for Triton's queue
 
 
 @pytest.mark.parametrize(("client", "fragment"), [

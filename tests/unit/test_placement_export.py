@@ -228,9 +228,6 @@ def test_all_targets_share_the_client_contract() -> None:
         ]
         assert list(config.dynamic_batching.preferred_batch_size) == [8, 16, 32]
         assert config.dynamic_batching.max_queue_delay_microseconds == 2000
-        policy = config.dynamic_batching.default_queue_policy  # what a client has given up on is not computed
-        assert policy.timeout_action == model_config_pb2.ModelQueuePolicy.REJECT
-        assert policy.allow_timeout_override and policy.default_timeout_microseconds == 60_000_000
         assert config.parameters["weights_version"].string_value == "sha256-0123456789abcdef"
         assert len(config.instance_group) == 1 and config.instance_group[0].count == 1
 
