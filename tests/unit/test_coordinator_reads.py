@@ -72,7 +72,6 @@ def test_a_status_read_does_not_wait_for_a_publish_held_up_by_the_broker() -> No
     assert all(slot.single is None for slot in during.bootstrap), "a reader's copy changed under it"
 
 
-
 def test_a_start_that_could_not_publish_leaves_no_run_and_its_retry_starts_it() -> None:
     store = MemoryStore()
     published: list[OutboundMessage] = []
