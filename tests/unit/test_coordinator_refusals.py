@@ -114,14 +114,20 @@ class RefusingScoring:
         raise self.error
 
 
-def finish_bootstrap(scoring) -> Coordinator:
+def one_sample_run(scoring) -> tuple[Coordinator, SimpleNamespace]:
+    """A run of one bootstrap sample on `scoring`, and the delivery of that sample's single."""
     store = MemoryStore()
     published: list[OutboundMessage] = []
     coordinator = Coordinator(load_config(environ={}), RunRepository(store), store, scoring=scoring,
                               publish=published.extend)  # type: ignore[arg-type]
     coordinator.start_run(RUN, seed=1, overrides={"initial_samples": "1", "rounds": "1"})
     (request,) = [m.message for m in published if m.topic == Topics.GENERATE]
-    coordinator.handle([record(Topics.SINGLES, request.sample_id, single_for(request))])  # D_0 done: train f_0
+    return coordinator, record(Topics.SINGLES, request.sample_id, single_for(request))
+
+
+def finish_bootstrap(scoring) -> Coordinator:
+    coordinator, delivery = one_sample_run(scoring)
+    coordinator.handle([delivery])  # D_0 done: train f_0
     return coordinator
 
 
@@ -134,14 +140,8 @@ def test_a_training_request_the_scoring_service_refuses_fails_the_run_with_the_r
 
 
 def test_a_scoring_service_that_is_down_leaves_the_run_to_be_retried() -> None:
-    store = MemoryStore()
-    published: list[OutboundMessage] = []
-    coordinator = Coordinator(load_config(environ={}), RunRepository(store), store,
-                              scoring=RefusingScoring(Unavailable("scoring service: UNAVAILABLE: connection refused")),
-                              publish=published.extend)  # type: ignore[arg-type]
-    coordinator.start_run(RUN, seed=1, overrides={"initial_samples": "1", "rounds": "1"})
-    (request,) = [m.message for m in published if m.topic == Topics.GENERATE]
-    delivery = record(Topics.SINGLES, request.sample_id, single_for(request))
+    outage = Unavailable("scoring service: UNAVAILABLE: connection refused")
+    coordinator, delivery = one_sample_run(RefusingScoring(outage))
     with pytest.raises(Unavailable):
         coordinator.handle([delivery])  # D_0 is complete: Train f_0, which the outage refuses
     assert coordinator.record(RUN).phase == "bootstrap"  # the failed batch saved nothing
