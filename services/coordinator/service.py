@@ -120,9 +120,10 @@ class RunRepository:
         record.updated_at = now
         if record.finished and record.finished_at is None:
             record.finished_at = now
-        self._store.put_bytes(self.key(record.run_id), json.dumps(record.to_json(), sort_keys=True).encode(),
+        document = record.to_json()  # a deep copy: the returned record shares nothing with `record`
+        self._store.put_bytes(self.key(record.run_id), json.dumps(document, sort_keys=True).encode(),
                               "application/json")
-        return record.copy()
+        return RunRecord.from_json(document)
 
     def load(self, run_id: str) -> RunRecord | None:
         try:
