@@ -16,8 +16,8 @@ Why the choices below:
   count, never a per-step list: cross-attention costs ``batch × tokens × h × w`` floats per
   resolution, self-attention ``batch × (h·w)²`` per *requested* resolution (16×16 → 256 KiB
   per sample, 32×32 → 4 MiB, 64×64 → 64 MiB; request the coarse ones). Self-attention
-  probabilities are built one head at a time, so the transient peak is two ``(h·w)²``
-  matrices per sample, not one per head.
+  probabilities are built a group of heads at a time, so the transient peak stays under
+  ``SELF_ATTENTION_CHUNK_BYTES`` however large the batch.
 - **Classifier-free guidance.** diffusers pipelines run the UNet on
   ``torch.cat([negative_prompt_embeds, prompt_embeds])``: the unconditional half first, the
   conditional half second. With ``classifier_free_guidance=True`` the store keeps rows
@@ -71,7 +71,12 @@ class AttentionStore:
     ``(batch, h·w, h·w)`` per requested resolution; both are averaged over heads before they
     are added, and counted in layer-calls, so ``count == layers at that resolution × steps``.
     ``enabled`` can be switched off between UNet calls to skip steps (e.g. capture only the
-    late, low-noise steps) at no cost.
+    late, low-noise steps) at no cost; not under ``graphed_unet``, whose replays repeat the
+    captured step whatever ``enabled`` says.
+
+    Everything a layer-call changes lives on the sums' device, the layer-call counters
+    included: a step replayed from a CUDA graph (``cuda_graphs.graphed_unet``) runs none of
+    this Python, yet updates the store exactly as an eager step does.
     """
 
     def __init__(
@@ -104,10 +109,10 @@ class AttentionStore:
         self.latent_size: Resolution | None = None
         self.steps = 0
         self.cross_sums: dict[Resolution, torch.Tensor] = {}
-        self.cross_counts: dict[Resolution, int] = {}
+        self.cross_calls: dict[Resolution, torch.Tensor] = {}  # 0-d layer-call counters on the sums' device
         self.cross_layers: dict[Resolution, set[str]] = {}
         self.self_sums: dict[Resolution, torch.Tensor] = {}
-        self.self_counts: dict[Resolution, int] = {}
+        self.self_calls: dict[Resolution, torch.Tensor] = {}
 
     @staticmethod
     def _as_resolution(value: int | Resolution) -> Resolution:
@@ -120,7 +125,7 @@ class AttentionStore:
         """Forget everything captured, keep the configuration (reuse across generations)."""
         self.steps = 0
         self.latent_size = None
-        for table in (self.cross_sums, self.cross_counts, self.cross_layers, self.self_sums, self.self_counts):
+        for table in (self.cross_sums, self.cross_calls, self.cross_layers, self.self_sums, self.self_calls):
             table.clear()
 
     # -- what the processors call -------------------------------------------------------
@@ -166,21 +171,22 @@ class AttentionStore:
 
     def add_cross(self, layer: str, resolution: Resolution, maps: torch.Tensor) -> None:
         """Add one layer-call's ``(batch, tokens, h, w)`` head-averaged maps."""
-        self._accumulate(self.cross_sums, self.cross_counts, resolution, maps)
+        self._accumulate(self.cross_sums, self.cross_calls, resolution, maps)
         self.cross_layers.setdefault(resolution, set()).add(layer)
 
     def add_self(self, resolution: Resolution, affinity: torch.Tensor) -> None:
         """Add one layer-call's ``(batch, h·w, h·w)`` head-averaged self-attention."""
-        self._accumulate(self.self_sums, self.self_counts, resolution, affinity)
+        self._accumulate(self.self_sums, self.self_calls, resolution, affinity)
 
     @staticmethod
     def _accumulate(
-        sums: dict[Resolution, torch.Tensor], counts: dict[Resolution, int], resolution: Resolution, value: torch.Tensor
+        sums: dict[Resolution, torch.Tensor], calls: dict[Resolution, torch.Tensor], resolution: Resolution,
+        value: torch.Tensor
     ) -> None:
         total = sums.get(resolution)
         if total is None:
             sums[resolution] = value.detach().float().clone()
-            counts[resolution] = 1
+            calls[resolution] = torch.ones((), device=value.device)
             return
         if total.shape != value.shape:
             raise InvalidInput(
@@ -188,7 +194,7 @@ class AttentionStore:
                 " reset() the store between generations of different batch sizes"
             )
         total.add_(value.detach().float())
-        counts[resolution] += 1
+        calls[resolution].add_(1)
 
     def on_unet_forward(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Forward pre-hook of the UNet: count a denoising step and note the latent size."""
@@ -202,11 +208,21 @@ class AttentionStore:
 
     def cross_attention_means(self) -> dict[Resolution, torch.Tensor]:
         """Eq. 2's per-resolution mean over layers and steps: ``(batch, tokens, h, w)``."""
-        return {res: total / self.cross_counts[res] for res, total in self.cross_sums.items()}
+        return {res: total / self.cross_calls[res] for res, total in self.cross_sums.items()}
 
     def self_attention_means(self) -> dict[Resolution, torch.Tensor]:
         """Mean self-attention per requested resolution: ``(batch, h·w, h·w)``, rows sum to 1."""
-        return {res: total / self.self_counts[res] for res, total in self.self_sums.items()}
+        return {res: total / self.self_calls[res] for res, total in self.self_sums.items()}
+
+    @property
+    def cross_counts(self) -> dict[Resolution, int]:
+        """Layer-calls added per cross-attention resolution (read back from the device: a sync)."""
+        return {res: int(calls) for res, calls in self.cross_calls.items()}
+
+    @property
+    def self_counts(self) -> dict[Resolution, int]:
+        """Layer-calls added per self-attention resolution (read back from the device: a sync)."""
+        return {res: int(calls) for res, calls in self.self_calls.items()}
 
 
 class CaptureAttnProcessor:

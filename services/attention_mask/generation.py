@@ -20,6 +20,7 @@ import json
 import re
 import threading
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from freemask.attention_mask.affinity import (
 )
 from freemask.attention_mask.aggregate import Resolution, soft_maps
 from freemask.attention_mask.capture import AttentionStore, capture_attention
+from freemask.attention_mask.cuda_graphs import graphed_unet
 from freemask.attention_mask.generator import WEIGHTS_DIR, FreeMaskTextToImagePipeline, token_words
 from freemask.attention_mask.refine import RefineConfig, refine
 from freemask.shared.config import AttentionMaskConfig
@@ -259,6 +261,10 @@ class MaskGenerator:
             return learned_affinities(self.affinity_head, images, grid)
         return store.self_attention_means()[grid].float()
 
+    def step_graphs(self) -> AbstractContextManager[object]:
+        """Where the config asks for it, the denoising steps of the block replay from CUDA graphs."""
+        return graphed_unet(self.pipe.unet) if self.config.cuda_graphs else nullcontext()
+
     def _check_size(self, height: int, width: int) -> None:
         """The UNet halves its grid three times, so the latent side must divide by 8."""
         if height % (self.latent_scale * 8) or width % (self.latent_scale * 8):
@@ -344,7 +350,8 @@ class MaskGenerator:
         generators = [torch.Generator(device).manual_seed(p.seed) for p in prompts]
         with self._unet_lock, capture_attention(self.pipe.unet, [list(pos) for pos in positions],
                                                 self_attention_resolutions=self.self_attention_grids(affinity_grid),
-                                                classifier_free_guidance=first.guidance_scale > 1.0) as store:
+                                                classifier_free_guidance=first.guidance_scale > 1.0) as store, \
+                self.step_graphs():
             images = self.pipe([p.prompt for p in prompts], height=height, width=width,
                                num_inference_steps=first.num_inference_steps, guidance_scale=first.guidance_scale,
                                generator=generators, output_type="pt").images

@@ -240,6 +240,9 @@ class AttentionMaskConfig(_Frozen):
     num_inference_steps: int = Field(50, ge=1, le=1000)
     guidance_scale: float = Field(3.0, ge=0.0, le=30.0)
     max_batch: int = Field(16, ge=1, description="prompts per diffusion pass")
+    # On a GPU, replay each denoising step from a CUDA graph (attention_mask/cuda_graphs.py):
+    # at small batches an eager step is bound by its kernel launches. No effect on a CPU.
+    cuda_graphs: bool = True
     # Where the random walk's affinity comes from: "learned", an AffinityNet head on the
     # generated image (`affinity_weights`, unset = the head shipped for the small
     # generator, trained on the reference world), or "self_attention", the UNet's own

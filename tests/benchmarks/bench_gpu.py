@@ -9,8 +9,11 @@ weights. Measured, at 512 x 512, with classifier-free guidance:
 
 - `images_per_s[b]`: MaskGenerator.generate at batch b (diffusion with the capture
   processors, soft maps and the affinity refinement), and the same pipeline call without
-  capture (`plain_images_per_s`); `capture_overhead` = captured time / plain time at the
-  largest batch (target <= 1.10);
+  capture (`plain_images_per_s`), both with the denoising steps replayed from CUDA graphs
+  (`attention_mask.cuda_graphs`, the service's default); `capture_overhead` = captured
+  time / plain time at the largest batch (target <= 1.10);
+- `eager`: the same figures with every step launched eagerly, and `graphs_vs_eager[b]`:
+  how far the replayed pass's images, soft maps and masks are from the eager pass's;
 - `latency_50_steps_s`: one image, 50 steps, batch 1, with capture (ONNX Runtime's optimised
   SD 1.5 pipeline is reported at 0.572 s on an H100-80GB);
 - `flops_fraction[b]`: FLOPs of the plain pipeline call (torch.utils.flop_counter) per second
@@ -34,6 +37,7 @@ from collections.abc import Callable
 from typing import Any
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -41,7 +45,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "integration"))
 
 from freemask.attention_mask.capture import capture_attention  # noqa: E402
-from freemask.attention_mask.generation import MaskGenerator, class_token_positions  # noqa: E402
+from freemask.attention_mask.generation import GeneratedObject, MaskGenerator, class_token_positions  # noqa: E402
 from freemask.harmonization.rain import load_rain  # noqa: E402
 from freemask.placement.model import FopaHeatmap, load_fopa  # noqa: E402
 from freemask.shared.config import AttentionMaskConfig  # noqa: E402
@@ -55,22 +59,35 @@ WORDS = ("a", "photo", "of", "dog", "on", "the", "grass")
 GUIDANCE = 7.5
 # Dense tensor-core peaks (no sparsity) from NVIDIA's data sheets, FLOP/s, by a substring of
 # torch.cuda.get_device_name(); fp16 and bf16 are the same on these cards.
+# How the denoising steps are launched: replayed from CUDA graphs (the service's default) or one kernel at a time.
+MODES = ("cuda_graphs", "eager")
 PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12}
 
 
-def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Median seconds of `repeats` calls, after one warm-up call."""
-    fn()
+def timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[float, Any]:
+    """Median seconds of `repeats` calls, after one warm-up call, and the last call's result."""
+    result = fn()
     seconds = []
     for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        fn()
+        result = fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - start)
-    return sorted(seconds)[len(seconds) // 2]
+    return sorted(seconds)[len(seconds) // 2], result
+
+
+def output_difference(eager: list[GeneratedObject], graphed: list[GeneratedObject]) -> dict[str, float]:
+    """How far a pass with replayed steps is from the eager pass: pixels, soft maps, masks."""
+    return {
+        "image_max_abs_diff": max(int(np.abs(a.image.astype(int) - b.image.astype(int)).max())
+                                  for a, b in zip(eager, graphed)),
+        "soft_map_max_abs_diff": round(max(float(np.abs(a.soft_map - b.soft_map).max())
+                                           for a, b in zip(eager, graphed)), 6),
+        "mask_agreement": round(min(float((a.mask == b.mask).mean()) for a, b in zip(eager, graphed)), 6),
+    }
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -88,8 +105,8 @@ def small_model_rates(device: torch.device, dtype: torch.dtype, batch: int, repe
     composites = torch.rand(batch, 3, 64, 64, device=device, dtype=dtype) * 2 - 1
     masks = (torch.rand(batch, 1, 64, 64, device=device) > 0.7).to(dtype)
     with torch.inference_mode():
-        fopa_s = timed(lambda: fopa(backgrounds, foregrounds), device, repeats)
-        rain_s = timed(lambda: rain(composites, masks), device, repeats)
+        fopa_s, _ = timed(lambda: fopa(backgrounds, foregrounds), device, repeats)
+        rain_s, _ = timed(lambda: rain(composites, masks), device, repeats)
     return {"fopa_pairs_per_s": round(batch / fopa_s, 1), "rain_images_per_s": round(batch / rain_s, 1)}
 
 
@@ -108,11 +125,11 @@ def compiled_rates(pipe: Any, generator: MaskGenerator, device: torch.device, si
                         guidance_scale=GUIDANCE, generator=seeds, output_type="pt").images
 
         return {
-            "latency_50_steps_s": round(timed(lambda: generator.generate(single), device, repeats), 4),
-            "plain_latency_50_steps_s": round(timed(lambda: plain(1, 50), device, repeats), 4),
+            "latency_50_steps_s": round(timed(lambda: generator.generate(single), device, repeats)[0], 4),
+            "plain_latency_50_steps_s": round(timed(lambda: plain(1, 50), device, repeats)[0], 4),
             "batch": batch,
-            "images_per_s": round(batch / timed(lambda: generator.generate(prompts), device, repeats), 3),
-            "plain_images_per_s": round(batch / timed(lambda: plain(batch, steps), device, repeats), 3),
+            "images_per_s": round(batch / timed(lambda: generator.generate(prompts), device, repeats)[0], 3),
+            "plain_images_per_s": round(batch / timed(lambda: plain(batch, steps), device, repeats)[0], 3),
         }
     except Exception as error:  # a benchmark of an optional mode: record why it failed, keep the eager figures
         return {"error": f"{type(error).__name__}: {error}"[:2000]}
@@ -156,49 +173,66 @@ def main() -> None:
     config = AttentionMaskConfig(num_inference_steps=args.steps, guidance_scale=GUIDANCE,
                                  max_batch=max(args.batches), device=device.type, affinity="self_attention",
                                  refine_iterations=8, refine_cut="attention", refine_reference_threshold=0.8)
-    generator = MaskGenerator(pipe, config, "random-" + ("tiny" if args.smoke else "sd15"))
+    generators = {mode: MaskGenerator(pipe, config.model_copy(update={"cuda_graphs": mode == "cuda_graphs"}),
+                                      "random-" + ("tiny" if args.smoke else "sd15"))
+                  for mode in MODES}
+    generator = generators["cuda_graphs"]
     side = shape.image_side
     peak = peak_flops(device)
-    plain_rate, captured_rate, overhead, flops_fraction, flops_per_image = {}, {}, {}, {}, {}
-    capture_only_overhead = {}
+    rates: dict[str, dict[str, dict[int, float]]] = {mode: {"plain": {}, "captured": {}} for mode in MODES}
+    flops_fraction, flops_per_image, capture_only_overhead, graphs_vs_eager = {}, {}, {}, {}
     dog = list(class_token_positions(pipe.tokenizer, PROMPT, "dog"))
     for batch in args.batches:
         prompts = [generator.prompt_for(PROMPT, "dog", seed=SEED + i) for i in range(batch)]
 
-        def plain() -> object:
+        def plain(mode: str) -> object:
             seeds = [torch.Generator(device).manual_seed(p.seed) for p in prompts]
-            return pipe([PROMPT] * batch, height=side, width=side, num_inference_steps=args.steps,
-                        guidance_scale=GUIDANCE, generator=seeds, output_type="pt").images
+            with generators[mode].step_graphs():
+                return pipe([PROMPT] * batch, height=side, width=side, num_inference_steps=args.steps,
+                            guidance_scale=GUIDANCE, generator=seeds, output_type="pt").images
 
         def capture_only() -> object:
             with capture_attention(pipe.unet, [dog] * batch, classifier_free_guidance=True,
                                    self_attention_resolutions=[generator.affinity_resolution(side, side)]):
-                return plain()
+                return plain("cuda_graphs")
 
-        plain_s = timed(plain, device, args.repeats)
-        capture_only_overhead[batch] = round(timed(capture_only, device, args.repeats) / plain_s, 3)
-        captured_s = timed(lambda: generator.generate(prompts), device, args.repeats)
-        with FlopCounterMode(display=False) as counter:
-            plain()
+        outputs = {}
+        for mode in MODES:
+            plain_s, _ = timed(lambda: plain(mode), device, args.repeats)
+            captured_s, outputs[mode] = timed(lambda: generators[mode].generate(prompts), device, args.repeats)
+            rates[mode]["plain"][batch], rates[mode]["captured"][batch] = batch / plain_s, batch / captured_s
+        capture_only_s, _ = timed(capture_only, device, args.repeats)
+        capture_only_overhead[batch] = round(rates["cuda_graphs"]["plain"][batch] * capture_only_s / batch, 3)
+        graphs_vs_eager[batch] = output_difference(outputs["eager"], outputs["cuda_graphs"])
+        with FlopCounterMode(display=False) as counter:  # counted eagerly: a replayed graph dispatches no ops
+            plain("eager")
         flops = counter.get_total_flops()
-        plain_rate[batch] = round(batch / plain_s, 3)
-        captured_rate[batch] = round(batch / captured_s, 3)
-        overhead[batch] = round(captured_s / plain_s, 3)
+        fastest = max(rates[mode]["plain"][batch] for mode in MODES)
         flops_per_image[batch] = flops / batch
-        flops_fraction[batch] = round(flops / plain_s / peak, 3) if peak else None
-        print(f"batch {batch}: {captured_rate[batch]} images/s with capture, {plain_rate[batch]} without "
-              f"(x{overhead[batch]}; capture alone x{capture_only_overhead[batch]}), {flops / plain_s / 1e12:.1f} TFLOP/s", flush=True)
+        flops_fraction[batch] = round(flops * fastest / batch / peak, 3) if peak else None
+        print(f"batch {batch}: " + "; ".join(
+            f"{mode} {rates[mode]['captured'][batch]:.3f} images/s with capture, {rates[mode]['plain'][batch]:.3f} "
+            f"without" for mode in MODES) + f"; capture alone x{capture_only_overhead[batch]}, "
+            f"{flops * fastest / batch / 1e12:.1f} TFLOP/s; graphs vs eager {graphs_vs_eager[batch]}", flush=True)
+    overhead = {mode: {b: round(rates[mode]["plain"][b] / rates[mode]["captured"][b], 3) for b in args.batches}
+                for mode in MODES}
+    rounded = {mode: {kind: {b: round(rate, 3) for b, rate in by_batch.items()} for kind, by_batch in kinds.items()}
+               for mode, kinds in rates.items()}
     single = [generator.prompt_for(PROMPT, "dog", seed=SEED, num_inference_steps=50)]
-    latency = timed(lambda: generator.generate(single), device, args.repeats)
+    latency = {mode: round(timed(lambda: generators[mode].generate(single), device, args.repeats)[0], 4)
+               for mode in MODES}
     small = small_model_rates(device, dtype, 64, args.repeats)
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke run)",
-        "capture_overhead": overhead[max(args.batches)],
-        "images_per_s": captured_rate,
-        "plain_images_per_s": plain_rate,
-        "capture_overhead_by_batch": overhead,
+        "capture_overhead": overhead["cuda_graphs"][max(args.batches)],
+        "images_per_s": rounded["cuda_graphs"]["captured"],
+        "plain_images_per_s": rounded["cuda_graphs"]["plain"],
+        "capture_overhead_by_batch": overhead["cuda_graphs"],
         "capture_only_overhead": capture_only_overhead,
-        "latency_50_steps_s": round(latency, 4),
+        "latency_50_steps_s": latency["cuda_graphs"],
+        "eager": {"images_per_s": rounded["eager"]["captured"], "plain_images_per_s": rounded["eager"]["plain"],
+                  "capture_overhead_by_batch": overhead["eager"], "latency_50_steps_s": latency["eager"]},
+        "graphs_vs_eager": graphs_vs_eager,
         "flops_fraction": flops_fraction,
         "gflops_per_image": {b: round(f / 1e9, 3) for b, f in flops_per_image.items()},
         "peak_flops": peak,
@@ -214,15 +248,16 @@ def main() -> None:
     out = args.out or (None if args.smoke else RESULTS)
     write_result(result, out)
     if args.compile:  # written again with it: a compile that runs out of time leaves the eager figures on disk
-        result["compiled"] = compiled_rates(pipe, generator, device, side, args.steps, max(args.batches), args.repeats)
+        result["compiled"] = compiled_rates(pipe, generators["eager"], device, side, args.steps, max(args.batches),
+                                            args.repeats)
         result["bench_seconds"] = round(time.perf_counter() - started, 1)
         write_result(result, out)
     print(json.dumps(result, indent=2))
-    if args.profile:
+    if args.profile:  # eagerly: the operator table needs each op dispatched, which a replayed graph is not
         batch = max(args.batches)
         prompts = [generator.prompt_for(PROMPT, "dog", seed=SEED + i) for i in range(batch)]
         with torch.profiler.profile() as profiler:
-            generator.generate(prompts)
+            generators["eager"].generate(prompts)
         sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         print(profiler.key_averages().table(sort_by=sort_by, row_limit=30, max_name_column_width=60))
 
