@@ -80,21 +80,14 @@ class GraphedStep:
         inputs = (sample.clone(), timestep.clone(), encoder_hidden_states.clone())
         try:
             graph = torch.cuda.CUDAGraph()
-            # Recorded on a side stream (the default stream cannot record) that first waits for the
-            # inputs. Not through torch.cuda.graph(), which empties the allocator's cache before each
-            # recording: with one recording per pass, every pass would then allocate from scratch.
-            current = torch.cuda.current_stream(sample.device)
-            side = torch.cuda.Stream(sample.device)
-            side.wait_stream(current)
-            with torch.cuda.stream(side):
-                # thread_local: CUDA work that another thread of the service launches meanwhile
-                # cannot spoil the recording.
-                graph.capture_begin(capture_error_mode="thread_local")
-                try:
-                    output = self._eager_forward(*inputs, return_dict=False)[0]
-                finally:
-                    graph.capture_end()
-            current.wait_stream(side)
+            # torch.cuda.graph() empties the allocator's cache before it records, and that is what
+            # hands back the memory of the graphs earlier passes recorded: an allocation that fails
+            # while recording never frees cached memory (seen on an H100 without it: by bench_gpu's
+            # 16-image passes, 56 GiB sat in the pools of graphs already dropped, and recording failed).
+            # thread_local: CUDA work that another thread of the service launches meanwhile
+            # cannot spoil the recording.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                output = self._eager_forward(*inputs, return_dict=False)[0]
         except Exception as error:  # noqa: BLE001 - any failure to record means: run this block eagerly
             self.failure = f"{type(error).__name__}: {error}"
             log.warning("the UNet step could not be recorded as a CUDA graph; running it eagerly: %s", self.failure)
