@@ -363,7 +363,9 @@ class MaskGenerator:
         fused = soft_maps({res: level.float() for res, level in cross.items()},
                           store.token_mask, (height, width))
         fused_host = fused.cpu().numpy().astype(np.float32)
-        pixels = (images.permute(0, 2, 3, 1).cpu().numpy() * 255.0).round().astype(np.uint8)
+        # Rounded to bytes before the copy: a quarter of the bytes cross to the host, and the
+        # host does no per-pixel arithmetic (float32 × 255 and round-half-even, as numpy does).
+        pixels = (images * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
         out = []
         for i, p in enumerate(prompts):
             refined = refine(fused[i], affinity[i], affinity_grid, self.refine_config)

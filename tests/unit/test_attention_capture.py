@@ -19,6 +19,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from freemask.attention_mask.aggregate import (
     attention_probabilities,
     average_maps,
+    float32_scores,
     fuse_resolutions,
     merge_token_maps,
     normalize_unit,
@@ -102,6 +103,20 @@ def test_eq2_averages_over_layers_and_steps() -> None:
     assert store.cross_counts[(2, 2)] == 3
     assert torch.equal(store.cross_attention_means()[(2, 2)], torch.full((1, 1, 2, 2), 3.0))
     assert torch.equal(average_maps(torch.full((2, 2), 9.0), 3), torch.full((2, 2), 3.0))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core path needs an NVIDIA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_scores_on_a_gpu_are_the_float32_product(dtype: torch.dtype) -> None:
+    generator = torch.Generator().manual_seed(7)
+    # (batch, tokens, heads, d) seen as (batch, heads, tokens, d), strided as the capture processors pass it
+    query = torch.randn(2, 64, 3, 40, generator=generator).to("cuda", dtype).transpose(1, 2)
+    key = torch.randn(2, 3, 77, 40, generator=generator).to("cuda", dtype)
+    expected = (query.double() @ key.double().transpose(-1, -2)).float()
+    scores = float32_scores(query, key)
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(attention_probabilities(query, key), (expected * 40**-0.5).softmax(dim=-1))
 
 
 def test_upsampling_a_2x2_map_to_4x4_is_torch_bilinear_interpolation() -> None:
