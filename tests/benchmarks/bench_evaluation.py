@@ -268,8 +268,8 @@ def main() -> None:
     parser.add_argument("--initial", type=int, default=40, help="|D_0|: single objects generated first")
     parser.add_argument("--per-round", type=int, default=48, help="|D'_t|: slots per round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of Algorithm 1")
-    parser.add_argument("--round-epochs", type=int, default=80, help="epochs of each round's f_t")
-    parser.add_argument("--epochs", type=int, default=150, help="epochs of every table entry's segmenter")
+    parser.add_argument("--round-epochs", type=int, default=60, help="epochs of each round's f_t")
+    parser.add_argument("--epochs", type=int, default=100, help="epochs of every table entry's segmenter")
     parser.add_argument("--val", type=int, default=200, help="reference validation scenes")
     parser.add_argument("--occlusion-scenes", type=int, default=40,
                         help="scenes with occlusion for the label-accuracy comparison (and as many to tune on)")

@@ -90,6 +90,7 @@ def store_mb_per_s(store: ObjectStore) -> tuple[float, float]:
 
 
 def main() -> None:
+    started = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
         base = reserve_ports(17)[0]
         stack = EmbeddedStack(StackConfig(data_dir=Path(tmp), s3_port=base, kafka_port=base + 1,
@@ -118,6 +119,7 @@ def main() -> None:
         "config": {"trials": TRIALS, "stage_messages": {str(b): n for b, n in STAGE_MESSAGES.items()}, "object_bytes": OBJECT_BYTES, "objects": OBJECTS,
                    "broker": "tansu 0.6 (s3:// storage on SeaweedFS)", "store": "seaweedfs weed mini"},
         "seed": None,
+        "bench_seconds": round(time.monotonic() - started, 1),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
     }
     results["config"]["session_timeout_ms"] = tuned.session_timeout_ms
