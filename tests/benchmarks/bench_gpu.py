@@ -57,10 +57,10 @@ SEED = 0
 PROMPT = "a photo of a dog on the grass"
 WORDS = ("a", "photo", "of", "dog", "on", "the", "grass")
 GUIDANCE = 7.5
-# Dense tensor-core peaks (no sparsity) from NVIDIA's data sheets, FLOP/s, by a substring of
-# torch.cuda.get_device_name(); fp16 and bf16 are the same on these cards.
 # How the denoising steps are launched: replayed from CUDA graphs (the service's default) or one kernel at a time.
 MODES = ("cuda_graphs", "eager")
+# Dense tensor-core peaks (no sparsity) from NVIDIA's data sheets, FLOP/s, by a substring of
+# torch.cuda.get_device_name(); fp16 and bf16 are the same on these cards.
 PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12}
 
 
