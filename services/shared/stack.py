@@ -28,17 +28,9 @@ from pathlib import Path
 from kafka import KafkaAdminClient
 
 from freemask.shared.config import FreemaskConfig, StackConfig, StoreConfig
-from freemask.shared.processes import (
-    ServerProcess,
-    ServerStartError,
-    pid_alive,
-    port_open,
-    start_server,
-    stop_pid,
-    wait_until_ready,
-)
+from freemask.shared.processes import ServerProcess, pid_alive, port_open, start_server, stop_pid, wait_until_ready
 from freemask.shared.store import ObjectStore
-from freemask.shared.triton_server import release_shared_memory, repository_models, start_tritonserver
+from freemask.shared.triton_server import release_shared_memory, start_tritonserver
 
 log = logging.getLogger(__name__)
 
@@ -227,13 +219,6 @@ class EmbeddedStack:
 
     def _start_triton(self) -> tuple[ServerProcess, str]:
         repository = (self.config.model_repository or DEFAULT_MODEL_REPOSITORY).resolve()
-        if repository.is_dir() and not repository_models(repository):
-            # An empty repository starts a "ready" server that fails every placement call, so a
-            # run would dead-letter all its composed scenes and carry on with half its data.
-            raise ServerStartError(
-                f"tritonserver: the model repository {repository} holds no model; "
-                "`make deploy/triton/models/fopa/config.pbtxt` (part of make run, test and bench) writes FOPA there"
-            )
         server = start_tritonserver(
             model_repository=repository,
             workdir=self.data_dir / "triton",

@@ -224,6 +224,13 @@ def start_tritonserver(
     if not model_repository.is_dir():
         raise ServerStartError(f"tritonserver: model repository {model_repository} is not a directory")
     models = repository_models(model_repository)
+    if not models:
+        # An empty repository starts a "ready" server that fails every call, so a run would
+        # dead-letter all its composed scenes and carry on with half its data.
+        raise ServerStartError(
+            f"tritonserver: the model repository {model_repository} holds no model; "
+            "`make deploy/triton/models/fopa/config.pbtxt` (part of make run, test and bench) writes FOPA there"
+        )
     _check_libpython()
     workdir.mkdir(parents=True, exist_ok=True)
     backend_dir = prepare_backends(workdir.resolve())
