@@ -3,7 +3,8 @@
 At small batches an eager UNet step on a GPU is bound by its launches, not its arithmetic:
 SD 1.5's UNet with capture issues about a thousand kernels per step, each costing
 microseconds of Python, dispatcher and driver work, so a one-image step takes several
-times the GPU time it needs (on an H100, a 20-step image ran 2.9 times faster replayed). A CUDA graph records the step's kernels once and launches them all with one call.
+times the GPU time it needs (on an H100, a 20-step image ran 2.9 times faster replayed).
+A CUDA graph records the step's kernels once and launches them all with one call.
 
 ``graphed_unet(unet)`` shadows the UNet's ``forward`` for the block:
 - the first call with given input shapes runs eagerly: it picks the kernels and allocates
