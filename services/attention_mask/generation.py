@@ -39,7 +39,7 @@ from freemask.attention_mask.aggregate import Resolution, soft_maps
 from freemask.attention_mask.capture import AttentionStore, capture_attention
 from freemask.attention_mask.cuda_graphs import graphed_unet
 from freemask.attention_mask.generator import WEIGHTS_DIR, FreeMaskTextToImagePipeline, token_words
-from freemask.attention_mask.refine import RefineConfig, refine
+from freemask.attention_mask.refine import RefineConfig, refine_batch
 from freemask.shared.config import AttentionMaskConfig
 from freemask.shared.devices import resolve_device
 from freemask.shared.errors import InvalidInput, Unusable
@@ -366,13 +366,12 @@ class MaskGenerator:
         # Rounded to bytes before the copy: a quarter of the bytes cross to the host, and the
         # host does no per-pixel arithmetic (float32 × 255 and round-half-even, as numpy does).
         pixels = (images * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
-        out = []
-        for i, p in enumerate(prompts):
-            refined = refine(fused[i], affinity[i], affinity_grid, self.refine_config)
-            out.append(GeneratedObject(
-                image=pixels[i], soft_map=fused_host[i], mask=refined.mask.cpu().numpy(),
-                threshold=float(refined.threshold), threshold_iou=float(refined.iou),
+        return [
+            GeneratedObject(
+                image=pixels[i], soft_map=fused_host[i], mask=refined.mask.numpy(),
+                threshold=refined.threshold, threshold_iou=refined.iou,
                 token_positions=positions[i], cross_attention_resolutions=tuple(sorted(cross, reverse=True)),
                 affinity_resolution=affinity_grid,
-            ))
-        return out
+            )
+            for i, refined in enumerate(refine_batch(fused, affinity, affinity_grid, self.refine_config))
+        ]

@@ -39,7 +39,7 @@ from freemask.attention_mask.aggregate import soft_maps
 from freemask.attention_mask.capture import capture_attention
 from freemask.attention_mask.generation import MaskGenerator
 from freemask.attention_mask.generator import token_words
-from freemask.attention_mask.refine import DEFAULT_THRESHOLDS, RefineConfig, refine
+from freemask.attention_mask.refine import DEFAULT_THRESHOLDS, RefineConfig, refine_batch
 from freemask.shared.config import AttentionMaskConfig
 from freemask.world import CLASS_NOUNS, DRAWABLE_CLASSES, allowed_backgrounds, dataset
 from freemask.world.scene import Scene
@@ -110,7 +110,7 @@ class CapturedScenes:
                    for tau in DEFAULT_THRESHOLDS}
         best_tau = max(per_tau, key=per_tau.get)
         started = time.perf_counter()
-        refined = [refine(soft[i], self.affinity[i], self.affinity_grid, config) for i in range(len(maps))]
+        refined = refine_batch(soft, self.affinity, self.affinity_grid, config)
         refine_seconds = (time.perf_counter() - started) / len(maps)
         return {
             "iou_fixed_0_5": float(np.mean([iou(m >= 0.5, t, v) for m, t, v in zip(maps, self.truth, self.valid)])),

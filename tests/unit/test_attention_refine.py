@@ -17,6 +17,7 @@ from freemask.attention_mask.refine import (
     propagate,
     random_walk,
     refine,
+    refine_batch,
     remove_small_components,
     threshold_search,
     transition_matrix,
@@ -142,6 +143,59 @@ def test_refine_cuts_the_attention_map_on_a_coarser_affinity() -> None:
     assert mask_iou(result.mask, truth) > 0.9
 
 
+def three_scenes(size: int = 32) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Soft maps (3, size, size), their affinities (3, N, N) and true masks: a disk with a speck,
+    the same with attention on the ground under it, and an off-centre disk on an affinity with a dead row."""
+    truth, soft = blurred_disk_with_speck(size)
+    ground = soft.clone()
+    ground[24:30, 4:28] = torch.maximum(ground[24:30, 4:28], torch.tensor(0.7))
+    off_centre = disk(size, 6.0, centre=10.0)
+    lonely = group_affinity(off_centre)
+    lonely[5, :] = lonely[:, 5] = 0.0
+    maps = torch.stack([soft, ground, blur(off_centre.float(), sigma=1.5)])
+    affinities = torch.stack([group_affinity(truth), group_affinity(truth), lonely])
+    return maps, affinities, [truth, truth, off_centre]
+
+
+def test_a_stack_of_maps_walks_as_each_map_does_alone() -> None:
+    maps, affinities, _ = three_scenes()
+    transitions = transition_matrix(affinities, beta=4.0)
+    for i in range(3):
+        assert torch.allclose(transitions[i], transition_matrix(affinities[i], beta=4.0), atol=1e-7)
+    assert float(transitions[2, 5, 5]) == 1.0, "the dead row of the third affinity becomes a self-loop"
+    walked = propagate(maps, affinities, (32, 32), beta=4.0, iterations=8)
+    coarse = propagate(maps, affinities[:, ::8, ::8], (16, 8), beta=4.0, iterations=8)
+    for i in range(3):
+        assert torch.allclose(walked[i], propagate(maps[i], affinities[i], (32, 32), beta=4.0, iterations=8),
+                              atol=1e-6)
+        assert torch.allclose(coarse[i], propagate(maps[i], affinities[i, ::8, ::8], (16, 8), beta=4.0, iterations=8),
+                              atol=1e-6)
+
+
+def test_refining_a_batch_gives_each_sample_its_own_refinement() -> None:
+    maps, affinities, truths = three_scenes()
+    config = RefineConfig(iterations=8)
+    batch = refine_batch(maps, affinities, (32, 32), config)
+    assert len(batch) == 3
+    for i, result in enumerate(batch):
+        alone = refine(maps[i], affinities[i], (32, 32), config)
+        assert torch.equal(result.mask, alone.mask) and result.threshold == alone.threshold
+        assert result.iou == pytest.approx(alone.iou) and torch.allclose(result.refined_map, alone.refined_map)
+        assert result.mask.device.type == "cpu" and mask_iou(result.mask, truths[i]) > 0.9
+    assert refine_batch(maps[:0], affinities[:0], (32, 32), config) == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the batch is refined together only on a GPU")
+def test_a_batch_refined_together_on_a_gpu_matches_each_sample_refined_on_the_cpu() -> None:
+    maps, affinities, _ = three_scenes()
+    config = RefineConfig(iterations=8)
+    on_gpu = refine_batch(maps.cuda(), affinities.cuda(), (32, 32), config)
+    for i, result in enumerate(on_gpu):
+        alone = refine(maps[i], affinities[i], (32, 32), config)
+        assert torch.equal(result.mask, alone.mask) and result.threshold == alone.threshold
+        assert result.refined_map.is_cuda and torch.allclose(result.refined_map.cpu(), alone.refined_map, atol=1e-5)
+
+
 def test_small_blob_removal_removes_an_isolated_speck_and_keeps_the_object() -> None:
     mask = torch.zeros(20, 20, dtype=torch.bool)
     mask[5:12, 5:12] = True  # 49 px object
@@ -192,6 +246,10 @@ def test_bad_inputs_get_clear_errors() -> None:
         propagate(torch.zeros(8, 8), torch.eye(9), (4, 4))
     with pytest.raises(InvalidInput, match="transition is needed"):
         random_walk(torch.zeros(3, 3), torch.eye(4), 1)
+    with pytest.raises(InvalidInput, match="one B"):
+        refine_batch(torch.zeros(2, 4, 4), torch.eye(16).expand(3, 16, 16), (4, 4))
+    with pytest.raises(InvalidInput, match=r"\(H, W\)"):
+        refine(torch.zeros(1, 4, 4), torch.eye(16), (4, 4))
     with pytest.raises(InvalidInput, match="circular"):
         RefineConfig(cut="refined", reference_threshold=0.5)
     with pytest.raises(ValidationError, match="circular"):
