@@ -149,8 +149,8 @@ def propagate(
     output_size = tuple(maps.shape[-2:])
     if output_size != (height, width):
         maps = F.interpolate(maps[:, None], size=(height, width), mode="area")[:, 0]
-    walked = random_walk(maps, transition_matrix(affinity, beta, symmetrize).reshape(len(maps), *affinity.shape[-2:]),
-                         iterations)
+    transitions = transition_matrix(affinity.reshape(len(maps), *affinity.shape[-2:]), beta, symmetrize)
+    walked = random_walk(maps, transitions, iterations)
     if walked.shape[-2:] != output_size:
         walked = F.interpolate(walked[:, None], size=output_size, mode="bilinear", align_corners=False)[:, 0]
     return normalize_unit(walked).reshape(soft_map.shape)
@@ -165,17 +165,16 @@ def _check_thresholds(thresholds: Sequence[float]) -> list[float]:
     return sorted(float(tau) for tau in thresholds)
 
 
-def _best_thresholds(candidate_maps: torch.Tensor, refined_maps: torch.Tensor, taus: Sequence[float],
+def _best_thresholds(candidate_maps: torch.Tensor, refined_maps: torch.Tensor, levels: torch.Tensor,
                      reference_threshold: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. 23 for each map of a ``(B, H, W)`` stack: the index into ascending `taus` of the best τ, and its IoU.
+    """Eq. 23 for each map of a ``(B, H, W)`` stack: the index of the best of the ascending τ `levels`, and its IoU.
 
     Every candidate of every map at once, and nothing read back: the caller decides when to wait.
     """
     reference = refined_maps.float().clamp(0.0, 1.0)[:, None]
     if reference_threshold is not None:
         reference = (reference >= reference_threshold).float()
-    levels = torch.tensor(taus, device=candidate_maps.device)[None, :, None, None]
-    candidates = (candidate_maps.float()[:, None] >= levels).float()
+    candidates = (candidate_maps.float()[:, None] >= levels[None, :, None, None]).float()
     inter = torch.minimum(candidates, reference).sum(dim=(2, 3)).double()
     union = torch.maximum(candidates, reference).sum(dim=(2, 3)).double()
     ious = torch.where(union > 0, inter / union.clamp_min(1e-12), torch.ones_like(union))  # both empty: agree
@@ -203,7 +202,8 @@ def threshold_search(
             f"and {tuple(refined_map.shape)}"
         )
     taus = _check_thresholds(thresholds)
-    best, iou = _best_thresholds(candidate_map[None], refined_map[None], taus, reference_threshold)
+    levels = torch.tensor(taus, device=candidate_map.device)
+    best, iou = _best_thresholds(candidate_map[None], refined_map[None], levels, reference_threshold)
     return taus[int(best[0])], float(iou[0])
 
 
@@ -267,6 +267,8 @@ def refine_batch(soft_maps: torch.Tensor, affinities: torch.Tensor, affinity_siz
         raise InvalidInput(f"a (B, H, W) stack of soft maps and a (B, N, N) stack of affinities of one B are "
                            f"needed, got shapes {tuple(soft_maps.shape)} and {tuple(affinities.shape)}")
     taus = _check_thresholds(config.thresholds)
+    # made before the walk is queued: a copy from host memory waits for the device's queue to drain
+    levels = torch.tensor(taus, device=soft_maps.device)
     together = len(soft_maps) if soft_maps.device.type != "cpu" else 1
     results: list[RefinedMask] = []
     for start in range(0, len(soft_maps), max(together, 1)):
@@ -274,9 +276,8 @@ def refine_batch(soft_maps: torch.Tensor, affinities: torch.Tensor, affinity_siz
         refined = propagate(maps, affinities[start:start + together], affinity_size, config.beta,
                             config.iterations, config.symmetrize)
         cut = refined if config.cut == "refined" else maps
-        best, ious = _best_thresholds(cut, refined, taus, config.reference_threshold)
-        levels = torch.tensor(taus, device=cut.device)[best]
-        masks = (cut >= levels[:, None, None]).cpu()
+        best, ious = _best_thresholds(cut, refined, levels, config.reference_threshold)
+        masks = (cut >= levels[best][:, None, None]).cpu()
         results.extend(
             RefinedMask(mask=remove_small_components(mask, config.min_component_fraction), threshold=taus[index],
                         iou=iou, refined_map=refined_map)

@@ -28,7 +28,7 @@ under each variant's own keys. The stages run in this process with their own han
 (in_process.py) against a private SeaweedFS and tritonserver: no broker is needed to
 compare datasets, and bench_pipeline measures what the bus costs.
 
-Writes tests/benchmarks/results/evaluation.json.
+Writes tests/benchmarks/results/evaluation.json, and the rounds curve as evaluation_rounds.svg.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ sys.path.insert(0, str(HERE.parent / "integration"))
 
 from freemask.attention_mask.generation import GeneratedObject, MaskGenerator, ObjectPrompt  # noqa: E402
 from freemask.attention_mask.service import GenerateStage, SingleObjectWriter  # noqa: E402
+from freemask.coordinator.report import miou_svg  # noqa: E402
 from freemask.coordinator.rounds import COMPLETED, RunMachine, Train  # noqa: E402
 from freemask.harmonization.composite import paste  # noqa: E402
 from freemask.scoring.data import LabelledPair, write_reference_split  # noqa: E402
@@ -71,6 +72,7 @@ from ports import reserve_ports  # noqa: E402
 from results_files import git_commit, write_json  # noqa: E402
 
 RESULTS = HERE / "results"
+ROUNDS_PLOT = "evaluation_rounds.svg"
 SEED = 0
 IMAGE_SIZE = 32
 DATASET_DIFFUSION_THRESHOLD = 0.5
@@ -346,6 +348,9 @@ def main() -> None:
                    "num_inference_steps": config.attention_mask.num_inference_steps, "cpus": os.cpu_count()},
     }
     write_json(args.out, "evaluation.json", result)
+    # Figure 8's curve, drawn as `freemask report` draws a coordinator run's
+    points = [(index, value) for index, value in enumerate(result["rounds"]) if value is not None]
+    (args.out / ROUNDS_PLOT).write_text(miou_svg(points, len(result["rounds"]) - 1), encoding="utf-8")
     print(json.dumps({k: v for k, v in result.items() if k not in ("table", "config", "occlusion")}, indent=2))
 
 
