@@ -185,3 +185,18 @@ def test_the_training_pool_takes_the_largest_of_several_draws_of_the_same_class_
         firsts.append(area(first))
         chosen.append(area(pick))
     assert np.mean(chosen) > 1.2 * np.mean(firsts)
+
+
+def test_training_stops_on_its_step_count_and_says_so(tmp_path: Path) -> None:
+    from freemask.attention_mask.generator.train import train
+
+    threads = torch.get_num_threads()  # train() sets torch's thread count; later tests keep theirs
+    summary = train(tmp_path, minutes=10.0, seed=0, config=TINY_CONFIG, batch_size=4, pool_size=16, workers=1,
+                    threads=threads, max_steps=3, progress=False)
+    assert summary["steps"] == 3 and summary["stopped_on"] == "max_steps"
+    log = (tmp_path / "train_log.txt").read_text(encoding="utf-8")
+    assert '"max_steps": 3' in log and '"stopped_on": "max_steps"' in log
+    assert FreeMaskTextToImagePipeline.from_pretrained(tmp_path).unet.config.sample_size == TINY_CONFIG.image_size
+    timed_out = train(tmp_path / "timed", minutes=0.0, seed=0, config=TINY_CONFIG, batch_size=4, pool_size=16,
+                      workers=1, threads=threads, max_steps=3, progress=False)
+    assert timed_out["steps"] == 0 and timed_out["stopped_on"] == "minutes"

@@ -1,6 +1,6 @@
-"""Train the small generator on rendered reference-world scenes, within a wall-clock budget.
+"""Train the small generator on rendered reference-world scenes, for a number of steps within a wall-clock budget.
 
-    python -m freemask.attention_mask.generator.train --out DIR --minutes 40 --seed 0
+    python -m freemask.attention_mask.generator.train --out DIR --max-steps 8000 --minutes 120 --seed 0
 
 Data: a pool of train-split-style scenes rendered once into memory (the world
 renders ~200 scenes/s per core, far cheaper than re-rendering every batch),
@@ -11,8 +11,9 @@ variety. The loss is min-SNR-weighted. Each scene is
 paired with its own caption; 10 % of captions are replaced by the empty prompt
 so classifier-free guidance has an unconditional model to contrast with.
 
-The run is seeded (pool, init, batches, noise) but stops on wall-clock time,
-so the number of steps, and hence the weights, depend on the machine's speed.
+The run is seeded (pool, init, batches, noise). It stops after `--max-steps` steps, or
+earlier when `--minutes` run out: only a run that stops on its step count gives weights
+that do not depend on the machine's speed, so the log says which it was.
 The loss and steps/s go to `train_log.txt` in DIR; the EMA weights are saved
 there in diffusers layout every few minutes and at the end.
 """
@@ -124,8 +125,9 @@ def _save(pipe: FreeMaskTextToImagePipeline, ema: Ema, out: Path) -> None:
 
 def train(out: Path, minutes: float, seed: int, config: GeneratorConfig = GeneratorConfig(), batch_size: int = 32,
           lr: float = 5e-4, pool_size: int = 16_000, workers: int = 2, threads: int = 2,
-          save_every_minutes: float = 5.0, max_steps: int | None = None, progress: bool = True) -> dict[str, float]:
-    """Train and save into `out`; returns a summary (steps, minutes, final loss, steps/s)."""
+          save_every_minutes: float = 5.0, max_steps: int | None = None,
+          progress: bool = True) -> dict[str, float | str]:
+    """Train and save into `out`; returns a summary (steps, minutes, final loss, steps/s and what stopped it)."""
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -148,7 +150,8 @@ def train(out: Path, minutes: float, seed: int, config: GeneratorConfig = Genera
         ema = Ema([unet, encoder])
         n_params = count_parameters(pipe)
         log.info("config %s", json.dumps({**config.as_dict(), "batch_size": batch_size, "lr": lr, "seed": seed,
-                                          "minutes": minutes, "pool_size": pool_size, "params": n_params,
+                                          "minutes": minutes, "max_steps": max_steps, "pool_size": pool_size,
+                                          "params": n_params,
                                           "caption_dropout": CAPTION_DROPOUT, "vocab_size": len(tokenizer),
                                           "size_draws": SIZE_DRAWS, "min_snr_gamma": MIN_SNR_GAMMA}))
         unet.train()
@@ -201,7 +204,8 @@ def train(out: Path, minutes: float, seed: int, config: GeneratorConfig = Genera
         elapsed = (time.perf_counter() - start) / 60
         _save(pipe, ema, out)
         summary = {"steps": step, "train_minutes": round(elapsed, 2), "final_loss": round(loss_value, 4),
-                   "steps_per_s": round(step / max(elapsed * 60, 1e-9), 3)}
+                   "steps_per_s": round(step / max(elapsed * 60, 1e-9), 3),
+                   "stopped_on": "max_steps" if max_steps is not None and step >= max_steps else "minutes"}
         log.info("done %s", json.dumps(summary))
         return summary
 
