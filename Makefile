@@ -52,7 +52,7 @@ bench-gpu: $(INSTALLED) $(PROTO_STAMP)
 
 ## models: retrain the shipped small models from scratch on 2 CPU cores (seeded, logged next to the weights)
 models: $(INSTALLED) $(PROTO_STAMP)
-	$(PY) -m freemask.attention_mask.generator.train --out services/attention_mask/weights/generator --minutes 40 --seed 0
+	$(PY) -m freemask.attention_mask.generator.train --out services/attention_mask/weights/generator --max-steps 8000 --minutes 120 --seed 0
 	$(PY) -m freemask.attention_mask.affinity_train --out services/attention_mask/weights/affinity --steps 2500 --seed 0
 	$(PY) -m freemask.placement.train --out services/placement/weights/fopa --minutes 15 --seed 0
 	$(PY) -m freemask.harmonization.train --out services/harmonization/weights/rain --minutes 10 --seed 0
