@@ -11,8 +11,8 @@ seed 0) on one dataset:
   Algorithm 1: D_0 of `--initial` single objects, then `--per-round` slots per round, half of
   them composed scenes, each round keeping the top α = 0.7 by S(x));
 - **diffumask_style**: single objects only, each mask the soft map at one fixed threshold
-  (`--diffumask-threshold`, the best single threshold on train-split scenes measured by
-  bench_attention_mask), no editing, no selection;
+  (`--diffumask-threshold`; by default the best single threshold that bench_attention_mask
+  measured, read from its attention_mask.json), no editing, no selection;
 - **dataset_diffusion_style**: the same with the fixed threshold 0.5 and no affinity.
 
 The baselines and `real` get as many images as `freemask` accepted. The ablation reruns the
@@ -275,11 +275,15 @@ def main() -> None:
     parser.add_argument("--val", type=int, default=200, help="reference validation scenes")
     parser.add_argument("--occlusion-scenes", type=int, default=40,
                         help="scenes with occlusion for the label-accuracy comparison (and as many to tune on)")
-    parser.add_argument("--diffumask-threshold", type=float, default=0.7,
-                        help="the DiffuMask-style baseline's one threshold (attention_mask.json best_global_threshold)")
+    parser.add_argument("--diffumask-threshold", type=float, default=None,
+                        help="the DiffuMask-style baseline's one threshold (default: best_global_threshold of "
+                             "results/attention_mask.json, measured with the same generator)")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    if args.diffumask_threshold is None:
+        args.diffumask_threshold = float(json.loads((RESULTS / "attention_mask.json").read_text(encoding="utf-8"))
+                                         ["best_global_threshold"])
     torch.set_num_threads(2)
     torch.manual_seed(SEED)
     run_overrides = {"alpha": "0.7", "rounds": str(args.rounds), "initial_samples": str(args.initial),
