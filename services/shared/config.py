@@ -345,8 +345,8 @@ class ScoringConfig(_Frozen):
     input_size: int = Field(64, ge=32, le=2048)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Training: passes over D_t when a Train request leaves epochs unset, AdamW with a
-    # cosine decay over all steps, and a checkpoint every this many steps and at every
-    # epoch's end, so a killed job loses at most that much work.
+    # cosine decay over all steps, and a checkpoint every this many steps, so a killed job
+    # loses at most that much work.
     epochs: int = Field(30, ge=1, le=1000)
     batch_size: int = Field(16, ge=1, le=1024)
     learning_rate: float = Field(1e-3, gt=0.0)

@@ -3,8 +3,9 @@
     .venv/bin/python tests/benchmarks/bench_evaluation.py [--initial 40] [--per-round 48] [--rounds 3]
 
 Every figure is the mIoU, on the reference world's validation scenes, of the same segmenter
-(scoring config: the tiny Mask2Former at 32 px) trained with the same recipe (`--epochs`,
-seed 0) on one dataset:
+(scoring config: the tiny Mask2Former at 32 px) trained with the same recipe (`--steps`
+optimiser steps of 16 images, rounded to whole epochs; seed 0) on one dataset, so that a
+larger dataset gets more variety, not more training:
 
 - **real**: rendered scenes of the train split with their exact label maps;
 - **freemask**: the accepted samples of a whole Free-Mask run (`--rounds` rounds of
@@ -36,6 +37,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import sys
 import tempfile
@@ -122,19 +124,21 @@ class Evaluation:
         self.scorer = Scorer(SegmenterCache(SegmenterStore(store), names, 2, torch.device("cpu")), reader, config)
         self.val_pairs = val_pairs
         self.class_names = names
+        self.batch_size = config.scoring.batch_size
 
     def train(self, run_id: str, round_index: int, pairs: Sequence[LabelledPair], epochs: int,
               init_from=None) -> float:
         self.trainer.run(TrainSpec(run_id, round_index, tuple(pairs), epochs=epochs, seed=SEED, init_from=init_from))
         return self.scorer.evaluate(self.val_pairs, model_version(run_id, round_index)).mean_iou
 
-    def final(self, name: str, pairs: Sequence[LabelledPair], epochs: int) -> dict[str, object]:
-        """The table's figure for one dataset: a fresh segmenter trained on `pairs`."""
+    def final(self, name: str, pairs: Sequence[LabelledPair], steps: int) -> dict[str, object]:
+        """The table's figure for one dataset: a fresh segmenter trained on `pairs` for about `steps` steps."""
         run_id = as_id("eval", name)
+        epochs = max(1, round(steps / math.ceil(len(pairs) / self.batch_size)))
         self.trainer.run(TrainSpec(run_id, 0, tuple(pairs), epochs=epochs, seed=SEED))
         result = self.scorer.evaluate(self.val_pairs, model_version(run_id, 0))
-        print(f"{name}: mIoU {result.mean_iou:.4f} from {len(pairs)} images", flush=True)
-        return {"miou": round(result.mean_iou, 4), "images": len(pairs),
+        print(f"{name}: mIoU {result.mean_iou:.4f} from {len(pairs)} images ({epochs} epochs)", flush=True)
+        return {"miou": round(result.mean_iou, 4), "images": len(pairs), "epochs": epochs,
                 "class_iou": {k: round(v, 4) for k, v in sorted(result.class_iou.items())}}
 
 
@@ -271,7 +275,8 @@ def main() -> None:
     parser.add_argument("--per-round", type=int, default=48, help="|D'_t|: slots per round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of Algorithm 1")
     parser.add_argument("--round-epochs", type=int, default=60, help="epochs of each round's f_t")
-    parser.add_argument("--epochs", type=int, default=100, help="epochs of every table entry's segmenter")
+    parser.add_argument("--steps", type=int, default=600,
+                        help="optimiser steps of every table entry's segmenter (100 epochs of 84 images)")
     parser.add_argument("--val", type=int, default=200, help="reference validation scenes")
     parser.add_argument("--occlusion-scenes", type=int, default=40,
                         help="scenes with occlusion for the label-accuracy comparison (and as many to tune on)")
@@ -311,18 +316,18 @@ def main() -> None:
             machines = {name: run_variant(name, {**env, **VARIANTS[name][0]}, generator, evaluation,
                                           {**run_overrides, **VARIANTS[name][1]}, args.round_epochs)
                         for name in dict.fromkeys([FREEMASK, *args.variants])}
-            table = {name: evaluation.final(name, accepted_pairs(machine), args.epochs)
+            table = {name: evaluation.final(name, accepted_pairs(machine), args.steps)
                      for name, machine in machines.items()}
             count = table[FREEMASK]["images"]
             real_pairs, _ = write_reference_split(store, "train", IMAGE_SIZE, count)
-            table["real"] = evaluation.final("real", real_pairs, args.epochs)
+            table["real"] = evaluation.final("real", real_pairs, args.steps)
             singles = singles_of(machines[FREEMASK])[:count]
             table["diffumask_style"] = evaluation.final(
                 "diffumask_style", fixed_threshold_pairs(store, singles, args.diffumask_threshold, "diffumask"),
-                args.epochs)
+                args.steps)
             table["dataset_diffusion_style"] = evaluation.final(
                 "dataset_diffusion_style",
-                fixed_threshold_pairs(store, singles, DATASET_DIFFUSION_THRESHOLD, "dataset-diffusion"), args.epochs)
+                fixed_threshold_pairs(store, singles, DATASET_DIFFUSION_THRESHOLD, "dataset-diffusion"), args.steps)
             rounds = [r.validation_mean_iou for r in machines[FREEMASK].record.rounds]
         finally:
             stack.down(progress=print)
@@ -345,7 +350,7 @@ def main() -> None:
         "bench_seconds": round(time.perf_counter() - started, 1),
         "commit": commit or None,
         "seed": SEED,
-        "config": {"run_overrides": run_overrides, "epochs": args.epochs, "validation_scenes": args.val,
+        "config": {"run_overrides": run_overrides, "steps": args.steps, "validation_scenes": args.val,
                    "diffumask_threshold": args.diffumask_threshold,
                    "dataset_diffusion_threshold": DATASET_DIFFUSION_THRESHOLD,
                    "scoring": config.scoring.model_dump(mode="json"),
