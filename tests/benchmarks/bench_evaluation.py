@@ -38,11 +38,13 @@ import argparse
 import io
 import json
 import math
+import multiprocessing
 import os
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -140,6 +142,24 @@ class Evaluation:
         print(f"{name}: mIoU {result.mean_iou:.4f} from {len(pairs)} images ({epochs} epochs)", flush=True)
         return {"miou": round(result.mean_iou, 4), "images": len(pairs), "epochs": epochs,
                 "class_iou": {k: round(v, 4) for k, v in sorted(result.class_iou.items())}}
+
+
+def _final_in_worker(env: dict[str, str], val_pairs: list[LabelledPair], name: str, pairs: list[LabelledPair],
+                     steps: int) -> dict[str, object]:
+    torch.set_num_threads(1)
+    config = load_config(environ=env)
+    return Evaluation(config, ObjectStore(config.store), val_pairs).final(name, pairs, steps)
+
+
+def table_entries(env: dict[str, str], val_pairs: list[LabelledPair], datasets: dict[str, list[LabelledPair]],
+                  steps: int) -> dict[str, dict[str, object]]:
+    """`Evaluation.final` of every dataset, two at a time on one thread each: this segmenter's small
+    operations keep two threads only two-thirds busy, so two trainings side by side finish in
+    about 0.7 of the time of one after the other."""
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {name: pool.submit(_final_in_worker, env, val_pairs, name, pairs, steps)
+                   for name, pairs in datasets.items()}
+        return {name: future.result() for name, future in futures.items()}
 
 
 def accepted_pairs(machine: RunMachine) -> list[LabelledPair]:
@@ -316,18 +336,14 @@ def main() -> None:
             machines = {name: run_variant(name, {**env, **VARIANTS[name][0]}, generator, evaluation,
                                           {**run_overrides, **VARIANTS[name][1]}, args.round_epochs)
                         for name in dict.fromkeys([FREEMASK, *args.variants])}
-            table = {name: evaluation.final(name, accepted_pairs(machine), args.steps)
-                     for name, machine in machines.items()}
-            count = table[FREEMASK]["images"]
-            real_pairs, _ = write_reference_split(store, "train", IMAGE_SIZE, count)
-            table["real"] = evaluation.final("real", real_pairs, args.steps)
+            datasets = {name: accepted_pairs(machine) for name, machine in machines.items()}
+            count = len(datasets[FREEMASK])
+            datasets["real"] = write_reference_split(store, "train", IMAGE_SIZE, count)[0]
             singles = singles_of(machines[FREEMASK])[:count]
-            table["diffumask_style"] = evaluation.final(
-                "diffumask_style", fixed_threshold_pairs(store, singles, args.diffumask_threshold, "diffumask"),
-                args.steps)
-            table["dataset_diffusion_style"] = evaluation.final(
-                "dataset_diffusion_style",
-                fixed_threshold_pairs(store, singles, DATASET_DIFFUSION_THRESHOLD, "dataset-diffusion"), args.steps)
+            datasets["diffumask_style"] = fixed_threshold_pairs(store, singles, args.diffumask_threshold, "diffumask")
+            datasets["dataset_diffusion_style"] = fixed_threshold_pairs(
+                store, singles, DATASET_DIFFUSION_THRESHOLD, "dataset-diffusion")
+            table = table_entries(env, val_pairs, datasets, args.steps)
             rounds = [r.validation_mean_iou for r in machines[FREEMASK].record.rounds]
         finally:
             stack.down(progress=print)
