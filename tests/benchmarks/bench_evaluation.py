@@ -4,7 +4,7 @@
 
 Every figure is the mIoU, on the reference world's validation scenes, of the same segmenter
 (scoring config: the tiny Mask2Former at 32 px) trained with the same recipe (`--steps`
-optimiser steps of 16 images, rounded to whole epochs; seed 0) on one dataset, so that a
+optimiser steps of 16 images, rounded to whole epochs) on one dataset, so that a
 larger dataset gets more variety, not more training:
 
 - **real**: rendered scenes of the train split with their exact label maps;
@@ -16,10 +16,13 @@ larger dataset gets more variety, not more training:
   measured, read from its attention_mask.json), no editing, no selection;
 - **dataset_diffusion_style**: the same with the fixed threshold 0.5 and no affinity.
 
-The baselines and `real` get as many images as `freemask` accepted. The ablation reruns the
+The baselines and `real` get as many images as `freemask` accepted. These four entries are each
+the mean of `--seeds` trainings (training seeds 0, 1, …; the data stay the same), which is what
+says how far apart two figures must be to mean anything. The ablation reruns the
 whole of Algorithm 1 with one part removed: the thesaurus (objects drawn uniformly), FOPA
 (boxes drawn uniformly among the valid ones), harmonization (copy-paste), active learning
-(α = 1: keep everything), and α ∈ {0.5, 0.9}; each is scored like `freemask`. `rounds` is
+(α = 1: keep everything), and α ∈ {0.5, 0.9}; each is scored like `freemask`, by one training
+(seed 0), and compared with `freemask`'s seed-0 training. `rounds` is
 the validation mIoU of each round's f_t in the `freemask` run.
 
 Every run uses the same run seed, so the single objects are the same prompts and seeds in
@@ -40,6 +43,7 @@ import json
 import math
 import multiprocessing
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -69,6 +73,7 @@ from freemask.shared.images import encode_png  # noqa: E402
 from freemask.shared.runner import StageSpec  # noqa: E402
 from freemask.shared.stack import EmbeddedStack  # noqa: E402
 from freemask.shared.store import ObjectStore  # noqa: E402
+from freemask.v1 import scoring_pb2  # noqa: E402
 from freemask.world import IGNORE_ID, dataset, render_objects_one_by_one, render_scene  # noqa: E402
 from freemask.world.scene import scene_with  # noqa: E402
 from in_process import InProcessPlatform  # noqa: E402
@@ -133,33 +138,41 @@ class Evaluation:
         self.trainer.run(TrainSpec(run_id, round_index, tuple(pairs), epochs=epochs, seed=SEED, init_from=init_from))
         return self.scorer.evaluate(self.val_pairs, model_version(run_id, round_index)).mean_iou
 
-    def final(self, name: str, pairs: Sequence[LabelledPair], steps: int) -> dict[str, object]:
-        """The table's figure for one dataset: a fresh segmenter trained on `pairs` for about `steps` steps."""
-        run_id = as_id("eval", name)
+    def final(self, name: str, pairs: Sequence[LabelledPair], steps: int, seed: int) -> scoring_pb2.EvaluateResponse:
+        """One training of a table entry: a fresh segmenter trained on `pairs` for about `steps` steps."""
+        run_id = as_id("eval", f"{name}-seed{seed}")
         epochs = max(1, round(steps / math.ceil(len(pairs) / self.batch_size)))
-        self.trainer.run(TrainSpec(run_id, 0, tuple(pairs), epochs=epochs, seed=SEED))
+        self.trainer.run(TrainSpec(run_id, 0, tuple(pairs), epochs=epochs, seed=seed))
         result = self.scorer.evaluate(self.val_pairs, model_version(run_id, 0))
-        print(f"{name}: mIoU {result.mean_iou:.4f} from {len(pairs)} images ({epochs} epochs)", flush=True)
-        return {"miou": round(result.mean_iou, 4), "images": len(pairs), "epochs": epochs,
-                "class_iou": {k: round(v, 4) for k, v in sorted(result.class_iou.items())}}
+        print(f"{name}, training seed {seed}: mIoU {result.mean_iou:.4f} from {len(pairs)} images "
+              f"({epochs} epochs)", flush=True)
+        return result
 
 
 def _final_in_worker(env: dict[str, str], val_pairs: list[LabelledPair], name: str, pairs: list[LabelledPair],
-                     steps: int) -> dict[str, object]:
+                     steps: int, seed: int) -> scoring_pb2.EvaluateResponse:
     torch.set_num_threads(1)
     config = load_config(environ=env)
-    return Evaluation(config, ObjectStore(config.store), val_pairs).final(name, pairs, steps)
+    return Evaluation(config, ObjectStore(config.store), val_pairs).final(name, pairs, steps, seed)
 
 
 def table_entries(env: dict[str, str], val_pairs: list[LabelledPair], datasets: dict[str, list[LabelledPair]],
-                  steps: int) -> dict[str, dict[str, object]]:
-    """`Evaluation.final` of every dataset, two at a time on one thread each: this segmenter's small
-    operations keep two threads only two-thirds busy, so two trainings side by side finish in
-    about 0.7 of the time of one after the other."""
+                  steps: int, seeds: dict[str, int]) -> dict[str, dict[str, object]]:
+    """Every dataset's entry: `seeds[name]` trainings (training seeds 0, 1, …), their mean mIoU and
+    per-class IoU, and each seed's mIoU. The trainings run two at a time on one thread each: this
+    segmenter's small operations keep two threads only two-thirds busy."""
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {name: pool.submit(_final_in_worker, env, val_pairs, name, pairs, steps)
-                   for name, pairs in datasets.items()}
-        return {name: future.result() for name, future in futures.items()}
+        futures = {name: [pool.submit(_final_in_worker, env, val_pairs, name, pairs, steps, seed)
+                          for seed in range(seeds[name])] for name, pairs in datasets.items()}
+        results = {name: [future.result() for future in runs] for name, runs in futures.items()}
+    table = {}
+    for name, runs in results.items():
+        classes = sorted(runs[0].class_iou)
+        table[name] = {
+            "miou": round(statistics.mean(run.mean_iou for run in runs), 4),
+            "miou_per_seed": [round(run.mean_iou, 4) for run in runs], "images": len(datasets[name]),
+            "class_iou": {cls: round(statistics.mean(run.class_iou[cls] for run in runs), 4) for cls in classes}}
+    return table
 
 
 def accepted_pairs(machine: RunMachine) -> list[LabelledPair]:
@@ -297,6 +310,8 @@ def main() -> None:
     parser.add_argument("--round-epochs", type=int, default=60, help="epochs of each round's f_t")
     parser.add_argument("--steps", type=int, default=600,
                         help="optimiser steps of every table entry's segmenter (100 epochs of 84 images)")
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="trainings, with seeds 0, 1, ..., of each main-table entry (the ablation's: one)")
     parser.add_argument("--val", type=int, default=200, help="reference validation scenes")
     parser.add_argument("--occlusion-scenes", type=int, default=40,
                         help="scenes with occlusion for the label-accuracy comparison (and as many to tune on)")
@@ -343,20 +358,26 @@ def main() -> None:
             datasets["diffumask_style"] = fixed_threshold_pairs(store, singles, args.diffumask_threshold, "diffumask")
             datasets["dataset_diffusion_style"] = fixed_threshold_pairs(
                 store, singles, DATASET_DIFFUSION_THRESHOLD, "dataset-diffusion")
-            table = table_entries(env, val_pairs, datasets, args.steps)
+            main_table = ("real", FREEMASK, "diffumask_style", "dataset_diffusion_style")
+            table = table_entries(env, val_pairs, datasets, args.steps,
+                                  {name: args.seeds if name in main_table else 1 for name in datasets})
             rounds = [r.validation_mean_iou for r in machines[FREEMASK].record.rounds]
         finally:
             stack.down(progress=print)
     miou = {name: entry["miou"] for name, entry in table.items()}
+    full_seed0 = table[FREEMASK]["miou_per_seed"][0]
     commit = git_commit()
     result = {
         "miou_real": miou["real"],
         "miou_freemask": miou[FREEMASK],
         "ratio": round(miou[FREEMASK] / miou["real"], 3) if miou["real"] else None,
+        "ratio_per_seed": [round(fm / real, 3) if real else None for fm, real in
+                           zip(table[FREEMASK]["miou_per_seed"], table["real"]["miou_per_seed"])],
         "miou_diffumask_style": miou["diffumask_style"],
         "miou_dataset_diffusion_style": miou["dataset_diffusion_style"],
-        "ablation": {"full": miou[FREEMASK], **{name: miou[name] for name in machines if name != FREEMASK},
-                     "alpha_0.7": miou[FREEMASK]},
+        # one training each (seed 0), so "full" is Free-Mask's seed-0 training, not the mean over seeds
+        "ablation": {"full": full_seed0, **{name: miou[name] for name in machines if name != FREEMASK},
+                     "alpha_0.7": full_seed0},
         "rounds": [round(value, 4) if value is not None else None for value in rounds],
         "occlusion_label_accuracy": {method: occlusion[method]["occluded"]
                                      for method in ("freemask_compositing", "generate_then_segment")},
@@ -366,7 +387,8 @@ def main() -> None:
         "bench_seconds": round(time.perf_counter() - started, 1),
         "commit": commit or None,
         "seed": SEED,
-        "config": {"run_overrides": run_overrides, "steps": args.steps, "validation_scenes": args.val,
+        "config": {"run_overrides": run_overrides, "steps": args.steps, "training_seeds": args.seeds,
+                   "validation_scenes": args.val,
                    "diffumask_threshold": args.diffumask_threshold,
                    "dataset_diffusion_threshold": DATASET_DIFFUSION_THRESHOLD,
                    "scoring": config.scoring.model_dump(mode="json"),
