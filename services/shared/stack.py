@@ -131,6 +131,8 @@ class EmbeddedStack:
                 progress(f"{name}: stopped (pid {known['pid']})")
                 if name == "tritonserver" and not pid_alive(known["pid"]):
                     release_shared_memory(self.config.triton_grpc_port)
+                if name == "seaweedfs" and not pid_alive(known["pid"]):
+                    self._remove_seaweed_sockets()
             else:
                 progress(f"{name}: was not running")
             self._write_state(state)
@@ -148,22 +150,36 @@ class EmbeddedStack:
         return [part.pid for part in self.status() if part.running and part.pid is not None]
 
     # ---- the parts --------------------------------------------------------------------
-    def _start_seaweedfs(self) -> tuple[ServerProcess, str]:
-        binary = _venv_binary("weed")
-        base = self.config.seaweed_port_base
-        data = self.data_dir / "seaweedfs"
-        data.mkdir(parents=True, exist_ok=True)
+    def _seaweed_ports(self) -> dict[str, int]:
         # Every port is named: left to its defaults, `weed mini` also opens fixed
         # ports (admin, webdav, metrics, iceberg) that collide between two stacks.
-        ports = {
+        base = self.config.seaweed_port_base
+        return {
             "-s3.port.grpc": base, "-master.port": base + 1, "-master.port.grpc": base + 2,
             "-volume.port": base + 3, "-volume.port.grpc": base + 4, "-filer.port": base + 5,
             "-filer.port.grpc": base + 6, "-admin.port": base + 7, "-admin.port.grpc": base + 8,
             "-metricsPort": base + 9, "-s3.port.iceberg": base + 10, "-s3.port.lance": base + 11,
         }
+
+    def _remove_seaweed_sockets(self) -> None:
+        """Remove the unix sockets a stopped `weed mini` leaves in /tmp. It names them after its
+        ports, under a path it hard-codes, and does not remove them on exit."""
+        ports = self._seaweed_ports()
+        by_name = {"s3": self.config.s3_port, "s3-grpc": ports["-s3.port.grpc"], "filer": ports["-filer.port"],
+                   "filer-grpc": ports["-filer.port.grpc"], "master-grpc": ports["-master.port.grpc"],
+                   "volume-grpc": ports["-volume.port.grpc"], "admin-grpc": ports["-admin.port.grpc"]}
+        for name, port in by_name.items():
+            Path(f"/tmp/seaweedfs-{name}-{port}.sock").unlink(missing_ok=True)
+
+    def _start_seaweedfs(self) -> tuple[ServerProcess, str]:
+        binary = _venv_binary("weed")
+        data = self.data_dir / "seaweedfs"
+        data.mkdir(parents=True, exist_ok=True)
         command = [
-            binary, "mini", f"-dir={data}", f"-ip={HOST}", f"-ip.bind={HOST}", f"-s3.port={self.config.s3_port}",
-            *(f"{flag}={port}" for flag, port in ports.items()), "-webdav=false", "-admin.ui=false",
+            # -logtostderr: its own log files would otherwise go to /tmp, outside the stack's folder
+            binary, "-logtostderr", "mini", f"-dir={data}", f"-ip={HOST}", f"-ip.bind={HOST}",
+            f"-s3.port={self.config.s3_port}", *(f"{flag}={port}" for flag, port in self._seaweed_ports().items()),
+            "-webdav=false", "-admin.ui=false",
         ]
         server = start_server("seaweedfs", command, self._log("seaweedfs"), env=self._s3_server_env())
         data_store = ObjectStore(self.store_config())
