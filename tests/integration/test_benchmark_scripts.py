@@ -24,13 +24,17 @@ def run_benchmark(script: str, *args: str, timeout: float) -> None:
 @pytest.mark.stack
 def test_the_evaluation_benchmark_writes_every_key_the_issue_names(tmp_path: Path) -> None:
     run_benchmark("bench_evaluation.py", "--initial", "6", "--per-round", "6", "--rounds", "2", "--round-epochs", "1",
-                  "--epochs", "1", "--val", "8", "--occlusion-scenes", "2", "--variants", "without_fopa",
+                  "--steps", "1", "--seeds", "2", "--val", "8", "--occlusion-scenes", "2", "--variants", "without_fopa",
                   "--out", str(tmp_path), timeout=600)
     result = json.loads((tmp_path / "evaluation.json").read_text())
     for key in ("miou_real", "miou_freemask", "ratio", "miou_diffumask_style", "miou_dataset_diffusion_style",
                 "ablation", "rounds", "occlusion_label_accuracy", "commit", "config", "seed"):
         assert key in result, key
     assert set(result["ablation"]) == {"full", "without_fopa", "alpha_0.7"}
+    # the main table's entries train once per seed, the ablation's once
+    assert len(result["ratio_per_seed"]) == 2 and len(result["table"]["real"]["miou_per_seed"]) == 2
+    assert len(result["table"]["without_fopa"]["miou_per_seed"]) == 1
+    assert result["ablation"]["full"] == result["table"]["freemask"]["miou_per_seed"][0]
     assert len(result["rounds"]) == 2 and all(0.0 <= value <= 1.0 for value in result["rounds"])
     # Pasting each object's exact mask in draw order must rebuild the rendered truth exactly.
     assert result["occlusion_label_accuracy"]["freemask_compositing"] == 1.0
