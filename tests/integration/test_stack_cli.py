@@ -44,8 +44,18 @@ def freemask(config: Path, *args: str, timeout: float = 240) -> subprocess.Compl
     )
 
 
+def seaweed_files_in_tmp(config: Path) -> set[Path]:
+    """/tmp's SeaweedFS unix sockets named after this stack's ports, and every SeaweedFS log file there."""
+    stack = yaml.safe_load(config.read_text())["stack"]
+    ports = {stack["s3_port"], *range(stack["seaweed_port_base"], stack["seaweed_port_base"] + 12)}
+    sockets = {path for path in Path("/tmp").glob("seaweedfs-*.sock")
+               if any(path.name.endswith(f"-{port}.sock") for port in ports)}
+    return sockets | set(Path("/tmp").glob("weed.*"))
+
+
 def test_stack_up_status_down_leaves_nothing_behind(tmp_path: Path) -> None:
     config = write_config(tmp_path)
+    already_there = seaweed_files_in_tmp(config)  # left by other runs: a port number may come round again
     try:
         up = freemask(config, "stack", "up")
         assert up.returncode == 0, up.stdout + up.stderr
@@ -55,8 +65,7 @@ def test_stack_up_status_down_leaves_nothing_behind(tmp_path: Path) -> None:
         assert status.returncode == 0 and status.stdout.count("running (pid") == 3, status.stdout
         again = freemask(config, "stack", "up")
         assert again.stdout.count("already running") == 3, "a second up must not start duplicates"
-        state = json.loads((tmp_path / "stack" / "stack.json").read_text())
-        pids = [entry["pid"] for entry in state.values()]
+        pids = [entry["pid"] for entry in json.loads((tmp_path / "stack" / "stack.json").read_text()).values()]
         env_lines = freemask(config, "stack", "env").stdout
         assert "FREEMASK_STORE__SECRET_KEY_FILE=" in env_lines and "SECRET_KEY=" not in env_lines.replace("_FILE=", "")
     finally:
@@ -65,13 +74,9 @@ def test_stack_up_status_down_leaves_nothing_behind(tmp_path: Path) -> None:
     assert not [pid for pid in pids if pid_alive(pid)], "stack down left servers running"
     status = freemask(config, "stack", "status")
     assert status.returncode == 3 and status.stdout.count("stopped") == 3
-    # nothing in /tmp either: SeaweedFS's unix sockets (named after its ports) nor its log files (after its pid)
-    stack = yaml.safe_load(config.read_text())["stack"]
-    ports = {stack["s3_port"], *range(stack["seaweed_port_base"], stack["seaweed_port_base"] + 12)}
-    left = [path for path in Path("/tmp").glob("seaweedfs-*.sock")
-            if any(path.name.endswith(f"-{port}.sock") for port in ports)]
-    left += [path for path in Path("/tmp").glob("weed.*") if path.name.endswith(f".{state['seaweedfs']['pid']}")]
-    assert not left, f"stack down left {left}"
+    # nothing in /tmp either: neither SeaweedFS's unix sockets nor its log files
+    left = seaweed_files_in_tmp(config) - already_there
+    assert not left, f"stack down left {sorted(left)}"
 
 
 def test_run_brings_everything_up_runs_algorithm_1_exports_and_shuts_down(tmp_path: Path) -> None:
