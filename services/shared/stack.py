@@ -122,6 +122,9 @@ class EmbeddedStack:
 
     def down(self, parts: tuple[str, ...] = PARTS, progress: Callable[[str], None] = log.info) -> None:
         state = self._read_state()
+        # what a stopped server leaves outside the stack's folder, to remove once its PID is gone
+        leftovers = {"tritonserver": lambda: release_shared_memory(self.config.triton_grpc_port),
+                     "seaweedfs": self._remove_seaweed_sockets}
         for name in reversed(PARTS):
             if name not in parts or name not in state:
                 continue
@@ -129,10 +132,8 @@ class EmbeddedStack:
             if self._owns(known["pid"], known["binary"]):
                 stop_pid(known["pid"])
                 progress(f"{name}: stopped (pid {known['pid']})")
-                if name == "tritonserver" and not pid_alive(known["pid"]):
-                    release_shared_memory(self.config.triton_grpc_port)
-                if name == "seaweedfs" and not pid_alive(known["pid"]):
-                    self._remove_seaweed_sockets()
+                if name in leftovers and not pid_alive(known["pid"]):
+                    leftovers[name]()
             else:
                 progress(f"{name}: was not running")
             self._write_state(state)
@@ -162,14 +163,12 @@ class EmbeddedStack:
         }
 
     def _remove_seaweed_sockets(self) -> None:
-        """Remove the unix sockets a stopped `weed mini` leaves in /tmp. It names them after its
-        ports, under a path it hard-codes, and does not remove them on exit."""
-        ports = self._seaweed_ports()
-        by_name = {"s3": self.config.s3_port, "s3-grpc": ports["-s3.port.grpc"], "filer": ports["-filer.port"],
-                   "filer-grpc": ports["-filer.port.grpc"], "master-grpc": ports["-master.port.grpc"],
-                   "volume-grpc": ports["-volume.port.grpc"], "admin-grpc": ports["-admin.port.grpc"]}
-        for name, port in by_name.items():
-            Path(f"/tmp/seaweedfs-{name}-{port}.sock").unlink(missing_ok=True)
+        """Remove the unix sockets a stopped `weed mini` leaves in /tmp. It names them
+        `seaweedfs-{component}-{port}.sock` after its ports, under a path it hard-codes, and does
+        not remove them on exit; these ports are this stack's, so those sockets are too."""
+        for port in {self.config.s3_port, *self._seaweed_ports().values()}:
+            for socket in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                socket.unlink(missing_ok=True)
 
     def _start_seaweedfs(self) -> tuple[ServerProcess, str]:
         binary = _venv_binary("weed")
