@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from freemask.harmonization.rain import RainNet, load_rain, rain_weights_version, save_rain
-from freemask.harmonization.train import lighting_pairs, masked_mse, scores
+from freemask.harmonization.train import OBJECT_LIGHTINGS, TRAINING_SIDES, lighting_pairs, masked_mse, pair_sets, scores
 from freemask.shared.errors import InvalidInput
 
 
@@ -52,6 +52,36 @@ def test_lighting_pairs_differ_only_on_the_object() -> None:
     assert all((composites[i] != targets[i]).any() for i in range(4))
     again = lighting_pairs(seed=5, count=4)
     assert torch.equal(again[0], composites)
+
+
+def test_independent_lighting_is_a_milder_mismatch_than_a_deliberate_one() -> None:
+    """The pipeline's case (another scene's plausible lighting) is often close to the scene's own;
+    the classic training case never is."""
+    errors = {kind: scores(*lighting_pairs(seed=7, count=48, side=32, object_lighting=kind))["fmse"]
+              for kind in OBJECT_LIGHTINGS}
+    assert errors["independent"] < 0.8 * errors["mismatched"]
+
+
+def test_pair_sets_cover_every_side_and_kind() -> None:
+    sets = pair_sets(seed=3, count=2)
+    assert set(sets) == {f"{side}px_{kind}" for side in TRAINING_SIDES for kind in OBJECT_LIGHTINGS}
+    for name, (composites, masks, targets) in sets.items():
+        side = int(name.split("px_")[0])
+        assert composites.shape == targets.shape == (2, 3, side, side) and masks.shape == (2, 1, side, side)
+    with pytest.raises(InvalidInput, match="object_lighting"):
+        lighting_pairs(seed=3, count=1, object_lighting="dusk")
+
+
+def test_shipped_rain_corrects_the_objects_the_pipeline_pastes() -> None:
+    """On held-out 32 px pairs of both kinds, the shipped weights leave less error on the object
+    than pasting it unchanged. Weights trained only on deliberate mismatches failed the
+    independent case: they restyled every object fully (fMSE 701 against copy-paste's 591)."""
+    net = load_rain().eval()
+    for kind in OBJECT_LIGHTINGS:
+        composites, masks, targets = lighting_pairs(seed=4242, count=400, side=32, object_lighting=kind)
+        with torch.no_grad():
+            harmonised = net(composites, masks)
+        assert scores(harmonised, masks, targets)["fmse"] < scores(composites, masks, targets)["fmse"], kind
 
 
 def test_weights_round_trip_and_are_versioned_by_content(tmp_path: Path) -> None:
