@@ -16,13 +16,12 @@ larger dataset gets more variety, not more training:
   measured, read from its attention_mask.json), no editing, no selection;
 - **dataset_diffusion_style**: the same with the fixed threshold 0.5 and no affinity.
 
-The baselines and `real` get as many images as `freemask` accepted. These four entries are each
-the mean of `--seeds` trainings (training seeds 0, 1, …; the data stay the same), which is what
-says how far apart two figures must be to mean anything. The ablation reruns the
+The baselines and `real` get as many images as `freemask` accepted. The ablation reruns the
 whole of Algorithm 1 with one part removed: the thesaurus (objects drawn uniformly), FOPA
 (boxes drawn uniformly among the valid ones), harmonization (copy-paste), active learning
-(α = 1: keep everything), and α ∈ {0.5, 0.9}; each is scored like `freemask`, by one training
-(seed 0), and compared with `freemask`'s seed-0 training. `rounds` is
+(α = 1: keep everything), and α ∈ {0.5, 0.9}. Every entry, main table and ablation alike, is
+the mean of `--seeds` trainings (training seeds 0, 1, …; the data stay the same), which is what
+says how far apart two figures must be to mean anything. `rounds` is
 the validation mIoU of each round's f_t in the `freemask` run.
 
 Every run uses the same run seed, so the single objects are the same prompts and seeds in
@@ -157,13 +156,13 @@ def _final_in_worker(env: dict[str, str], val_pairs: list[LabelledPair], name: s
 
 
 def table_entries(env: dict[str, str], val_pairs: list[LabelledPair], datasets: dict[str, list[LabelledPair]],
-                  steps: int, seeds: dict[str, int]) -> dict[str, dict[str, object]]:
-    """Every dataset's entry: `seeds[name]` trainings (training seeds 0, 1, …), their mean mIoU and
+                  steps: int, seeds: int) -> dict[str, dict[str, object]]:
+    """Every dataset's entry: `seeds` trainings (training seeds 0, 1, …), their mean mIoU and
     per-class IoU, and each seed's mIoU. The trainings run two at a time on one thread each: this
     segmenter's small operations keep two threads only two-thirds busy."""
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {name: [pool.submit(_final_in_worker, env, val_pairs, name, pairs, steps, seed)
-                          for seed in range(seeds[name])] for name, pairs in datasets.items()}
+                          for seed in range(seeds)] for name, pairs in datasets.items()}
         results = {name: [future.result() for future in runs] for name, runs in futures.items()}
     table = {}
     for name, runs in results.items():
@@ -310,8 +309,7 @@ def main() -> None:
     parser.add_argument("--round-epochs", type=int, default=60, help="epochs of each round's f_t")
     parser.add_argument("--steps", type=int, default=600,
                         help="optimiser steps of every table entry's segmenter (100 epochs of 84 images)")
-    parser.add_argument("--seeds", type=int, default=3,
-                        help="trainings, with seeds 0, 1, ..., of each main-table entry (the ablation's: one)")
+    parser.add_argument("--seeds", type=int, default=3, help="trainings, with seeds 0, 1, ..., of each entry")
     parser.add_argument("--val", type=int, default=200, help="reference validation scenes")
     parser.add_argument("--occlusion-scenes", type=int, default=40,
                         help="scenes with occlusion for the label-accuracy comparison (and as many to tune on)")
@@ -358,14 +356,11 @@ def main() -> None:
             datasets["diffumask_style"] = fixed_threshold_pairs(store, singles, args.diffumask_threshold, "diffumask")
             datasets["dataset_diffusion_style"] = fixed_threshold_pairs(
                 store, singles, DATASET_DIFFUSION_THRESHOLD, "dataset-diffusion")
-            main_table = ("real", FREEMASK, "diffumask_style", "dataset_diffusion_style")
-            table = table_entries(env, val_pairs, datasets, args.steps,
-                                  {name: args.seeds if name in main_table else 1 for name in datasets})
+            table = table_entries(env, val_pairs, datasets, args.steps, args.seeds)
             rounds = [r.validation_mean_iou for r in machines[FREEMASK].record.rounds]
         finally:
             stack.down(progress=print)
     miou = {name: entry["miou"] for name, entry in table.items()}
-    full_seed0 = table[FREEMASK]["miou_per_seed"][0]
     commit = git_commit()
     result = {
         "miou_real": miou["real"],
@@ -375,9 +370,8 @@ def main() -> None:
                            zip(table[FREEMASK]["miou_per_seed"], table["real"]["miou_per_seed"])],
         "miou_diffumask_style": miou["diffumask_style"],
         "miou_dataset_diffusion_style": miou["dataset_diffusion_style"],
-        # one training each (seed 0), so "full" is Free-Mask's seed-0 training, not the mean over seeds
-        "ablation": {"full": full_seed0, **{name: miou[name] for name in machines if name != FREEMASK},
-                     "alpha_0.7": full_seed0},
+        "ablation": {"full": miou[FREEMASK], **{name: miou[name] for name in machines if name != FREEMASK},
+                     "alpha_0.7": miou[FREEMASK]},
         "rounds": [round(value, 4) if value is not None else None for value in rounds],
         "occlusion_label_accuracy": {method: occlusion[method]["occluded"]
                                      for method in ("freemask_compositing", "generate_then_segment")},
