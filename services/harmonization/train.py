@@ -13,9 +13,9 @@ other lighting is one of two kinds (`OBJECT_LIGHTINGS`):
 - **independent**: another scene's plausible lighting (`sample_lighting`). This is
   what the pipeline pastes: a generated object into another generated scene, both lit
   as the world lights scenes, so the two are often close and the right correction is
-  often small. A network that only ever saw the first kind learned to restyle every
-  object fully, and on pairs of this kind it did worse than copy-paste
-  (bench_harmonization measures both kinds).
+  often small. A network that only ever saw the first kind corrected every object as
+  if its lighting were far off: on pairs of this kind it left as much error on the
+  object as copy-paste, and more over the image (bench_harmonization measures both).
 
 The pool holds both kinds at both `TRAINING_SIDES`, and each step draws a batch of one
 side. The loss is the mean squared error over the masked pixels (the network changes
@@ -113,7 +113,7 @@ def evaluate(net: RainNet, held_out: dict[str, Pairs]) -> dict[str, object]:
     return {"fmse": round(statistics.mean(measured["fmse"] for measured in by_set.values()), 3), "by_set": by_set}
 
 
-def train(out: Path, minutes: float, seed: int, progress: bool = True) -> dict[str, float]:
+def train(out: Path, minutes: float, seed: int, progress: bool = True) -> dict[str, object]:
     torch.manual_seed(seed)
     per_set = POOL_PAIRS // (len(TRAINING_SIDES) * len(OBJECT_LIGHTINGS))
     pool_sets = pair_sets(seed, per_set, progress)
