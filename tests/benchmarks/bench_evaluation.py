@@ -22,7 +22,8 @@ whole of Algorithm 1 with one part removed: the thesaurus (objects drawn uniform
 (α = 1: keep everything), and α ∈ {0.5, 0.9}. Every entry, main table and ablation alike, is
 the mean of `--seeds` trainings (training seeds 0, 1, …; the data stay the same), which is what
 says how far apart two figures must be to mean anything. `rounds` is
-the validation mIoU of each round's f_t in the `freemask` run.
+the validation mIoU of each round's f_t in the `freemask` run; `selection_by_kind` counts, per
+variant, round and slot kind (single object or composed scene), the samples scored and kept.
 
 Every run uses the same run seed, so the single objects are the same prompts and seeds in
 every variant; each is generated once and its result reused (the generator is deterministic
@@ -59,7 +60,7 @@ sys.path.insert(0, str(HERE.parent / "integration"))
 from freemask.attention_mask.generation import GeneratedObject, MaskGenerator, ObjectPrompt  # noqa: E402
 from freemask.attention_mask.service import GenerateStage, SingleObjectWriter  # noqa: E402
 from freemask.coordinator.report import miou_svg  # noqa: E402
-from freemask.coordinator.rounds import COMPLETED, RunMachine, Train  # noqa: E402
+from freemask.coordinator.rounds import COMPLETED, COMPOSED_SLOT, SINGLE_SLOT, RunMachine, Train  # noqa: E402
 from freemask.harmonization.composite import paste  # noqa: E402
 from freemask.scoring.data import LabelledPair, write_reference_split  # noqa: E402
 from freemask.scoring.models import SegmenterStore, model_version  # noqa: E402
@@ -179,6 +180,18 @@ def accepted_pairs(machine: RunMachine) -> list[LabelledPair]:
     accepted = set(machine.record.accepted)
     return [LabelledPair(slot.sample["keys"]["image_key"], slot.sample["keys"]["label_key"])
             for current in machine.record.rounds for slot in current.slots if slot.final_id in accepted]
+
+
+def selection_by_kind(machine: RunMachine) -> dict[str, dict[str, list[int]]]:
+    """Per slot kind, how many samples each round scored and how many its top-α cut kept."""
+    accepted = set(machine.record.accepted)
+    counts = {kind: {"scored": [], "kept": []} for kind in (SINGLE_SLOT, COMPOSED_SLOT)}
+    for current in machine.record.rounds:
+        for kind, count in counts.items():
+            slots = [slot for slot in current.slots if slot.kind == kind and slot.score is not None]
+            count["scored"].append(len(slots))
+            count["kept"].append(sum(slot.final_id in accepted for slot in slots))
+    return counts
 
 
 def singles_of(machine: RunMachine) -> list[dict]:
@@ -373,6 +386,7 @@ def main() -> None:
         "ablation": {"full": miou[FREEMASK], **{name: miou[name] for name in machines if name != FREEMASK},
                      "alpha_0.7": miou[FREEMASK]},
         "rounds": [round(value, 4) if value is not None else None for value in rounds],
+        "selection_by_kind": {name: selection_by_kind(machine) for name, machine in machines.items()},
         "occlusion_label_accuracy": {method: occlusion[method]["occluded"]
                                      for method in ("freemask_compositing", "generate_then_segment")},
         "occlusion": occlusion,

@@ -38,6 +38,10 @@ def test_the_evaluation_benchmark_writes_every_key_the_issue_names(tmp_path: Pat
         assert len(runs) == 2 and result["table"][name]["miou"] == pytest.approx(sum(runs) / 2, abs=1e-4)
     assert result["ablation"]["full"] == result["table"]["freemask"]["miou"]
     assert result["ablation"]["without_fopa"] == result["table"]["without_fopa"]["miou"]
+    for name in ("freemask", "without_fopa"):  # every accepted sample is a kept single or composed scene
+        kinds = result["selection_by_kind"][name]
+        assert sum(sum(kinds[kind]["kept"]) for kind in ("single", "composed")) == result["table"][name]["images"]
+        assert all(kept <= scored for kind in kinds.values() for kept, scored in zip(kind["kept"], kind["scored"]))
     assert len(result["rounds"]) == 2 and all(0.0 <= value <= 1.0 for value in result["rounds"])
     # Pasting each object's exact mask in draw order must rebuild the rendered truth exactly.
     assert result["occlusion_label_accuracy"]["freemask_compositing"] == 1.0
