@@ -116,10 +116,10 @@ def evaluate(net: RainNet, held_out: dict[str, Pairs]) -> dict[str, object]:
 def train(out: Path, minutes: float, seed: int, progress: bool = True) -> dict[str, object]:
     torch.manual_seed(seed)
     per_set = POOL_PAIRS // (len(TRAINING_SIDES) * len(OBJECT_LIGHTINGS))
-    pool_sets = pair_sets(seed, per_set, progress)
     # one pool per side (a batch holds one size), both lighting kinds mixed in it
-    pools = {side: tuple(torch.cat([pool_sets[f"{side}px_{kind}"][part] for kind in OBJECT_LIGHTINGS])
-                         for part in range(3)) for side in TRAINING_SIDES}
+    pools = {side: tuple(torch.cat(parts) for parts in zip(*(lighting_pairs(seed, per_set, side, kind, progress)
+                                                               for kind in OBJECT_LIGHTINGS)))
+             for side in TRAINING_SIDES}
     held_out = pair_sets(seed + 1000, HELD_OUT_PAIRS)
     net = RainNet(RainConfig())
     optimiser = torch.optim.AdamW(net.parameters(), lr=LEARNING_RATE, weight_decay=1e-4)
