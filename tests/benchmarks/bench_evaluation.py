@@ -14,9 +14,12 @@ larger dataset gets more variety, not more training:
 - **diffumask_style**: single objects only, each mask the soft map at one fixed threshold
   (`--diffumask-threshold`; by default the best single threshold that bench_attention_mask
   measured, read from its attention_mask.json), no editing, no selection;
-- **dataset_diffusion_style**: the same with the fixed threshold 0.5 and no affinity.
+- **dataset_diffusion_style**: the same with the fixed threshold 0.5 and no affinity;
+- **freemask_singles**: the same single objects with the masks Free-Mask's refinement gave
+  them, no editing and no selection. Beside the baselines it measures the refinement alone;
+  beside `freemask`, what editing and selection add to it.
 
-The baselines and `real` get as many images as `freemask` accepted. The ablation reruns the
+The baselines, `freemask_singles` and `real` get as many images as `freemask` accepted. The ablation reruns the
 whole of Algorithm 1 with one part removed: the thesaurus (objects drawn uniformly), FOPA
 (boxes drawn uniformly among the valid ones), harmonization (copy-paste), active learning
 (α = 1: keep everything), and α ∈ {0.5, 0.9}. Every entry, main table and ablation alike, is
@@ -88,6 +91,7 @@ DATASET_DIFFUSION_THRESHOLD = 0.5
 
 # name -> (config overrides as FREEMASK_* env, run overrides as a StartRun would give them)
 FREEMASK = "freemask"
+FREEMASK_SINGLES = "freemask_singles"  # the baselines' single objects with Free-Mask's refined masks
 VARIANTS: dict[str, tuple[dict[str, str], dict[str, str]]] = {
     FREEMASK: ({}, {}),
     "without_thesaurus": ({"FREEMASK_THESAURUS__OBJECT_CHOICE": "uniform"}, {}),
@@ -369,6 +373,8 @@ def main() -> None:
             datasets["diffumask_style"] = fixed_threshold_pairs(store, singles, args.diffumask_threshold, "diffumask")
             datasets["dataset_diffusion_style"] = fixed_threshold_pairs(
                 store, singles, DATASET_DIFFUSION_THRESHOLD, "dataset-diffusion")
+            datasets[FREEMASK_SINGLES] = [LabelledPair(single["keys"]["image_key"], single["keys"]["label_key"])
+                                          for single in singles]
             table = table_entries(env, val_pairs, datasets, args.steps, args.seeds)
             rounds = [r.validation_mean_iou for r in machines[FREEMASK].record.rounds]
         finally:
@@ -383,6 +389,7 @@ def main() -> None:
                            zip(table[FREEMASK]["miou_per_seed"], table["real"]["miou_per_seed"])],
         "miou_diffumask_style": miou["diffumask_style"],
         "miou_dataset_diffusion_style": miou["dataset_diffusion_style"],
+        "miou_freemask_singles": miou[FREEMASK_SINGLES],
         "ablation": {"full": miou[FREEMASK], **{name: miou[name] for name in machines if name != FREEMASK},
                      "alpha_0.7": miou[FREEMASK]},
         "rounds": [round(value, 4) if value is not None else None for value in rounds],

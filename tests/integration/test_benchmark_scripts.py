@@ -28,8 +28,11 @@ def test_the_evaluation_benchmark_writes_every_key_the_issue_names(tmp_path: Pat
                   "--out", str(tmp_path), timeout=600)
     result = json.loads((tmp_path / "evaluation.json").read_text())
     for key in ("miou_real", "miou_freemask", "ratio", "miou_diffumask_style", "miou_dataset_diffusion_style",
-                "ablation", "rounds", "occlusion_label_accuracy", "commit", "config", "seed"):
+                "miou_freemask_singles", "ablation", "rounds", "occlusion_label_accuracy", "commit", "config", "seed"):
         assert key in result, key
+    # the refined-singles entry trains on the baselines' very images, as many as Free-Mask kept
+    assert result["table"]["freemask_singles"]["images"] == result["table"]["diffumask_style"]["images"] \
+        == result["table"]["freemask"]["images"]
     assert set(result["ablation"]) == {"full", "without_fopa", "alpha_0.7"}
     # every entry, the ablation's too, trains once per seed; its figure is their mean
     assert len(result["ratio_per_seed"]) == 2
