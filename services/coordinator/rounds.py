@@ -173,6 +173,11 @@ def _message_json(message: Any) -> dict[str, Any]:
     return json_format.MessageToDict(message, preserving_proto_field_name=True)
 
 
+def labelled_pair(message: dict[str, Any]) -> LabelledPair:
+    """The (image, label map) pair of a SingleObject or Sample kept as JSON in a slot."""
+    return LabelledPair(message["keys"]["image_key"], message["keys"]["label_key"])
+
+
 class RunMachine:
     """Algorithm 1 for one run, over a RunRecord."""
 
@@ -302,7 +307,7 @@ class RunMachine:
         if not dataset:
             self.record.phase, self.record.error = FAILED, "no single object of D_0 was generated"
             return []
-        return self._train_round(0, [LabelledPair(s["keys"]["image_key"], s["keys"]["label_key"]) for s in dataset])
+        return self._train_round(0, [labelled_pair(single) for single in dataset])
 
     def _after_round_event(self) -> list[Action]:
         record = self.record
@@ -326,8 +331,7 @@ class RunMachine:
         if current.round + 1 >= record.settings.rounds:
             record.phase = COMPLETED
             return actions
-        pairs = [LabelledPair(by_id[i].sample["keys"]["image_key"], by_id[i].sample["keys"]["label_key"])
-                 for i in current.retained]
+        pairs = [labelled_pair(by_id[i].sample) for i in current.retained]
         return actions + self._train_round(current.round + 1, pairs)
 
     def _train_round(self, round_index: int, pairs: list[LabelledPair]) -> list[Action]:

@@ -63,7 +63,14 @@ sys.path.insert(0, str(HERE.parent / "integration"))
 from freemask.attention_mask.generation import GeneratedObject, MaskGenerator, ObjectPrompt  # noqa: E402
 from freemask.attention_mask.service import GenerateStage, SingleObjectWriter  # noqa: E402
 from freemask.coordinator.report import miou_svg  # noqa: E402
-from freemask.coordinator.rounds import COMPLETED, COMPOSED_SLOT, SINGLE_SLOT, RunMachine, Train  # noqa: E402
+from freemask.coordinator.rounds import (  # noqa: E402
+    COMPLETED,
+    COMPOSED_SLOT,
+    SINGLE_SLOT,
+    RunMachine,
+    Train,
+    labelled_pair,
+)
 from freemask.harmonization.composite import paste  # noqa: E402
 from freemask.scoring.data import LabelledPair, write_reference_split  # noqa: E402
 from freemask.scoring.models import SegmenterStore, model_version  # noqa: E402
@@ -182,8 +189,8 @@ def table_entries(env: dict[str, str], val_pairs: list[LabelledPair], datasets: 
 def accepted_pairs(machine: RunMachine) -> list[LabelledPair]:
     """The run's output: every accepted sample's image and label, in slot order."""
     accepted = set(machine.record.accepted)
-    return [LabelledPair(slot.sample["keys"]["image_key"], slot.sample["keys"]["label_key"])
-            for current in machine.record.rounds for slot in current.slots if slot.final_id in accepted]
+    return [labelled_pair(slot.sample) for current in machine.record.rounds for slot in current.slots
+            if slot.final_id in accepted]
 
 
 def selection_by_kind(machine: RunMachine) -> dict[str, dict[str, list[int]]]:
@@ -373,8 +380,7 @@ def main() -> None:
             datasets["diffumask_style"] = fixed_threshold_pairs(store, singles, args.diffumask_threshold, "diffumask")
             datasets["dataset_diffusion_style"] = fixed_threshold_pairs(
                 store, singles, DATASET_DIFFUSION_THRESHOLD, "dataset-diffusion")
-            datasets[FREEMASK_SINGLES] = [LabelledPair(single["keys"]["image_key"], single["keys"]["label_key"])
-                                          for single in singles]
+            datasets[FREEMASK_SINGLES] = [labelled_pair(single) for single in singles]
             table = table_entries(env, val_pairs, datasets, args.steps, args.seeds)
             rounds = [r.validation_mean_iou for r in machines[FREEMASK].record.rounds]
         finally:
