@@ -46,11 +46,20 @@ from freemask.coordinator.rounds import (
 )
 from freemask.scoring.data import write_manifest
 from freemask.scoring.models import model_version
-from freemask.shared.bus import OutboundMessage, Publisher, Topics, make_consumer, make_producer, read_to_end
+from freemask.shared.bus import (
+    GapGuard,
+    OutboundMessage,
+    Publisher,
+    Topics,
+    make_consumer,
+    make_producer,
+    read_to_end,
+)
 from freemask.shared.config import BusConfig, FreemaskConfig, ServerConfig
 from freemask.shared.errors import InvalidInput, NotFound, Unusable, shown
 from freemask.shared.grpc_runtime import error_from_rpc, open_channel
 from freemask.shared.keys import validate_id
+from freemask.shared.metrics import ServiceMetrics
 from freemask.shared.scene_steps import require_finite
 from freemask.shared.singles import validate_single_object
 from freemask.shared.runner import ServiceContext, ServiceParts
@@ -447,10 +456,11 @@ class CoordinatorLoop:
     """The bus side: polls singles, scores and dead letters, and polls training jobs."""
 
     def __init__(self, config: FreemaskConfig, coordinator: Coordinator,
-                 new_consumer: Callable[[], KafkaConsumer]) -> None:
+                 new_consumer: Callable[[], KafkaConsumer], metrics: ServiceMetrics | None = None) -> None:
         self._config = config
         self._coordinator = coordinator
         self._new_consumer = new_consumer
+        self._metrics = metrics
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._supervise, name="coordinator", daemon=True)
 
@@ -472,9 +482,10 @@ class CoordinatorLoop:
     def _run(self) -> None:
         self._coordinator.resume(accepted_ids(self._config))
         consumer = self._new_consumer()
+        guard = GapGuard(self._config.bus.gap_wait_s, self._metrics)
         try:
             while not self._stop.is_set():
-                polled = consumer.poll(timeout_ms=int(self._config.coordinator.poll_interval_s * 1000))
+                polled = guard.poll(consumer, int(self._config.coordinator.poll_interval_s * 1000))
                 records = [record for batch in polled.values() for record in batch]
                 if records:
                     self._coordinator.handle(records)
@@ -484,11 +495,12 @@ class CoordinatorLoop:
             consumer.close(autocommit=False)
 
 
-def assemble(config: FreemaskConfig, store: ObjectStore, scoring: ScoringClient, bus: BusClients) -> ServiceParts:
+def assemble(config: FreemaskConfig, store: ObjectStore, scoring: ScoringClient, bus: BusClients,
+             metrics: ServiceMetrics | None = None) -> ServiceParts:
     """The coordinator over these clients, its loop started; `build` passes the configured ones."""
     publisher = LazyPublisher(bus.new_producer)
     coordinator = Coordinator(config, RunRepository(store), store, scoring, publisher.publish)
-    loop = CoordinatorLoop(config, coordinator, bus.new_consumer)
+    loop = CoordinatorLoop(config, coordinator, bus.new_consumer, metrics)
     loop.start()
 
     def stop() -> None:
@@ -502,4 +514,5 @@ def assemble(config: FreemaskConfig, store: ObjectStore, scoring: ScoringClient,
 def build(context: ServiceContext) -> ServiceParts:
     config = context.config
     target = config.coordinator.scoring_target or f"{config.server.host}:{config.server.ports['scoring'].grpc_port}"
-    return assemble(config, context.store, ScoringClient(target, server=config.server), BusClients.of(config.bus))
+    return assemble(config, context.store, ScoringClient(target, server=config.server), BusClients.of(config.bus),
+                    context.metrics)

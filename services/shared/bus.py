@@ -197,9 +197,10 @@ def read_to_end(config: BusConfig, topic: str, timeout_s: float = 60.0) -> Itera
         reader.assign(partitions)
         reader.seek_to_beginning(*partitions)
         reported_end = reader.end_offsets(partitions)
+        guard = GapGuard(config.gap_wait_s)
         deadline = time.monotonic() + timeout_s
         while True:
-            polled = reader.poll(timeout_ms=500)
+            polled = guard.poll(reader, 500)
             for batch in polled.values():
                 yield from batch
             if not polled and _caught_up(reader, partitions, reported_end):
@@ -219,6 +220,94 @@ def _caught_up(reader: KafkaConsumer, partitions: Sequence[TopicPartition],
         if highwater is None or reader.position(partition) < max(highwater, reported_end.get(partition, 0)):
             return False
     return True
+
+
+@dataclass
+class GapGuard:
+    """Hands out each partition's records in offset order with none missing: a poll that skips an
+    offset is cut short there and the consumer is rewound to ask for it again.
+
+    Why: Tansu 0.6, the embedded broker, gives a produced batch its offset first and writes the batch
+    to S3 after, and a fetch returns whichever batches exist from the offset asked for. While one
+    producer's batch is still being written, another's later batch can already be fetched, and a
+    consumer that takes it has moved past the first for good (tests/integration/test_bus_gaps.py).
+    On the platform's topics, neither compacted nor transactional, Kafka's offsets have no
+    holes, so a hole is a record not readable yet. One still missing after `max_wait_s` is taken as a
+    write the broker lost (killed between its two writes): logged, counted, and passed over.
+    `max_wait_s` 0 passes holes at once, as a plain consumer does; a broker whose offsets have holes
+    of their own (compaction, transaction markers) needs that, or it pauses at each.
+
+    The expected next offset of a partition is its position when the guard first sees it assigned
+    before a poll; for one a group assigns within a poll, its committed offset, or the start of the
+    partition (the platform's consumers begin at the earliest offset)."""
+
+    max_wait_s: float
+    metrics: ServiceMetrics | None = None
+    pause_s: float = 0.05  # between asks while a hole is being written: the broker is not spun on
+    clock: Callable[[], float] = time.monotonic
+    _next: dict[TopicPartition, int] = field(default_factory=dict)
+    _missing: dict[TopicPartition, tuple[int, float]] = field(default_factory=dict)  # offset, since
+
+    def poll(self, consumer: KafkaConsumer, timeout_ms: int,
+             max_records: int | None = None) -> dict[TopicPartition, list[ConsumerRecord]]:
+        assigned = consumer.assignment()
+        for partition in set(self._next) - assigned:  # revoked: whoever gets it next moves it on
+            self._next.pop(partition)
+            self._missing.pop(partition, None)
+        for partition in assigned - set(self._next):
+            position = consumer.position(partition, timeout_ms=timeout_ms)
+            if position is not None:  # else not known yet: the first records' partition start stands in
+                self._next[partition] = position
+        polled = consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        contiguous = {}
+        for partition, records in polled.items():
+            if kept := self._contiguous(consumer, partition, records):
+                contiguous[partition] = kept
+        if not contiguous and self._missing:
+            time.sleep(self.pause_s)
+        return contiguous
+
+    def _contiguous(self, consumer: KafkaConsumer, partition: TopicPartition,
+                    records: list[ConsumerRecord]) -> list[ConsumerRecord]:
+        expected = self._next.get(partition)
+        if expected is None:
+            expected = self._start(consumer, partition)
+        kept: list[ConsumerRecord] = []
+        for record in records:
+            if record.offset > expected and not self._given_up(partition, expected, record.offset):
+                consumer.seek(partition, expected)
+                break
+            kept.append(record)
+            expected = record.offset + 1
+        self._next[partition] = expected
+        if partition in self._missing and self._missing[partition][0] < expected:
+            del self._missing[partition]  # the hole was filled
+        return kept
+
+    @staticmethod
+    def _start(consumer: KafkaConsumer, partition: TopicPartition) -> int:
+        if consumer.config.get("group_id") is not None:
+            committed = consumer.committed(partition)
+            if committed is not None:
+                return committed
+        return consumer.beginning_offsets([partition])[partition]
+
+    def _given_up(self, partition: TopicPartition, missing: int, found: int) -> bool:
+        """Whether the hole [missing, found) has been waited for long enough to be passed over."""
+        now = self.clock()
+        if self._missing.get(partition, (None,))[0] != missing:
+            self._missing[partition] = (missing, now)
+            if self.metrics is not None:
+                self.metrics.offset_gaps.labels(self.metrics.service, partition.topic).inc()
+        if now - self._missing[partition][1] < self.max_wait_s:
+            return False
+        del self._missing[partition]
+        log.warning("offsets never became readable; passing over them",
+                    extra={"topic": partition.topic, "partition": partition.partition,
+                           "offsets": f"{missing}..{found - 1}", "waited_s": self.max_wait_s})
+        if self.metrics is not None:
+            self.metrics.skipped_offsets.labels(self.metrics.service, partition.topic).inc(found - missing)
+        return True
 
 
 def ensure_topics(config: BusConfig, topics: Iterable[str] = Topics.ALL) -> list[str]:
@@ -297,6 +386,7 @@ class StageWorker:
     def run(self, max_messages: int | None = None, timeout_s: float | None = None) -> WorkerStats:
         """Process until stopped, `max_messages` handled, or `timeout_s` elapsed."""
         consumer = make_consumer(self.config, self.stage, [self.topic])
+        guard = GapGuard(self.config.gap_wait_s, self.metrics)
         publisher = Publisher(make_producer(self.config))
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         try:
@@ -305,7 +395,7 @@ class StageWorker:
                     break
                 if max_messages is not None and self.stats.processed >= max_messages:
                     break
-                batch = consumer.poll(timeout_ms=self.config.poll_timeout_ms, max_records=self._budget(max_messages))
+                batch = guard.poll(consumer, self.config.poll_timeout_ms, self._budget(max_messages))
                 self._settle_batch(batch, consumer, publisher)
                 self._record_lag(consumer)
         finally:

@@ -87,6 +87,11 @@ class BusConfig(_Frozen):
     retry_backoff_s: float = Field(0.2, ge=0.0)
     retry_backoff_max_s: float = Field(5.0, ge=0.0)
     max_message_bytes: int = Field(1024 * 1024, ge=1024)
+    # Tansu can serve the offset after one still being written (bus.GapGuard). Waiting past the
+    # platform producers' request timeout (15 s) buys nothing: by then the producer has sent the
+    # record again, under a new offset, so passing over the hole loses no record of theirs.
+    gap_wait_s: float = Field(15.0, ge=0.0, description="how long a consumer waits for a skipped offset "
+                                                        "to become readable before passing over it")
     partitions: int = Field(3, ge=1, description="partitions per topic when the platform creates topics")
     # Topics that need more parallelism than the rest (the slow stages' inputs), by
     # full topic name; a topic not named here gets `partitions`.

@@ -41,6 +41,14 @@ class ServiceMetrics:
         self.dead_letters = Counter(
             "freemask_dlq_messages", "messages sent to the dead-letter topic", labels + ["topic"], registry=r
         )
+        self.offset_gaps = Counter(
+            "freemask_bus_offset_gaps", "times a poll skipped an offset, held back until it was readable",
+            labels + ["topic"], registry=r,
+        )
+        self.skipped_offsets = Counter(
+            "freemask_bus_skipped_offsets", "offsets passed over after bus.gap_wait_s without becoming readable",
+            labels + ["topic"], registry=r,
+        )
         self.lag = Gauge(
             "freemask_stage_lag_messages", "records behind the partition's high-water mark",
             labels + ["topic", "partition"], registry=r,

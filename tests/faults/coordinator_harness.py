@@ -48,6 +48,7 @@ from freemask.coordinator.service import (
 )
 from freemask.scoring.models import model_version
 from freemask.shared.bus import (
+    GapGuard,
     InboundMessage,
     OutboundMessage,
     Publisher,
@@ -434,17 +435,19 @@ def stand_ins(config: FreemaskConfig, run_id: str, dead: frozenset[str]) -> Iter
 # --- reading the broker back ----------------------------------------------------------------------
 
 
-def _read_to_end(consumer: KafkaConsumer, topics: Sequence[str], deadline: float) -> list[ConsumerRecord]:
+def _read_to_end(bus: BusConfig, consumer: KafkaConsumer, topics: Sequence[str],
+                 deadline: float) -> list[ConsumerRecord]:
     """Every record of `topics`, each partition read from its start until polls bring nothing and its
     position has reached the high-water mark of the fetches (Tansu's ListOffsets reports too little)."""
     consumer.topics()
     partitions = [TopicPartition(topic, p) for topic in topics for p in consumer.partitions_for_topic(topic) or ()]
     consumer.assign(partitions)
     consumer.seek_to_beginning(*partitions)
+    guard = GapGuard(bus.gap_wait_s)
     records: list[ConsumerRecord] = []
     quiet = 0
     while quiet < 2:  # a second empty poll: nothing was still in flight
-        polled = consumer.poll(timeout_ms=300)
+        polled = guard.poll(consumer, 300)
         records.extend(record for batch in polled.values() for record in batch)
         caught_up = all(consumer.highwater(p) is not None and consumer.position(p) >= consumer.highwater(p)
                         for p in partitions)
@@ -459,7 +462,7 @@ def skip_group_to_end(bus: BusConfig, group: str, topics: Sequence[str], timeout
     consumer = KafkaConsumer(bootstrap_servers=bus.bootstrap_servers, client_id="crash-harness",
                              group_id=f"{bus.group_prefix}.{group}", enable_auto_commit=False)
     try:
-        _read_to_end(consumer, topics, time.monotonic() + timeout_s)
+        _read_to_end(bus, consumer, topics, time.monotonic() + timeout_s)
         consumer.commit({p: OffsetAndMetadata(consumer.position(p), "", -1) for p in consumer.assignment()})
     finally:
         consumer.close(autocommit=False)
@@ -468,7 +471,7 @@ def skip_group_to_end(bus: BusConfig, group: str, topics: Sequence[str], timeout
 def accepted_of(bus: BusConfig, run_id: str, timeout_s: float = 60.0) -> list[samples_pb2.AcceptedSample]:
     consumer = make_reader(bus)
     try:
-        records = _read_to_end(consumer, [Topics.ACCEPTED], time.monotonic() + timeout_s)
+        records = _read_to_end(bus, consumer, [Topics.ACCEPTED], time.monotonic() + timeout_s)
     finally:
         consumer.close()
     accepted = [samples_pb2.AcceptedSample.FromString(record.value) for record in records]

@@ -20,7 +20,7 @@ from google.protobuf.message import DecodeError, Message
 from kafka import KafkaConsumer, TopicPartition
 
 from freemask.coordinator.rounds import single_sample
-from freemask.shared.bus import Topics
+from freemask.shared.bus import GapGuard, Topics
 from freemask.shared.config import BusConfig
 from freemask.shared.keys import sample_prefix
 from freemask.v1 import (
@@ -673,10 +673,11 @@ class TopicReader:
         assert partitions, f"topic {topic} has no partitions"
         self._consumer.assign(partitions)
         self._consumer.seek_to_beginning(*partitions)
+        self._guard = GapGuard(config.gap_wait_s)  # several services write the DLQ at once
         self.records: list[Record] = []
 
     def poll(self, timeout_ms: int = 300) -> None:
-        for batch in self._consumer.poll(timeout_ms=timeout_ms).values():
+        for batch in self._guard.poll(self._consumer, timeout_ms).values():
             for record in batch:
                 key = record.key.decode("utf-8", "replace") if record.key is not None else ""
                 self.records.append(Record(key, record.value or b"", dict(record.headers or [])))

@@ -20,6 +20,7 @@ from pathlib import Path
 from kafka import KafkaConsumer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
+from freemask.shared.bus import GapGuard
 from freemask.shared.config import BusConfig, FreemaskConfig, ServerConfig, load_config
 from freemask.shared.grpc_runtime import check_health
 from freemask.shared.images import encode_png
@@ -249,9 +250,10 @@ def read_outcomes(bus: BusConfig, topics: Iterable[str], wanted: Iterable[str], 
         partitions = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())]
         consumer.assign(partitions)
         consumer.seek_to_beginning(*partitions)
+        guard = GapGuard(bus.gap_wait_s)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            for records in consumer.poll(timeout_ms=500).values():
+            for records in guard.poll(consumer, 500).values():
                 for record in records:
                     if record.key is not None:
                         seen[record.topic][record.key.decode("utf-8", "replace")] = record.value

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 from google.protobuf.message import Message
 from kafka import KafkaConsumer
 
-from freemask.shared.bus import OutboundMessage, Publisher, ensure_topics, make_producer
+from freemask.shared.bus import GapGuard, OutboundMessage, Publisher, ensure_topics, make_producer
 from freemask.shared.config import BusConfig
 from freemask.v1 import generate_pb2
 
@@ -57,11 +57,12 @@ def read_from_start(
         topic, bootstrap_servers=config.bootstrap_servers, auto_offset_reset="earliest", enable_auto_commit=False,
         group_id=None,
     )
+    guard = GapGuard(config.gap_wait_s)
     records: list[Record] = []
     deadline = time.monotonic() + timeout_s
     try:
         while not enough(records) and time.monotonic() < deadline:
-            for batch in consumer.poll(timeout_ms=500).values():
+            for batch in guard.poll(consumer, 500).values():
                 records.extend((r.key.decode(), r.value, dict(r.headers)) for r in batch)
     finally:
         consumer.close()

@@ -14,6 +14,8 @@ METRIC_TYPES = {
     "freemask_stage_messages_total": "counter",
     "freemask_stage_processing_seconds": "histogram",
     "freemask_dlq_messages_total": "counter",
+    "freemask_bus_offset_gaps_total": "counter",
+    "freemask_bus_skipped_offsets_total": "counter",
     "freemask_stage_lag_messages": "gauge",
     "freemask_gpu_memory_bytes": "gauge",
 }
