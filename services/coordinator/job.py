@@ -37,6 +37,8 @@ STAGE_SERVICES = ("attention_mask", "thesaurus", "placement", "harmonization", "
 class StageTotals:
     messages: int  # handled successfully
     seconds: float  # spent handling messages (outputs included)
+    offset_gaps: int = 0  # polls held back at an offset the broker had not yet written (bus.GapGuard)
+    skipped_offsets: int = 0  # offsets passed over after bus.gap_wait_s
 
 
 def stage_totals(config: FreemaskConfig) -> dict[str, StageTotals]:
@@ -50,14 +52,18 @@ def stage_totals(config: FreemaskConfig) -> dict[str, StageTotals]:
                 text = response.read().decode("utf-8")
         except OSError:
             continue
-        messages, seconds = 0.0, 0.0
+        messages, seconds, gaps, skipped = 0.0, 0.0, 0.0, 0.0
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 if sample.name == "freemask_stage_messages_total" and sample.labels.get("outcome") == "ok":
                     messages += sample.value
                 elif sample.name == "freemask_stage_processing_seconds_sum":
                     seconds += sample.value
-        totals[name] = StageTotals(int(messages), seconds)
+                elif sample.name == "freemask_bus_offset_gaps_total":
+                    gaps += sample.value
+                elif sample.name == "freemask_bus_skipped_offsets_total":
+                    skipped += sample.value
+        totals[name] = StageTotals(int(messages), seconds, int(gaps), int(skipped))
     return totals
 
 

@@ -234,8 +234,8 @@ class GapGuard:
     On the platform's topics, neither compacted nor transactional, Kafka's offsets have no
     holes, so a hole is a record not readable yet. One still missing after `max_wait_s` is taken as a
     write the broker lost (killed between its two writes): logged, counted, and passed over.
-    `max_wait_s` 0 passes holes at once, as a plain consumer does; a broker whose offsets have holes
-    of their own (compaction, transaction markers) needs that, or it pauses at each.
+    `max_wait_s` 0 turns the guard off (a plain poll); a broker whose offsets have holes of their
+    own (compaction, transaction markers) needs that, or it pauses at each.
 
     The expected next offset of a partition is its position when the guard first sees it assigned
     before a poll; for one a group assigns within a poll, its committed offset, or the start of the
@@ -244,12 +244,13 @@ class GapGuard:
     max_wait_s: float
     metrics: ServiceMetrics | None = None
     pause_s: float = 0.05  # between asks while a hole is being written: the broker is not spun on
-    clock: Callable[[], float] = time.monotonic
     _next: dict[TopicPartition, int] = field(default_factory=dict)
     _missing: dict[TopicPartition, tuple[int, float]] = field(default_factory=dict)  # offset, since
 
     def poll(self, consumer: KafkaConsumer, timeout_ms: int,
              max_records: int | None = None) -> dict[TopicPartition, list[ConsumerRecord]]:
+        if self.max_wait_s == 0:
+            return consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
         assigned = consumer.assignment()
         for partition in set(self._next) - assigned:  # revoked: whoever gets it next moves it on
             self._next.pop(partition)
@@ -294,7 +295,7 @@ class GapGuard:
 
     def _given_up(self, partition: TopicPartition, missing: int, found: int) -> bool:
         """Whether the hole [missing, found) has been waited for long enough to be passed over."""
-        now = self.clock()
+        now = time.monotonic()
         if self._missing.get(partition, (None,))[0] != missing:
             self._missing[partition] = (missing, now)
             if self.metrics is not None:

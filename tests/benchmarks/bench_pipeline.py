@@ -16,7 +16,8 @@ The same work twice, on one private embedded stack (SeaweedFS, Tansu, tritonserv
 
 `bus_throughput_ratio` = samples/s through the services ÷ samples/s in one process (1.0
 means the bus costs nothing). `stage_seconds` = seconds each stage spent per message it
-handled, from the services' Prometheus metrics.
+handled, from the services' Prometheus metrics; `offset_gaps` = how often a stage's consumer met
+an offset Tansu had not yet written and waited for it, `skipped_offsets` = offsets it gave up on.
 
 Writes tests/benchmarks/results/pipeline.json.
 """
@@ -41,7 +42,7 @@ from in_process import InProcessPlatform  # noqa: E402
 from ports import reserve_ports  # noqa: E402
 from results_files import git_commit, write_json  # noqa: E402
 
-from freemask.coordinator.job import stage_totals  # noqa: E402
+from freemask.coordinator.job import StageTotals, stage_totals  # noqa: E402
 from freemask.coordinator.rounds import RunMachine, Train  # noqa: E402
 from freemask.scoring.models import SegmenterStore  # noqa: E402
 from freemask.scoring.scorer import label_names  # noqa: E402
@@ -59,8 +60,8 @@ SEED = 0
 
 
 def services_run(config: FreemaskConfig, env: dict[str, str], log_dir: Path, overrides: dict[str, str]
-                 ) -> tuple[float, int, dict[str, float]]:
-    """(seconds of D'_0, samples scored, seconds per message by stage) with every service a process."""
+                 ) -> tuple[float, int, dict[str, StageTotals]]:
+    """(seconds of D'_0, samples scored, each stage's totals) with every service a process."""
     import grpc
 
     processes = start_services(config, env, log_dir)
@@ -81,9 +82,7 @@ def services_run(config: FreemaskConfig, env: dict[str, str], log_dir: Path, ove
         elapsed = time.perf_counter() - started
         if run.state != coordinator_pb2.RUN_STATE_COMPLETED:
             raise RuntimeError(f"the services' run failed: {run.error}")
-        totals = stage_totals(config)
-        return elapsed, run.rounds[0].scored, {name: round(t.seconds / t.messages, 4) for name, t in totals.items()
-                                                if t.messages}
+        return elapsed, run.rounds[0].scored, stage_totals(config)
     finally:
         stop_services(processes)
 
@@ -135,7 +134,7 @@ def main() -> None:
                    **ports, "FREEMASK_SCORING__INPUT_SIZE": "32"}
             config = load_config(environ=env)
             ensure_topics(config.bus)
-            services_s, services_scored, stage_seconds = services_run(config, env, Path(tmp) / "logs", overrides)
+            services_s, services_scored, stages = services_run(config, env, Path(tmp) / "logs", overrides)
             in_process_s, in_process_scored = in_process_run(config, overrides)
         finally:
             stack.down(progress=print)
@@ -145,7 +144,10 @@ def main() -> None:
         "samples_per_s_services": round(services_rate, 3),
         "samples_per_s_in_process": round(in_process_rate, 3),
         "bus_throughput_ratio": round(services_rate / in_process_rate, 3),
-        "stage_seconds": stage_seconds,
+        "stage_seconds": {name: round(t.seconds / t.messages, 4) for name, t in stages.items() if t.messages},
+        # Holes Tansu showed the stages' consumers, each held until written (bus.GapGuard), and any passed over
+        "offset_gaps": {name: t.offset_gaps for name, t in stages.items()},
+        "skipped_offsets": {name: t.skipped_offsets for name, t in stages.items()},
         "samples_scored": {"services": services_scored, "in_process": in_process_scored},
         "seconds": {"services": round(services_s, 1), "in_process": round(in_process_s, 1)},
         "bench_seconds": round(time.perf_counter() - started, 1),

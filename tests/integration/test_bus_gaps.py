@@ -99,7 +99,11 @@ def metric(metrics: ServiceMetrics, name: str, topic: str) -> float:
 
 def test_a_plain_reader_steps_over_a_batch_the_broker_has_not_written(holed: Holed) -> None:
     # What the guard is for: if Tansu ever stops serving past a hole, this says so.
-    assert read(holed, None, RECORDS) == [o for o in range(RECORDS) if o != HOLE]
+    stepped_over = [o for o in range(RECORDS) if o != HOLE]
+    assert read(holed, None, RECORDS) == stepped_over
+    metrics = ServiceMetrics("test")
+    assert read(holed, GapGuard(0.0, metrics), RECORDS) == stepped_over  # gap_wait_s 0: the guard is off
+    assert metric(metrics, "freemask_bus_offset_gaps", holed.partition.topic) == 0
 
 
 def test_the_guard_holds_back_at_a_hole_until_it_is_filled(holed: Holed) -> None:
