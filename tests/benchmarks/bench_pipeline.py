@@ -112,6 +112,8 @@ def in_process_run(config: FreemaskConfig, overrides: dict[str, str]) -> tuple[f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=24, help="|D_0| and |D'_0|")
+    parser.add_argument("--gap-wait-s", type=float, default=None,
+                        help="bus.gap_wait_s for every service (0: consumers without bus.GapGuard); default: config's")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -132,6 +134,8 @@ def main() -> None:
                 ports[f"FREEMASK_SERVER__PORTS__{name.upper()}__METRICS_PORT"] = str(base + 18 + 2 * index)
             env = {**{k: v for k, v in os.environ.items() if not k.startswith("FREEMASK_")}, **stack.client_env(),
                    **ports, "FREEMASK_SCORING__INPUT_SIZE": "32"}
+            if args.gap_wait_s is not None:
+                env["FREEMASK_BUS__GAP_WAIT_S"] = str(args.gap_wait_s)
             config = load_config(environ=env)
             ensure_topics(config.bus)
             services_s, services_scored, stages = services_run(config, env, Path(tmp) / "logs", overrides)
@@ -154,7 +158,7 @@ def main() -> None:
         "commit": commit or None,
         "seed": SEED,
         "config": {"run_overrides": overrides, "composed_fraction": config.coordinator.composed_fraction,
-                   "max_poll_records": config.bus.max_poll_records,
+                   "max_poll_records": config.bus.max_poll_records, "gap_wait_s": config.bus.gap_wait_s,
                    "num_inference_steps": config.attention_mask.num_inference_steps, "scoring_input_size": 32,
                    "cpus": os.cpu_count()},
     }
