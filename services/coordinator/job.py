@@ -110,8 +110,14 @@ def follow_run(config: FreemaskConfig, run_id: str, seed: int, overrides: Mappin
 
 
 def stage_lines(totals: Mapping[str, StageTotals]) -> list[str]:
-    return [f"{name:<15} {t.messages} messages, {t.seconds / t.messages:.3f} s each" if t.messages
-            else f"{name:<15} no messages" for name, t in totals.items()]
+    lines = []
+    for name, t in totals.items():
+        work = f"{t.messages} messages, {t.seconds / t.messages:.3f} s each" if t.messages else "no messages"
+        line = f"{name:<15} {work}"
+        if t.offset_gaps or t.skipped_offsets:  # the broker served past unwritten records (bus.GapGuard)
+            line += f"; waited at {t.offset_gaps} unwritten offsets, passed over {t.skipped_offsets}"
+        lines.append(line)
+    return lines
 
 
 def summary_lines(status: coordinator_pb2.RunStatus) -> list[str]:

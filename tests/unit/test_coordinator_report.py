@@ -323,3 +323,13 @@ def test_stage_totals_add_a_table_of_where_the_time_went(store: MemoryStore) -> 
     assert "<td>placement</td><td>40</td><td>2.0</td><td>0.050</td>" in page
     assert "<td>scoring</td><td>0</td><td>0.0</td><td>—</td>" in page
     assert "Where the time went" not in render_report(record, store, CONFIG)
+
+
+def test_stage_lines_name_the_offsets_a_stage_waited_at_or_passed_over() -> None:
+    from freemask.coordinator.job import StageTotals, stage_lines
+
+    placement, scoring, idle = stage_lines({"placement": StageTotals(40, 2.0), "scoring": StageTotals(8, 0.4, 3, 1),
+                                            "thesaurus": StageTotals(0, 0.0)})
+    assert placement == "placement       40 messages, 0.050 s each"
+    assert scoring == "scoring         8 messages, 0.050 s each; waited at 3 unwritten offsets, passed over 1"
+    assert idle == "thesaurus       no messages"
