@@ -203,8 +203,10 @@ def read_to_end(config: BusConfig, topic: str, timeout_s: float = 60.0) -> Itera
             polled = guard.poll(reader, 500)
             for batch in polled.values():
                 yield from batch
-            if not polled and _caught_up(reader, partitions, reported_end):
-                return
+            if not polled:
+                if _caught_up(reader, partitions, reported_end):
+                    return
+                guard.pass_trailing_holes(reader)
             if time.monotonic() > deadline:
                 raise Unavailable(f"reading {topic} back took over {timeout_s:.0f} s")
     finally:
@@ -237,6 +239,9 @@ class GapGuard:
     `max_wait_s` 0 turns the guard off (a plain poll); a broker whose offsets have holes of their
     own (compaction, transaction markers) needs that, or it pauses at each.
 
+    A hole at the very end of a partition shows no later record to give it away, only a position
+    below the high-water mark; a reader that must reach the end passes it with `pass_trailing_holes`.
+
     The expected next offset of a partition is its position when the guard first sees it assigned
     before a poll; for one a group assigns within a poll, its committed offset, or the start of the
     partition (the platform's consumers begin at the earliest offset)."""
@@ -246,6 +251,7 @@ class GapGuard:
     pause_s: float = 0.05  # between asks while a hole is being written: the broker is not spun on
     _next: dict[TopicPartition, int] = field(default_factory=dict)
     _missing: dict[TopicPartition, tuple[int, float]] = field(default_factory=dict)  # offset, since
+    _trailing: dict[TopicPartition, tuple[int, float]] = field(default_factory=dict)  # offset, since
 
     def poll(self, consumer: KafkaConsumer, timeout_ms: int,
              max_records: int | None = None) -> dict[TopicPartition, list[ConsumerRecord]]:
@@ -285,6 +291,23 @@ class GapGuard:
             del self._missing[partition]  # the hole was filled
         return kept
 
+    def pass_trailing_holes(self, consumer: KafkaConsumer) -> None:
+        """After a poll that brought nothing: move past the end of a partition that has stayed below
+        its high-water mark for `max_wait_s`, its last offsets a write the broker lost."""
+        now = time.monotonic()
+        for partition in consumer.assignment():
+            position, highwater = self._next.get(partition), consumer.highwater(partition)
+            if position is None or highwater is None or position >= highwater:
+                self._trailing.pop(partition, None)
+                continue
+            if self._trailing.get(partition, (None,))[0] != position:
+                self._trailing[partition] = (position, now)
+            elif now - self._trailing[partition][1] >= self.max_wait_s:
+                del self._trailing[partition]
+                self._pass_over(partition, position, highwater)
+                consumer.seek(partition, highwater)
+                self._next[partition] = highwater
+
     @staticmethod
     def _start(consumer: KafkaConsumer, partition: TopicPartition) -> int:
         if consumer.config.get("group_id") is not None:
@@ -303,12 +326,15 @@ class GapGuard:
         if now - self._missing[partition][1] < self.max_wait_s:
             return False
         del self._missing[partition]
+        self._pass_over(partition, missing, found)
+        return True
+
+    def _pass_over(self, partition: TopicPartition, first: int, end: int) -> None:
         log.warning("offsets never became readable; passing over them",
                     extra={"topic": partition.topic, "partition": partition.partition,
-                           "offsets": f"{missing}..{found - 1}", "waited_s": self.max_wait_s})
+                           "offsets": f"{first}..{end - 1}", "waited_s": self.max_wait_s})
         if self.metrics is not None:
-            self.metrics.skipped_offsets.labels(self.metrics.service, partition.topic).inc(found - missing)
-        return True
+            self.metrics.skipped_offsets.labels(self.metrics.service, partition.topic).inc(end - first)
 
 
 def ensure_topics(config: BusConfig, topics: Iterable[str] = Topics.ALL) -> list[str]:

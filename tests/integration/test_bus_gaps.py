@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
-from freemask.shared.bus import GapGuard, InboundMessage, OutboundMessage, StageWorker, make_reader
+from freemask.shared.bus import GapGuard, InboundMessage, OutboundMessage, StageWorker, make_reader, read_to_end
 from freemask.shared.config import BusConfig, FreemaskConfig
 from freemask.shared.metrics import ServiceMetrics
 from freemask.shared.stack import EmbeddedStack
@@ -44,23 +44,33 @@ class Holed:
         self.broker_store.put_bytes(self.batch_key, self.batch, "application/octet-stream")
 
 
-@pytest.fixture
-def holed(stack: EmbeddedStack, stack_config: FreemaskConfig) -> Iterator[Holed]:
-    """A one-partition topic of RECORDS records, one batch each, whose batch at offset HOLE is gone."""
-    bus = stack_config.bus.model_copy(update={"partitions": 1})
+def make_hole(stack: EmbeddedStack, config: FreemaskConfig, offset: int) -> Iterator[Holed]:
+    """A one-partition topic of RECORDS records, one batch each, whose batch at `offset` is gone
+    until the test ends (or fills it)."""
+    bus = config.bus.model_copy(update={"partitions": 1})
     (topic,) = unique_topics(bus, "holed")
     for index in range(RECORDS):
         produce(bus, topic, [f"s-{index}"])  # one publish each: every record its own batch
-    broker_store = ObjectStore(stack_config.store.model_copy(update={"bucket": stack.config.kafka_storage_bucket,
-                                                                     "prefix": ""}))
-    batch_name = f"/topics/{topic}/partitions/{0:010d}/records/{HOLE:020d}.batch"
+    broker_store = ObjectStore(config.store.model_copy(update={"bucket": stack.config.kafka_storage_bucket,
+                                                               "prefix": ""}))
+    batch_name = f"/topics/{topic}/partitions/{0:010d}/records/{offset:020d}.batch"
     keys = [key for key in (o.key for o in broker_store.list("clusters")) if key.endswith(batch_name)]
-    assert len(keys) == 1, f"no single batch object for offset {HOLE} of {topic}: {keys}"
+    assert len(keys) == 1, f"no single batch object for offset {offset} of {topic}: {keys}"
     batch = broker_store.get_bytes(keys[0])
     broker_store.delete(keys[0])
     holed = Holed(bus, TopicPartition(topic, 0), broker_store, keys[0], batch)
     yield holed
     holed.fill()
+
+
+@pytest.fixture
+def holed(stack: EmbeddedStack, stack_config: FreemaskConfig) -> Iterator[Holed]:
+    yield from make_hole(stack, stack_config, HOLE)
+
+
+@pytest.fixture
+def holed_at_end(stack: EmbeddedStack, stack_config: FreemaskConfig) -> Iterator[Holed]:
+    yield from make_hole(stack, stack_config, RECORDS - 1)
 
 
 def reader_at_start(holed: Holed) -> KafkaConsumer:
@@ -158,3 +168,13 @@ def test_a_stage_worker_waits_at_a_hole_and_then_handles_every_record_in_order(h
         worker.stop()
         thread.join(READ_TIMEOUT_S)
     assert handled == list(range(RECORDS))
+
+
+def test_reading_to_the_end_passes_a_hole_that_ends_the_partition_after_its_wait(holed_at_end: Holed) -> None:
+    # No later record gives such a hole away: the position only stays below the high-water mark.
+    bus = holed_at_end.bus.model_copy(update={"gap_wait_s": 1.0})
+    started = time.monotonic()
+    offsets = [record.offset for record in read_to_end(bus, holed_at_end.partition.topic, READ_TIMEOUT_S)]
+
+    assert offsets == list(range(RECORDS - 1))
+    assert time.monotonic() - started >= 1.0
