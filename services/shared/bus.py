@@ -261,6 +261,7 @@ class GapGuard:
         for partition in set(self._next) - assigned:  # revoked: whoever gets it next moves it on
             self._next.pop(partition)
             self._missing.pop(partition, None)
+            self._trailing.pop(partition, None)  # else a stale timer could pass a new hole at once
         for partition in assigned - set(self._next):
             position = consumer.position(partition, timeout_ms=timeout_ms)
             if position is not None:  # else not known yet: the first records' partition start stands in
