@@ -159,6 +159,7 @@ def _header(record: RunRecord) -> str:
         ("seed", record.seed),
         ("rounds (T + 1)", settings.rounds),
         ("α (share of D′_t kept)", settings.alpha),
+        ("selection", "top α of each class" if settings.selection == "per_class" else "top α of all scores"),
         ("|D_0| requested", settings.initial_samples),
         ("|D′_t| per round", settings.samples_per_round),
         ("composed fraction", settings.composed_fraction),
@@ -184,6 +185,16 @@ def _round_counts(round_record: RoundRecord) -> tuple[int, int, int, int]:
     return len(slots), scored, sum(1 for s in slots if s.dead_letter is not None), len(round_record.retained)
 
 
+def _cut(round_record: RoundRecord, each_class: bool = False) -> str:
+    """The round's score cut; under a per-class selection, the range of the class cuts, or each of them."""
+    cuts = round_record.class_thresholds
+    if not cuts:
+        return _number(round_record.threshold)
+    if each_class:
+        return "by class: " + ", ".join(f"{cls} {_number(cut)}" for cls, cut in cuts.items())
+    return f"{_number(min(cuts.values()))}–{_number(max(cuts.values()))} by class"
+
+
 def _rounds_table(record: RunRecord) -> str:
     head = ("round", "requested", "scored", "dead-lettered", "retained", "score cut", "segmenter", "validation mIoU")
     lines = ["<section id=\"rounds\">\n<h2>Rounds</h2>\n"]
@@ -194,7 +205,7 @@ def _rounds_table(record: RunRecord) -> str:
                  + "</tr></thead>\n<tbody>\n")
     for round_record in record.rounds:
         requested, scored, dead, kept = _round_counts(round_record)
-        cells = [round_record.round, requested, scored, dead, kept, _number(round_record.threshold)]
+        cells = [round_record.round, requested, scored, dead, kept, _cut(round_record)]
         segmenter = segmenter_version(record.run_id, round_record.round)
         lines.append(f"<tr class=\"round-row\" data-round=\"{_e(round_record.round)}\">"
                      + "".join(f"<td>{_e(c)}</td>" for c in cells)
@@ -494,7 +505,7 @@ def _round_section(run_id: str, round_record: RoundRecord, store: ObjectStore, r
     requested, scored, dead, kept = _round_counts(round_record)
     out = [f"<section id=\"round-{_e(index)}\" class=\"round\">\n<h2>Round {_e(index)}</h2>\n",
            f"<p>segmenter <code>{_e(segmenter_version(run_id, index))}</code>; {requested} requested, {scored} scored, "
-           f"{dead} dead-lettered, {kept} retained; cut {_e(_number(round_record.threshold))}.</p>\n",
+           f"{dead} dead-lettered, {kept} retained; cut {_e(_cut(round_record, each_class=True))}.</p>\n",
            "<h3>S(x)</h3>\n"]
     scores = [slot.score for slot in round_record.slots if slot.score is not None]
     if scores:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from google.protobuf import json_format
 
-from freemask.coordinator.selection import retained as select_retained
+from freemask.coordinator.selection import GLOBAL, PER_CLASS, SELECTIONS, select
 from freemask.scoring.data import LabelledPair
 from freemask.scoring.models import model_version
 from freemask.shared.bus import Topics
@@ -50,6 +50,7 @@ class RunSettings:
 
     rounds: int = 2  # T + 1
     alpha: float = 0.7
+    selection: str = PER_CLASS  # how the α cut is taken (selection.py)
     initial_samples: int = 24  # |D_0|
     samples_per_round: int = 24  # |D'_t|
     composed_fraction: float = 0.5  # share of D'_t's slots that are composed scenes
@@ -68,6 +69,8 @@ class RunSettings:
                                f"{self.composed_fraction}")
         if not self.classes or any(not self.backgrounds.get(cls) for cls in self.classes):
             raise InvalidInput("every class needs at least one background it may appear on")
+        if self.selection not in SELECTIONS:
+            raise InvalidInput(f"selection must be one of {', '.join(SELECTIONS)}; got {self.selection!r}")
 
 
 @dataclass(frozen=True)
@@ -115,8 +118,13 @@ class RoundRecord:
     slots: list[Slot] = field(default_factory=list)
     trained: bool = False
     validation_mean_iou: float | None = None  # f_t on the validation manifest, when one is configured
-    threshold: float | None = None
+    threshold: float | None = None  # the α cut; under a per-class selection, the lowest class cut
+    class_thresholds: dict[str, float] = field(default_factory=dict)  # per-class selection: class -> its cut
     retained: list[str] = field(default_factory=list)
+
+    def cut_for(self, slot: Slot) -> float:
+        """The score `slot`'s sample had to reach to be retained (its class's cut, under a per-class selection)."""
+        return self.class_thresholds.get(slot.single["class_name"] if slot.single else "", self.threshold or 0.0)
 
 
 _ROUND_FIELDS = frozenset(RoundRecord.__dataclass_fields__) - {"slots"}
@@ -154,7 +162,8 @@ class RunRecord:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RunRecord:
-        settings = data["settings"]
+        # A run saved before `selection` existed was started with the global cut, and finishes with it.
+        settings = {"selection": GLOBAL, **data["settings"]}
         record = cls(run_id=data["run_id"], seed=data["seed"], settings=RunSettings(
             **{**settings, "classes": tuple(settings["classes"]),
                "backgrounds": {k: tuple(v) for k, v in settings["backgrounds"].items()}}))
@@ -314,8 +323,13 @@ class RunMachine:
         current = record.rounds[-1]
         if not all(slot.ended for slot in current.slots):
             return []
-        scores = {slot.final_id: slot.score for slot in current.slots if slot.score is not None}
-        current.threshold, current.retained = select_retained(scores, record.settings.alpha)
+        scored = [slot for slot in current.slots if slot.score is not None]
+        # A slot's class is its single object's, also for a composed scene built on it.
+        selection = select({slot.final_id: slot.score for slot in scored},
+                           {slot.final_id: slot.single["class_name"] for slot in scored},
+                           record.settings.alpha, record.settings.selection)
+        current.threshold, current.class_thresholds = selection.threshold, selection.class_cuts
+        current.retained = selection.retained
         by_id = {slot.final_id: slot for slot in current.slots}
         actions: list[Action] = []
         for sample_id in current.retained:
@@ -325,7 +339,8 @@ class RunMachine:
             accepted = samples_pb2.AcceptedSample(
                 schema_version=ACCEPTED_SCHEMA_VERSION, run_id=record.run_id, round_accepted=current.round,
                 sample=json_format.ParseDict(slot.sample, samples_pb2.Sample()), score=slot.score,
-                score_threshold=current.threshold, segmenter=model_version(record.run_id, current.round))
+                score_threshold=current.cut_for(slot),
+                segmenter=model_version(record.run_id, current.round))
             actions.append(Publish(Topics.ACCEPTED, sample_id, accepted))
             record.accepted.append(sample_id)
         if current.round + 1 >= record.settings.rounds:

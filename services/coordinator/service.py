@@ -82,8 +82,8 @@ INPUT_TOPICS = (Topics.SINGLES, Topics.SCORED, Topics.DLQ)
 # What scoring answers to a request it will never accept: asking again gets the same answer, so the
 # run fails with the reason. Outages (Unavailable) and a forgotten job (NotFound) are retried instead.
 SCORING_REFUSALS = (InvalidInput, Unusable)
-_RUN_SETTINGS = ("rounds", "alpha", "initial_samples", "samples_per_round", "composed_fraction", "objects_to_add",
-                 "train_epochs", "image_size")
+_RUN_SETTINGS = ("rounds", "alpha", "selection", "initial_samples", "samples_per_round", "composed_fraction",
+                 "objects_to_add", "train_epochs", "image_size")
 _STATES = {TRAIN: coordinator_pb2.RUN_STATE_RUNNING, GENERATE: coordinator_pb2.RUN_STATE_RUNNING,
            COMPLETED: coordinator_pb2.RUN_STATE_COMPLETED, FAILED: coordinator_pb2.RUN_STATE_FAILED,
            STOPPED: coordinator_pb2.RUN_STATE_STOPPED}
@@ -375,7 +375,8 @@ def run_status(record: RunRecord) -> coordinator_pb2.RunStatus:
         item = coordinator_pb2.RoundStatus(
             round=round_record.round, requested=len(slots), received=scored, scored=scored,
             retained=len(round_record.retained), dead_lettered=sum(slot.dead_letter is not None for slot in slots),
-            score_threshold=round_record.threshold or 0.0, validation_mean_iou=round_record.validation_mean_iou or 0.0)
+            score_threshold=round_record.threshold or 0.0, validation_mean_iou=round_record.validation_mean_iou or 0.0,
+            class_score_thresholds=round_record.class_thresholds)
         item.segmenter.CopyFrom(model_version(record.run_id, round_record.round))  # each round trains its own f_t
         status.rounds.append(item)
     for field in ("requested", "received", "scored", "retained", "dead_lettered"):

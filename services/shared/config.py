@@ -376,6 +376,9 @@ class CoordinatorConfig(_Frozen):
 
     rounds: int = Field(2, ge=1, le=100, description="T + 1: rounds of train, generate, score, keep")
     alpha: float = Field(0.7, gt=0.0, le=1.0, description="share of each round's scored samples kept")
+    # per_class: the top α of each class's samples, so a weak f_t's blind spots do not empty
+    # D_{t+1} of the classes it cannot see yet; global: the top α of all scores (the paper's cut).
+    selection: Literal["global", "per_class"] = "per_class"
     initial_samples: int = Field(24, ge=1, le=1_000_000, description="|D_0|: single objects generated first")
     samples_per_round: int = Field(24, ge=1, le=1_000_000, description="|D'_t|: samples generated per round")
     # The paper mixes single-object images and edited multi-object scenes in each round.

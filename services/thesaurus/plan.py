@@ -10,7 +10,6 @@ pool fixed while a round composes.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import Collection, Sequence
@@ -33,10 +32,11 @@ THESAURUS_MODEL_NAME = "thesaurus"
 MAX_OBJECTS_TO_ADD = 16
 
 
-def plan_rng(seed: int, sample_id: str) -> np.random.Generator:
-    """The one source of randomness of a sample's plan."""
-    digest = int.from_bytes(hashlib.sha256(sample_id.encode("utf-8")).digest()[:8], "big")
-    return np.random.default_rng([seed, digest])
+def plan_rng(seed: int) -> np.random.Generator:
+    """The one source of randomness of a sample's plan. The seed alone, not the sample id: the
+    coordinator derives each slot's seed from the run's seed, so two runs with one seed (an
+    ablation and its full run, say) draw the same plans wherever their pools agree."""
+    return np.random.default_rng(seed)
 
 
 def draw_objects(index: ThesaurusIndex, background: str, count: int, min_relation: float,
@@ -80,7 +80,8 @@ class SingleObjectPool:
         self._cache_size = cache_size
 
     def by_class(self, run_id: str, round_index: int) -> dict[str, list[generate_pb2.SingleObject]]:
-        """Class name -> that class's single objects, ordered by sample id."""
+        """Class name -> that class's single objects, ordered by their generation seed (then sample
+        id): the seed comes from the run's seed and the slot, the sample id also from the run id."""
         prefix = f"runs/{validate_id(run_id, 'run id')}/rounds/{validate_round(round_index)}/samples/"
         pool: dict[str, list[generate_pb2.SingleObject]] = {}
         for info in self._store.list(prefix):
@@ -89,7 +90,7 @@ class SingleObjectPool:
                 if single is not None:
                     pool.setdefault(single.class_name, []).append(single)
         for singles in pool.values():
-            singles.sort(key=lambda s: s.sample_id)
+            singles.sort(key=lambda s: (s.seed, s.sample_id))
         return pool
 
     def _read(self, key: str) -> generate_pb2.SingleObject | None:
@@ -125,7 +126,7 @@ class ComposePlanner:
         if not sources:
             raise Unavailable(f"no generated single objects in run {request.run_id!r} round {request.round} to "
                               "paste from yet")
-        rng = plan_rng(request.seed, request.sample_id)
+        rng = plan_rng(request.seed)
         if self.config.thesaurus.object_choice == "uniform":
             drawn = draw_uniformly(self.index, request.background_name, request.num_objects_to_add, rng, sources)
         else:

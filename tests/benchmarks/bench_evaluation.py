@@ -10,7 +10,8 @@ larger dataset gets more variety, not more training:
 - **real**: rendered scenes of the train split with their exact label maps;
 - **freemask**: the accepted samples of a whole Free-Mask run (`--rounds` rounds of
   Algorithm 1: D_0 of `--initial` single objects, then `--per-round` slots per round, half of
-  them composed scenes, each round keeping the top α = 0.7 by S(x));
+  them composed scenes, each round keeping the top α = 0.7 by S(x) within each class, the
+  default `coordinator.selection`);
 - **diffumask_style**: single objects only, each mask the soft map at one fixed threshold
   (`--diffumask-threshold`; by default the best single threshold that bench_attention_mask
   measured, read from its attention_mask.json), no editing, no selection;
@@ -22,14 +23,17 @@ larger dataset gets more variety, not more training:
 The baselines, `freemask_singles` and `real` get as many images as `freemask` accepted. The ablation reruns the
 whole of Algorithm 1 with one part removed: the thesaurus (objects drawn uniformly), FOPA
 (boxes drawn uniformly among the valid ones), harmonization (copy-paste), active learning
-(α = 1: keep everything), and α ∈ {0.5, 0.9}. Every entry, main table and ablation alike, is
+(α = 1: keep everything), and α ∈ {0.5, 0.9}; `global_selection` takes the paper's cut over
+all of a round's scores instead of class by class. Every entry, main table and ablation alike, is
 the mean of `--seeds` trainings (training seeds 0, 1, …; the data stay the same), which is what
 says how far apart two figures must be to mean anything. `rounds` is
 the validation mIoU of each round's f_t in the `freemask` run; `selection_by_kind` counts, per
 variant, round and slot kind (single object or composed scene), the samples scored and kept.
 
 Every run uses the same run seed, so the single objects are the same prompts and seeds in
-every variant; each is generated once and its result reused (the generator is deterministic
+every variant, and so are the composition plans (the thesaurus draws from the seed alone):
+variants differ by the part they change and by what that changes downstream. Each object is
+generated once and its result reused (the generator is deterministic
 per prompt, which is what makes a redelivered request rewrite the same bytes), and written
 under each variant's own keys. The stages run in this process with their own handlers
 (in_process.py) against a private SeaweedFS and tritonserver: no broker is needed to
@@ -107,6 +111,7 @@ VARIANTS: dict[str, tuple[dict[str, str], dict[str, str]]] = {
     "without_active_learning": ({}, {"alpha": "1.0"}),
     "alpha_0.5": ({}, {"alpha": "0.5"}),
     "alpha_0.9": ({}, {"alpha": "0.9"}),
+    "global_selection": ({}, {"selection": "global"}),
 }
 
 
@@ -348,9 +353,9 @@ def main() -> None:
                                          ["best_global_threshold"])
     torch.set_num_threads(2)
     torch.manual_seed(SEED)
-    run_overrides = {"alpha": "0.7", "rounds": str(args.rounds), "initial_samples": str(args.initial),
-                     "samples_per_round": str(args.per_round), "image_size": str(IMAGE_SIZE),
-                     "train_epochs": str(args.round_epochs)}
+    run_overrides = {"alpha": "0.7", "selection": "per_class", "rounds": str(args.rounds),
+                     "initial_samples": str(args.initial), "samples_per_round": str(args.per_round),
+                     "image_size": str(IMAGE_SIZE), "train_epochs": str(args.round_epochs)}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         base = reserve_ports(17)[0]

@@ -76,7 +76,7 @@ def plausibility(config: FreemaskConfig, index: ThesaurusIndex, min_relation: fl
     by_background: dict[str, list[bool]] = {}
     for i, background in enumerate(backgrounds):
         allowed = class_weights(background, config.world.classes)
-        drawn = draw_objects(index, background, OBJECTS_PER_SCENE, min_relation, plan_rng(SEED, f"val-{i}"))
+        drawn = draw_objects(index, background, OBJECTS_PER_SCENE, min_relation, plan_rng(SEED + i))
         oks = [allowed[r.object_name] > 0 for r in drawn]
         thesaurus_ok += oks
         by_background.setdefault(background, []).extend(oks)

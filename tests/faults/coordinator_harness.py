@@ -503,7 +503,8 @@ class RunPlan:
     def overrides(self) -> dict[str, str]:
         return {"rounds": str(self.rounds), "initial_samples": str(self.initial_samples),
                 "samples_per_round": str(self.samples_per_round), "alpha": str(self.alpha),
-                "composed_fraction": "0.5", "objects_to_add": "1", "train_epochs": "1"}
+                # the global cut: the tests check the retained set against the top scores of each round
+                "selection": "global", "composed_fraction": "0.5", "objects_to_add": "1", "train_epochs": "1"}
 
 
 @dataclass

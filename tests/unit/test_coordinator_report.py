@@ -333,3 +333,28 @@ def test_stage_lines_name_the_offsets_a_stage_waited_at_or_passed_over() -> None
     assert placement == "placement       40 messages, 0.050 s each"
     assert scoring == "scoring         8 messages, 0.050 s each; waited at 3 unwritten offsets, passed over 1"
     assert idle == "thesaurus       no messages"
+
+
+def test_a_per_class_selection_shows_each_class_cut(store: MemoryStore, tmp_path: Path) -> None:
+    from freemask.coordinator.report import render_report
+
+    record = RunRepository(store).load(RUN)
+    record.settings = RunSettings(**{**record.settings.__dict__, "selection": "per_class"})
+    record.rounds[0].threshold, record.rounds[0].class_thresholds = 0.25, {"car": 0.75, "cat": 0.25}
+    page = Page(render_report(record, store, CONFIG))
+    assert page.rows[0][5] == "0.2500–0.7500 by class" and page.rows[1][5] == "0.6500"
+    text = "".join(page.text)
+    assert "cut by class: car 0.7500, cat 0.2500." in text and "top α of each class" in text
+
+
+def test_summary_lines_say_how_each_round_was_cut() -> None:
+    from freemask.coordinator.job import summary_lines
+    from freemask.v1 import coordinator_pb2
+
+    status = coordinator_pb2.RunStatus(run_id=RUN, state=coordinator_pb2.RUN_STATE_COMPLETED, total_rounds=2, rounds=[
+        coordinator_pb2.RoundStatus(round=0, requested=4, scored=4, retained=3, score_threshold=0.5),
+        coordinator_pb2.RoundStatus(round=1, requested=4, scored=4, retained=3, score_threshold=0.25,
+                                    class_score_thresholds={"car": 0.75, "cat": 0.25})])
+    _, global_cut, per_class = summary_lines(status)
+    assert "3 kept at S(x) >= 0.500," in global_cut
+    assert "3 kept at the top of each class, S(x) >= 0.250 to 0.750 by class," in per_class

@@ -34,8 +34,9 @@ from freemask.shared.errors import InvalidInput
 from freemask.shared.keys import sample_key
 from freemask.v1 import common_pb2, generate_pb2, samples_pb2
 
-SETTINGS = RunSettings(rounds=2, alpha=0.7, initial_samples=4, samples_per_round=10, composed_fraction=0.5,
-                       classes=("cat", "dog"), backgrounds={"cat": ("room",), "dog": ("grass", "room")})
+SETTINGS = RunSettings(rounds=2, alpha=0.7, selection="global", initial_samples=4, samples_per_round=10,
+                       composed_fraction=0.5, classes=("cat", "dog"),
+                       backgrounds={"cat": ("room",), "dog": ("grass", "room")})
 
 
 def score_of(sample_id: str) -> float:
@@ -94,8 +95,9 @@ def deliver(machine: RunMachine, kind: str, payload) -> list:
     return machine.on_trained(payload)
 
 
-def run_to_end(pipeline: Pipeline, reload_every_event: bool = False, stop_after: int | None = None) -> RunMachine:
-    machine = RunMachine.new("run-a", 7, SETTINGS)
+def run_to_end(pipeline: Pipeline, reload_every_event: bool = False, stop_after: int | None = None,
+               settings: RunSettings = SETTINGS) -> RunMachine:
+    machine = RunMachine.new("run-a", 7, settings)
     queue = deque(event for action in machine.start() for event in pipeline.events(action))
     handled = 0
     while queue:
@@ -142,6 +144,35 @@ def test_a_state_saved_with_the_rounds_since_dropped_segmenter_field_still_loads
     for item in saved["rounds"]:
         item["segmenter"] = f"run-a/{item['round']}"  # derivable from run and round, so no longer stored
     assert RunRecord.from_json(json.loads(json.dumps(saved))).to_json() == run_to_end(Pipeline()).record.to_json()
+
+
+def test_a_per_class_run_keeps_the_top_alpha_of_each_class_and_names_each_sample_its_class_cut() -> None:
+    pipeline = Pipeline()
+    settings = RunSettings(**{**SETTINGS.__dict__, "samples_per_round": 20, "selection": "per_class"})
+    machine = run_to_end(pipeline, reload_every_event=True, settings=settings)
+    record = machine.record
+    assert record.phase == COMPLETED
+    accepted = {a.sample.sample_id: a for a in pipeline.accepted}
+    for round_record in record.rounds:
+        by_class: dict[str, list] = {}
+        for slot in round_record.slots:
+            by_class.setdefault(slot.single["class_name"], []).append(slot)
+        assert set(round_record.class_thresholds) == set(by_class)
+        for cls, slots in by_class.items():
+            kept = [slot for slot in slots if slot.final_id in round_record.retained]
+            # each class keeps its best, about α of them (the cut is shared by within-class rank)
+            assert sorted(slot.score for slot in kept) == sorted(slot.score for slot in slots)[-len(kept):]
+            assert abs(len(kept) - 0.7 * len(slots)) <= 1
+            assert round_record.class_thresholds[cls] == min(slot.score for slot in kept)
+            for slot in kept:
+                assert accepted[slot.final_id].score_threshold == pytest.approx(round_record.class_thresholds[cls])
+        assert round_record.threshold == min(round_record.class_thresholds.values())
+
+
+def test_a_state_saved_before_the_selection_setting_finishes_with_the_global_cut() -> None:
+    saved = run_to_end(Pipeline()).record.to_json()
+    del saved["settings"]["selection"]
+    assert RunRecord.from_json(saved).settings.selection == "global"
 
 
 def test_slots_mix_single_and_composed_samples() -> None:
@@ -208,7 +239,7 @@ def test_phases_in_order_and_events_of_other_phases_ignored() -> None:
 
 
 @pytest.mark.parametrize("fields", [{"rounds": 0}, {"alpha": 0.0}, {"composed_fraction": 1.5},
-                                    {"backgrounds": {"cat": ("room",)}}])
+                                    {"backgrounds": {"cat": ("room",)}}, {"selection": "by_colour"}])
 def test_bad_settings_are_refused(fields: dict) -> None:
     with pytest.raises(InvalidInput):
         RunSettings(**{**SETTINGS.__dict__, **fields})

@@ -1,4 +1,4 @@
-"""The α cut of Algorithm 1 on hand-made scores."""
+"""The α cut of Algorithm 1 on hand-made scores: over all scores, and class by class."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from freemask.coordinator.selection import retained, score_threshold
+from freemask.coordinator.selection import GLOBAL, PER_CLASS, Selection, retained, score_threshold, select
 from freemask.shared.errors import InvalidInput
 
 TEN = {f"s-{i}": i / 10 for i in range(10)}  # 0.0 .. 0.9
@@ -46,3 +46,55 @@ def test_alpha_one_keeps_everything_and_no_scores_keep_nothing() -> None:
 def test_alpha_outside_zero_one_is_refused(alpha: float) -> None:
     with pytest.raises(InvalidInput, match="alpha must be in"):
         score_threshold(TEN, alpha)
+
+
+# --- per-class selection ---------------------------------------------------------------
+
+# Two classes: f_t knows "horse" (high scores) and not yet "cat" (low scores).
+SKEWED = {**{f"h-{i}": 0.6 + i / 100 for i in range(10)}, **{f"c-{i}": 0.01 * i for i in range(10)}}
+CLASS_OF = {sample_id: "horse" if sample_id.startswith("h") else "cat" for sample_id in SKEWED}
+
+
+def test_a_global_cut_keeps_the_class_the_segmenter_knows() -> None:
+    selection = select(SKEWED, CLASS_OF, 0.5, GLOBAL)
+    assert sorted(selection.retained) == sorted(f"h-{i}" for i in range(10))
+    assert selection.threshold == pytest.approx(0.6) and selection.class_cuts == {}
+
+
+def test_a_per_class_cut_keeps_the_top_alpha_of_each_class() -> None:
+    selection = select(SKEWED, CLASS_OF, 0.5, PER_CLASS)
+    assert selection.retained == [f"h-{i}" for i in range(9, 4, -1)] + [f"c-{i}" for i in range(9, 4, -1)]
+    assert selection.class_cuts == {"cat": pytest.approx(0.05), "horse": pytest.approx(0.65)}
+    assert selection.threshold == pytest.approx(0.05)
+
+
+def test_per_class_keeps_as_many_as_the_global_cut_when_classes_divide_evenly() -> None:
+    for alpha in (0.3, 0.5, 0.7, 1.0):
+        assert len(select(SKEWED, CLASS_OF, alpha, PER_CLASS).retained) == len(retained(SKEWED, alpha)[1])
+
+
+def test_per_class_shares_the_cut_by_within_class_rank_across_unequal_classes() -> None:
+    scores = {"a-1": 0.9, "a-2": 0.8, "a-3": 0.7, "a-4": 0.6, "b-1": 0.2, "b-2": 0.1}
+    classes = {sample_id: sample_id[0] for sample_id in scores}
+    # ranks: a 1/4, 2/4, 3/4, 4/4; b 1/2, 2/2. ceil(0.5 * 6) = 3rd smallest rank is 1/2
+    assert select(scores, classes, 0.5, PER_CLASS).retained == ["a-1", "a-2", "b-1"]
+
+
+def test_per_class_keeps_ties_within_a_class_together() -> None:
+    scores = {"a-1": 0.9, "a-2": 0.5, "a-3": 0.5, "a-4": 0.1}
+    selection = select(scores, {sample_id: "a" for sample_id in scores}, 0.5, PER_CLASS)
+    assert selection.retained == ["a-1", "a-2", "a-3"] and selection.class_cuts == {"a": 0.5}
+
+
+def test_per_class_arrival_order_does_not_change_the_result() -> None:
+    items = list(SKEWED.items())
+    random.Random(5).shuffle(items)
+    assert select(dict(items), CLASS_OF, 0.7, PER_CLASS) == select(SKEWED, CLASS_OF, 0.7, PER_CLASS)
+
+
+def test_select_refuses_an_unknown_way_and_keeps_nothing_of_nothing() -> None:
+    with pytest.raises(InvalidInput, match="unknown selection 'by_colour'"):
+        select(SKEWED, CLASS_OF, 0.7, "by_colour")
+    assert select({}, {}, 0.7, PER_CLASS) == Selection([], 0.0, {})
+    with pytest.raises(InvalidInput, match="alpha must be in"):
+        select(SKEWED, CLASS_OF, 0.0, PER_CLASS)
