@@ -339,8 +339,7 @@ class RunMachine:
             accepted = samples_pb2.AcceptedSample(
                 schema_version=ACCEPTED_SCHEMA_VERSION, run_id=record.run_id, round_accepted=current.round,
                 sample=json_format.ParseDict(slot.sample, samples_pb2.Sample()), score=slot.score,
-                score_threshold=current.cut_for(slot),
-                segmenter=model_version(record.run_id, current.round))
+                score_threshold=current.cut_for(slot), segmenter=model_version(record.run_id, current.round))
             actions.append(Publish(Topics.ACCEPTED, sample_id, accepted))
             record.accepted.append(sample_id)
         if current.round + 1 >= record.settings.rounds:

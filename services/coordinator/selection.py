@@ -6,8 +6,9 @@ Two ways to take the cut (`coordinator.selection`):
   sample scoring at or above it is retained, so ties at the cut are kept together (a few
   more than α·n may pass, never fewer).
 - ``per_class``: each sample is ranked only against the samples drawn for its own class,
-  and the same top-α cut is taken over those within-class ranks (the share of its class
-  that scores at least as well), so every class keeps about α of its samples. An early
+  and the same top-α cut is taken over those within-class ranks, so every class keeps about
+  α of its samples (a class of n keeps α·n rounded to the nearest, a lone sample included:
+  its rank is the middle of its class, not its bottom). An early
   f_t knows a few classes well and scores the rest near 0; a global cut then keeps mostly
   the classes it already knows, and each round narrows D_{t+1} towards them.
 
@@ -76,12 +77,15 @@ def _per_class(scores: Mapping[str, float], classes: Mapping[str, str], alpha: f
         ascending.setdefault(classes[sample_id], []).append(score)
     for values in ascending.values():
         values.sort()
-    # A sample's within-class rank: the share of its class scoring at least as well. Tied
-    # samples share one rank, so they are kept or dropped together, as under the global cut.
+    # A sample's within-class rank is its mid-rank as a share of its class: those scoring better,
+    # plus half of those scoring the same (itself included), over the class's size. The i-th best
+    # of n ranks (i - 1/2) / n, so a cut at α keeps about α·n of every class, and tied samples
+    # share one rank, so they are kept or dropped together, as under the global cut.
     rank = {}
     for sample_id, score in scores.items():
         values = ascending[classes[sample_id]]
-        rank[sample_id] = (len(values) - bisect.bisect_left(values, score)) / len(values)
+        below, not_above = bisect.bisect_left(values, score), bisect.bisect_right(values, score)
+        rank[sample_id] = (len(values) - not_above + (not_above - below) / 2) / len(values)
     ranks = sorted(rank.values())
     cut = ranks[math.ceil(alpha * len(ranks)) - 1]
     return _best_first(scores, [sample_id for sample_id, value in rank.items() if value <= cut])

@@ -76,8 +76,16 @@ def test_per_class_keeps_as_many_as_the_global_cut_when_classes_divide_evenly() 
 def test_per_class_shares_the_cut_by_within_class_rank_across_unequal_classes() -> None:
     scores = {"a-1": 0.9, "a-2": 0.8, "a-3": 0.7, "a-4": 0.6, "b-1": 0.2, "b-2": 0.1}
     classes = {sample_id: sample_id[0] for sample_id in scores}
-    # ranks: a 1/4, 2/4, 3/4, 4/4; b 1/2, 2/2. ceil(0.5 * 6) = 3rd smallest rank is 1/2
+    # mid-ranks: a 1/8, 3/8, 5/8, 7/8; b 1/4, 3/4. ceil(0.5 * 6) = 3: the 3rd smallest is 3/8
     assert select(scores, classes, 0.5, PER_CLASS).retained == ["a-1", "a-2", "b-1"]
+
+
+def test_a_class_drawn_once_keeps_its_sample_at_the_usual_alpha() -> None:
+    scores = {"a-1": 0.9, "a-2": 0.8, "a-3": 0.7, "a-4": 0.6, "lone": 0.01}
+    classes = {sample_id: sample_id[0] for sample_id in scores}
+    # the lone sample ranks 1/2 (the middle of its class), not last: a 4-sample class keeps 3 of 4
+    assert select(scores, classes, 0.7, PER_CLASS).retained == ["a-1", "a-2", "a-3", "lone"]
+    assert select(scores, classes, 0.4, PER_CLASS).retained == ["a-1", "a-2"]
 
 
 def test_per_class_keeps_ties_within_a_class_together() -> None:
