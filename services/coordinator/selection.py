@@ -6,11 +6,11 @@ Two ways to take the cut (`coordinator.selection`):
   sample scoring at or above it is retained, so ties at the cut are kept together (a few
   more than α·n may pass, never fewer).
 - ``per_class``: each sample is ranked only against the samples drawn for its own class,
-  and the same top-α cut is taken over those within-class ranks, so every class keeps about
-  α of its samples (a class of n keeps α·n rounded to the nearest, a lone sample included:
-  its rank is the middle of its class, not its bottom). An early
-  f_t knows a few classes well and scores the rest near 0; a global cut then keeps mostly
-  the classes it already knows, and each round narrows D_{t+1} towards them.
+  and the same top-α cut is taken over those within-class ranks, so every class keeps
+  about α·n of its n samples, rounded to the nearest (a lone sample ranks in the middle of
+  its class, not at its bottom). An early f_t knows a few classes well and scores the rest
+  near 0; a global cut then keeps mostly the classes it already knows, and each round
+  narrows D_{t+1} towards them.
 
 Either way the order of arrival does not matter: the same scores give the same cut and
 the same retained set, which is what lets a restarted coordinator finish a round with the
