@@ -7,11 +7,13 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from memory_store import MemoryStore
 
 from freemask.shared.config import FreemaskConfig, load_config
 from freemask.shared.errors import InvalidInput, Unavailable, Unusable
 from freemask.thesaurus.index import ThesaurusIndex, build_index
-from freemask.thesaurus.plan import ComposePlanner, draw_objects, draw_uniformly, plan_rng
+from freemask.shared.singles import single_object_meta
+from freemask.thesaurus.plan import ComposePlanner, SingleObjectPool, draw_objects, draw_uniformly, plan_rng
 from freemask.thesaurus.service import normalizer_for
 from freemask.v1 import common_pb2, compose_pb2, generate_pb2
 
@@ -85,7 +87,7 @@ class FixedPool:
 
     def by_class(self, run_id: str, round_index: int) -> dict[str, list[generate_pb2.SingleObject]]:
         pool: dict[str, list[generate_pb2.SingleObject]] = {}
-        for single in sorted(self.singles, key=lambda s: s.sample_id):
+        for single in sorted(self.singles, key=lambda s: (s.seed, s.sample_id)):
             pool.setdefault(single.class_name, []).append(single)
         return pool
 
@@ -132,6 +134,37 @@ def test_a_redelivery_plans_the_same_and_another_seed_plans_otherwise(config: Fr
     others = [planner.plan(compose_request(config, num_objects_to_add=8, seed=seed)) for seed in range(5)]
     assert any(other.next_object != first.next_object or other.remaining_objects != first.remaining_objects
                for other in others)
+
+
+def stored_single(store: MemoryStore, run: str, sample_id: str, cls: str, seed: int,
+                  config: FreemaskConfig) -> generate_pb2.SingleObject:
+    """A single object of `run` with its meta.json in the store, as the attention-mask stage leaves it."""
+    single = make_single(sample_id, cls, config)
+    prefix = f"runs/{run}/rounds/0/samples/{sample_id}/"
+    single.run_id, single.seed = run, seed
+    single.keys.CopyFrom(common_pb2.SampleKeys(image_key=prefix + "image.png", label_key=prefix + "label.png",
+                                               meta_key=prefix + "meta.json"))
+    store.put_bytes(single.keys.meta_key, single_object_meta(single, {}))
+    return single
+
+
+def test_two_runs_with_one_seed_plan_the_same_whatever_their_ids(config: FreemaskConfig,
+                                                                 index: ThesaurusIndex) -> None:
+    """What lets an ablation run compose the scenes its full run composed: the plan depends on the
+    request's seed and the pool's generation seeds, not on the run's or the samples' ids."""
+    store = MemoryStore()
+    planner = ComposePlanner(config, index, "v", SingleObjectPool(store))
+    classes = ("boat", "boat", "boat", "aeroplane", "aeroplane", "aeroplane")
+    plans = []
+    for run, names in (("run-a", "abcdef"), ("run-b", "fedcba")):  # ids that sort in opposite orders
+        for i, cls in enumerate(classes):
+            stored_single(store, run, f"s-{names[i]}", cls, 100 + i, config)
+        base = stored_single(store, run, "s-base", "boat", 7, config)
+        task = planner.plan(compose_request(config, run_id=run, sample_id=f"c-{run}", base_scene=base,
+                                            num_objects_to_add=8))
+        plans.append([(p.class_name, p.source.seed) for p in (task.next_object, *task.remaining_objects)])
+    assert plans[0] == plans[1]
+    assert len({seed for _, seed in plans[0]}) > 2  # the plan does choose among the sources
 
 
 def test_an_empty_pool_is_retryable(config: FreemaskConfig, index: ThesaurusIndex) -> None:
