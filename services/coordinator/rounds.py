@@ -102,6 +102,9 @@ class Slot:
     score: float | None = None
     sample: dict[str, Any] | None = None  # the scored Sample, as JSON
     dead_letter: str | None = None  # why the slot ended without a sample
+    # The class the slot's object was drawn for (a composed scene's base object's), known from the
+    # start: a slot can be scored before its single object is seen again after a restart.
+    class_name: str = ""
 
     @property
     def final_id(self) -> str:
@@ -124,7 +127,7 @@ class RoundRecord:
 
     def cut_for(self, slot: Slot) -> float:
         """The score `slot`'s sample had to reach to be retained (its class's cut, under a per-class selection)."""
-        return self.class_thresholds.get(slot.single["class_name"] if slot.single else "", self.threshold or 0.0)
+        return self.class_thresholds.get(slot.class_name, self.threshold or 0.0)
 
 
 _ROUND_FIELDS = frozenset(RoundRecord.__dataclass_fields__) - {"slots"}
@@ -280,11 +283,14 @@ class RunMachine:
         record.phase = GENERATE
         settings = record.settings
         composed = round(settings.composed_fraction * settings.samples_per_round)
+        requests = [self._generate(round_index, derive_sample_id(record.run_id, round_index, i), i, "s")
+                    for i in range(settings.samples_per_round)]
         current.slots = [
-            Slot(COMPOSED_SLOT if i < composed else SINGLE_SLOT, derive_sample_id(record.run_id, round_index, i),
-                 derive_sample_id(record.run_id, round_index, i, kind="c") if i < composed else None)
-            for i in range(settings.samples_per_round)]
-        return [self._generate(round_index, slot.generate_id, i, "s") for i, slot in enumerate(current.slots)]
+            Slot(COMPOSED_SLOT if i < composed else SINGLE_SLOT, request.key,
+                 derive_sample_id(record.run_id, round_index, i, kind="c") if i < composed else None,
+                 class_name=request.message.class_name)
+            for i, request in enumerate(requests)]
+        return requests
 
     def on_training_failed(self, error: str) -> list[Action]:
         self.record.phase, self.record.error = FAILED, f"training f_{self.record.round} failed: {error}"
@@ -324,9 +330,8 @@ class RunMachine:
         if not all(slot.ended for slot in current.slots):
             return []
         scored = [slot for slot in current.slots if slot.score is not None]
-        # A slot's class is its single object's, also for a composed scene built on it.
         selection = select({slot.final_id: slot.score for slot in scored},
-                           {slot.final_id: slot.single["class_name"] for slot in scored},
+                           {slot.final_id: slot.class_name for slot in scored},
                            record.settings.alpha, record.settings.selection)
         current.threshold, current.class_thresholds = selection.threshold, selection.class_cuts
         current.retained = selection.retained

@@ -86,13 +86,15 @@ def test_run_brings_everything_up_runs_algorithm_1_exports_and_shuts_down(tmp_pa
     for service in ("attention_mask", "thesaurus", "placement", "harmonization", "scoring", "coordinator"):
         assert f"{service} " in result.stdout
     assert f"run cli-run: completed, {ROUNDS} of {ROUNDS} rounds" in result.stdout, result.stdout
+    # the default selection, per_class: the range of the class cuts
     rounds = re.findall(r"^round (\d): (\d+) requested, (\d+) scored, (\d+) dead-lettered, (\d+) kept at "
-                        r"S\(x\) >= ([01]\.\d{3}), segmenter cli-run/(\d) \(validation mIoU ([01]\.\d{3})\)$",
-                        result.stdout, re.MULTILINE)
+                        r"the top of each class, S\(x\) >= ([01]\.\d{3}) to ([01]\.\d{3}) by class, "
+                        r"segmenter cli-run/(\d) \(validation mIoU ([01]\.\d{3})\)$", result.stdout, re.MULTILINE)
     assert [int(r[0]) for r in rounds] == list(range(ROUNDS)), result.stdout
     kept = 0
-    for index, requested, scored, dead, retained, _cut, segmenter_round, _miou in rounds:
+    for index, requested, scored, dead, retained, lowest_cut, highest_cut, segmenter_round, _miou in rounds:
         assert int(requested) == PER_ROUND and int(scored) + int(dead) == PER_ROUND
+        assert float(lowest_cut) <= float(highest_cut)
         assert int(retained) >= math.ceil(0.7 * int(scored)) and segmenter_round == index
         kept += int(retained)
     # Every stage did work, and its share of the time is reported from its Prometheus metrics.

@@ -156,6 +156,7 @@ def test_a_per_class_run_keeps_the_top_alpha_of_each_class_and_names_each_sample
     for round_record in record.rounds:
         by_class: dict[str, list] = {}
         for slot in round_record.slots:
+            assert slot.class_name == slot.single["class_name"]  # known from the draw, before the single came
             by_class.setdefault(slot.single["class_name"], []).append(slot)
         assert set(round_record.class_thresholds) == set(by_class)
         for cls, slots in by_class.items():
@@ -167,6 +168,29 @@ def test_a_per_class_run_keeps_the_top_alpha_of_each_class_and_names_each_sample
             for slot in kept:
                 assert accepted[slot.final_id].score_threshold == pytest.approx(round_record.class_thresholds[cls])
         assert round_record.threshold == min(round_record.class_thresholds.values())
+
+
+class ScoredFirst(Pipeline):
+    """After a restart, a single slot's score can be read before its single object is read again
+    (the old process published the sample, the new one resumed from a state saved before that)."""
+
+    def events(self, action) -> list[tuple[str, object]]:
+        events = super().events(action)
+        if isinstance(action, Publish) and action.topic == Topics.GENERATE and action.message.round > 0:
+            _, single = events[0]
+            sample = samples_pb2.Sample(sample_id=single.sample_id, run_id=single.run_id, round=single.round,
+                                        kind=samples_pb2.SAMPLE_KIND_SINGLE, keys=single.keys)
+            return [("scored", samples_pb2.ScoredSample(sample=sample, score=score_of(single.sample_id))), *events]
+        return events
+
+
+def test_a_per_class_round_ends_when_a_slot_is_scored_before_its_single_object_is_seen() -> None:
+    settings = RunSettings(**{**SETTINGS.__dict__, "selection": "per_class"})
+    record = run_to_end(ScoredFirst(), settings=settings).record
+    assert record.phase == COMPLETED
+    unseen = [slot for slot in record.rounds[1].slots if slot.kind == "single"]
+    assert unseen and all(slot.single is None and slot.score is not None for slot in unseen)
+    assert set(record.rounds[1].class_thresholds) <= set(SETTINGS.classes)
 
 
 def test_a_state_saved_before_the_selection_setting_finishes_with_the_global_cut() -> None:
