@@ -295,31 +295,33 @@ class Coordinator:
         return saved
 
     def _route(self, record: Any) -> tuple[RunMachine, list[Action]] | None:
+        message_type = {Topics.SINGLES: generate_pb2.SingleObject,
+                        Topics.SCORED: samples_pb2.ScoredSample}.get(record.topic, dead_letter_pb2.DeadLetter)
         try:
-            if record.topic == Topics.SINGLES:
-                single = generate_pb2.SingleObject.FromString(record.value)
-                machine = self._machines.get(single.run_id)
-                if machine is None:
-                    return None
-                try:
-                    validate_single_object(single, single.run_id, single.round, machine.record.settings.classes)
-                except InvalidInput as err:
-                    return machine, [refused(record, err)]
-                return machine, machine.on_single(single)
-            if record.topic == Topics.SCORED:
-                scored = samples_pb2.ScoredSample.FromString(record.value)
-                machine = self._machines.get(scored.sample.run_id)
-                if machine is None:
-                    return None
-                try:
-                    validate_scored(scored)
-                except InvalidInput as err:
-                    return machine, [refused(record, err)]
-                return machine, machine.on_scored(scored)
-            letter = dead_letter_pb2.DeadLetter.FromString(record.value)
+            message = message_type.FromString(record.value)
         except Exception:  # noqa: BLE001 - not ours to judge: the stage that made it dead-letters its own
             log.warning("coordinator skipped an undecodable record", extra={"topic": record.topic})
             return None
+        # Only decoding is guarded: an error of the run's own machine must not pass for a bad record.
+        if isinstance(message, generate_pb2.SingleObject):
+            machine = self._machines.get(message.run_id)
+            if machine is None:
+                return None
+            try:
+                validate_single_object(message, message.run_id, message.round, machine.record.settings.classes)
+            except InvalidInput as err:
+                return machine, [refused(record, err)]
+            return machine, machine.on_single(message)
+        if isinstance(message, samples_pb2.ScoredSample):
+            machine = self._machines.get(message.sample.run_id)
+            if machine is None:
+                return None
+            try:
+                validate_scored(message)
+            except InvalidInput as err:
+                return machine, [refused(record, err)]
+            return machine, machine.on_scored(message)
+        letter = message
         key = letter.key.decode("utf-8", "replace")
         for machine in self._machines.values():  # a dead letter names its sample, not its run
             if not machine.finished and machine.owns(key):
