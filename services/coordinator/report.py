@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image
 
 from freemask.coordinator.job import StageTotals
+from freemask.coordinator.selection import PER_CLASS
 from freemask.coordinator.rounds import BOOTSTRAP, GENERATE, TRAIN, RoundRecord, RunRecord, Slot
 from freemask.coordinator.service import RunRepository
 from freemask.shared.config import FreemaskConfig, LimitsConfig
@@ -159,7 +160,7 @@ def _header(record: RunRecord) -> str:
         ("seed", record.seed),
         ("rounds (T + 1)", settings.rounds),
         ("α (share of D′_t kept)", settings.alpha),
-        ("selection", "top α of each class" if settings.selection == "per_class" else "top α of all scores"),
+        ("selection", "top α of each class" if settings.selection == PER_CLASS else "top α of all scores"),
         ("|D_0| requested", settings.initial_samples),
         ("|D′_t| per round", settings.samples_per_round),
         ("composed fraction", settings.composed_fraction),

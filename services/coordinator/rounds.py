@@ -283,14 +283,14 @@ class RunMachine:
         record.phase = GENERATE
         settings = record.settings
         composed = round(settings.composed_fraction * settings.samples_per_round)
-        requests = [self._generate(round_index, derive_sample_id(record.run_id, round_index, i), i, "s")
-                    for i in range(settings.samples_per_round)]
+        generates = [self._generate(round_index, derive_sample_id(record.run_id, round_index, i), i, "s")
+                     for i in range(settings.samples_per_round)]
         current.slots = [
-            Slot(COMPOSED_SLOT if i < composed else SINGLE_SLOT, request.key,
+            Slot(COMPOSED_SLOT if i < composed else SINGLE_SLOT, generate.key,
                  derive_sample_id(record.run_id, round_index, i, kind="c") if i < composed else None,
-                 class_name=request.message.class_name)
-            for i, request in enumerate(requests)]
-        return requests
+                 class_name=generate.message.class_name)
+            for i, generate in enumerate(generates)]
+        return generates
 
     def on_training_failed(self, error: str) -> list[Action]:
         self.record.phase, self.record.error = FAILED, f"training f_{self.record.round} failed: {error}"

@@ -321,11 +321,10 @@ class Coordinator:
             except InvalidInput as err:
                 return machine, [refused(record, err)]
             return machine, machine.on_scored(message)
-        letter = message
-        key = letter.key.decode("utf-8", "replace")
+        key = message.key.decode("utf-8", "replace")
         for machine in self._machines.values():  # a dead letter names its sample, not its run
             if not machine.finished and machine.owns(key):
-                return machine, machine.on_dead_letter(key, f"{letter.stage}: {letter.error}")
+                return machine, machine.on_dead_letter(key, f"{message.stage}: {message.error}")
         return None
 
     def _carry_out(self, machine: RunMachine, actions: Sequence[Action]) -> None:
