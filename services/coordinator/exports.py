@@ -102,7 +102,8 @@ def accepted_entries(record: RunRecord) -> list[AcceptedEntry]:
             seen.add(sample_id)
             accepted.append(AcceptedEntry(
                 sample=json_format.ParseDict(slot.sample, samples_pb2.Sample()), kind=slot.kind, score=slot.score,
-                score_threshold=round_record.cut_for(slot), round_accepted=round_record.round,
+                score_threshold=round_record.cut_for(slot, record.settings.selection),
+                round_accepted=round_record.round,
                 segmenter=segmenter_version(record.run_id, round_record.round)))
     return accepted
 

@@ -126,8 +126,8 @@ def summary_lines(status: coordinator_pb2.RunStatus) -> list[str]:
     for item in status.rounds:
         measured = f" (validation mIoU {item.validation_mean_iou:.3f})" if item.validation_mean_iou else ""
         cuts = item.class_score_thresholds
-        cut = (f"the top of each class, S(x) >= {min(cuts.values()):.3f} to {max(cuts.values()):.3f} by class" if cuts
-               else f"S(x) >= {item.score_threshold:.3f}")
+        cut = (f"the top of each of {len(cuts)} groups, S(x) >= {min(cuts.values()):.3f} to {max(cuts.values()):.3f}"
+               if cuts else f"S(x) >= {item.score_threshold:.3f}")
         lines.append(f"round {item.round}: {item.requested} requested, {item.scored} scored, {item.dead_lettered} "
                      f"dead-lettered, {item.retained} kept at {cut}, segmenter {item.segmenter.version}{measured}")
     if status.error:

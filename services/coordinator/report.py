@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 from freemask.coordinator.job import StageTotals
-from freemask.coordinator.selection import PER_CLASS
+from freemask.coordinator.selection import DESCRIPTIONS
 from freemask.coordinator.rounds import BOOTSTRAP, GENERATE, TRAIN, RoundRecord, RunRecord, Slot
 from freemask.coordinator.service import RunRepository
 from freemask.shared.config import FreemaskConfig, LimitsConfig
@@ -160,7 +160,7 @@ def _header(record: RunRecord) -> str:
         ("seed", record.seed),
         ("rounds (T + 1)", settings.rounds),
         ("α (share of D′_t kept)", settings.alpha),
-        ("selection", "top α of each class" if settings.selection == PER_CLASS else "top α of all scores"),
+        ("selection", DESCRIPTIONS[settings.selection]),
         ("|D_0| requested", settings.initial_samples),
         ("|D′_t| per round", settings.samples_per_round),
         ("composed fraction", settings.composed_fraction),
@@ -186,14 +186,14 @@ def _round_counts(round_record: RoundRecord) -> tuple[int, int, int, int]:
     return len(slots), scored, sum(1 for s in slots if s.dead_letter is not None), len(round_record.retained)
 
 
-def _cut(round_record: RoundRecord, each_class: bool = False) -> str:
-    """The round's score cut; under a per-class selection, the range of the class cuts, or each of them."""
+def _cut(round_record: RoundRecord, each_group: bool = False) -> str:
+    """The round's score cut; under a selection by group, the range of the group cuts, or each of them."""
     cuts = round_record.class_thresholds
     if not cuts:
         return _number(round_record.threshold)
-    if each_class:
-        return "by class: " + ", ".join(f"{cls} {_number(cut)}" for cls, cut in cuts.items())
-    return f"{_number(min(cuts.values()))}–{_number(max(cuts.values()))} by class"
+    if each_group:
+        return "by group: " + ", ".join(f"{group} {_number(cut)}" for group, cut in cuts.items())
+    return f"{_number(min(cuts.values()))}–{_number(max(cuts.values()))} by group"
 
 
 def _rounds_table(record: RunRecord) -> str:
@@ -506,7 +506,7 @@ def _round_section(run_id: str, round_record: RoundRecord, store: ObjectStore, r
     requested, scored, dead, kept = _round_counts(round_record)
     out = [f"<section id=\"round-{_e(index)}\" class=\"round\">\n<h2>Round {_e(index)}</h2>\n",
            f"<p>segmenter <code>{_e(segmenter_version(run_id, index))}</code>; {requested} requested, {scored} scored, "
-           f"{dead} dead-lettered, {kept} retained; cut {_e(_cut(round_record, each_class=True))}.</p>\n",
+           f"{dead} dead-lettered, {kept} retained; cut {_e(_cut(round_record, each_group=True))}.</p>\n",
            "<h3>S(x)</h3>\n"]
     scores = [slot.score for slot in round_record.slots if slot.score is not None]
     if scores:

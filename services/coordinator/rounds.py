@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from google.protobuf import json_format
 
-from freemask.coordinator.selection import GLOBAL, PER_CLASS, SELECTIONS, select
+from freemask.coordinator.selection import GLOBAL, PER_CLASS_AND_KIND, SELECTIONS, group_of, select
 from freemask.scoring.data import LabelledPair
 from freemask.scoring.models import model_version
 from freemask.shared.bus import Topics
@@ -50,7 +50,7 @@ class RunSettings:
 
     rounds: int = 2  # T + 1
     alpha: float = 0.7
-    selection: str = PER_CLASS  # how the α cut is taken (selection.py)
+    selection: str = PER_CLASS_AND_KIND  # how the α cut is taken (selection.py)
     initial_samples: int = 24  # |D_0|
     samples_per_round: int = 24  # |D'_t|
     composed_fraction: float = 0.5  # share of D'_t's slots that are composed scenes
@@ -121,13 +121,15 @@ class RoundRecord:
     slots: list[Slot] = field(default_factory=list)
     trained: bool = False
     validation_mean_iou: float | None = None  # f_t on the validation manifest, when one is configured
-    threshold: float | None = None  # the α cut; under a per-class selection, the lowest class cut
-    class_thresholds: dict[str, float] = field(default_factory=dict)  # per-class selection: class -> its cut
+    threshold: float | None = None  # the α cut; under a selection by group, the lowest group cut
+    # Under a selection by group: group (selection.group_of, the class or "class/kind") -> its cut. The
+    # name is the saved state's, from when the groups were always classes.
+    class_thresholds: dict[str, float] = field(default_factory=dict)
     retained: list[str] = field(default_factory=list)
 
-    def cut_for(self, slot: Slot) -> float:
-        """The score `slot`'s sample had to reach to be retained (its class's cut, under a per-class selection)."""
-        return self.class_thresholds.get(slot.class_name, self.threshold or 0.0)
+    def cut_for(self, slot: Slot, selection: str) -> float:
+        """The score `slot`'s sample had to reach to be retained: its group's cut, or the round's."""
+        return self.class_thresholds.get(group_of(selection, slot.class_name, slot.kind), self.threshold or 0.0)
 
 
 _ROUND_FIELDS = frozenset(RoundRecord.__dataclass_fields__) - {"slots"}
@@ -330,10 +332,11 @@ class RunMachine:
         if not all(slot.ended for slot in current.slots):
             return []
         scored = [slot for slot in current.slots if slot.score is not None]
+        how = record.settings.selection
         selection = select({slot.final_id: slot.score for slot in scored},
-                           {slot.final_id: slot.class_name for slot in scored},
-                           record.settings.alpha, record.settings.selection)
-        current.threshold, current.class_thresholds = selection.threshold, selection.class_cuts
+                           {slot.final_id: group_of(how, slot.class_name, slot.kind) for slot in scored},
+                           record.settings.alpha, how)
+        current.threshold, current.class_thresholds = selection.threshold, selection.group_cuts
         current.retained = selection.retained
         by_id = {slot.final_id: slot for slot in current.slots}
         actions: list[Action] = []
@@ -344,7 +347,7 @@ class RunMachine:
             accepted = samples_pb2.AcceptedSample(
                 schema_version=ACCEPTED_SCHEMA_VERSION, run_id=record.run_id, round_accepted=current.round,
                 sample=json_format.ParseDict(slot.sample, samples_pb2.Sample()), score=slot.score,
-                score_threshold=current.cut_for(slot), segmenter=model_version(record.run_id, current.round))
+                score_threshold=current.cut_for(slot, how), segmenter=model_version(record.run_id, current.round))
             actions.append(Publish(Topics.ACCEPTED, sample_id, accepted))
             record.accepted.append(sample_id)
         if current.round + 1 >= record.settings.rounds:

@@ -377,8 +377,10 @@ class CoordinatorConfig(_Frozen):
     rounds: int = Field(2, ge=1, le=100, description="T + 1: rounds of train, generate, score, keep")
     alpha: float = Field(0.7, gt=0.0, le=1.0, description="share of each round's scored samples kept")
     # per_class: the top α of each class's samples, so a weak f_t's blind spots do not empty
-    # D_{t+1} of the classes it cannot see yet; global: the top α of all scores (the paper's cut).
-    selection: Literal["global", "per_class"] = "per_class"
+    # D_{t+1} of the classes it cannot see yet; per_class_and_kind: the same with a class's single
+    # objects and composed scenes ranked apart, so composed scenes, which f_t scores lower, keep
+    # their share; global: the top α of all scores (the paper's cut). See coordinator/selection.py.
+    selection: Literal["global", "per_class", "per_class_and_kind"] = "per_class_and_kind"
     initial_samples: int = Field(24, ge=1, le=1_000_000, description="|D_0|: single objects generated first")
     samples_per_round: int = Field(24, ge=1, le=1_000_000, description="|D'_t|: samples generated per round")
     # The paper mixes single-object images and edited multi-object scenes in each round.

@@ -10,8 +10,8 @@ larger dataset gets more variety, not more training:
 - **real**: rendered scenes of the train split with their exact label maps;
 - **freemask**: the accepted samples of a whole Free-Mask run (`--rounds` rounds of
   Algorithm 1: D_0 of `--initial` single objects, then `--per-round` slots per round, half of
-  them composed scenes, each round keeping the top α = 0.7 by S(x) within each class, the
-  default `coordinator.selection`);
+  them composed scenes, each round keeping the top α = 0.7 by S(x) within each class, single
+  objects and composed scenes apart: `coordinator.selection: per_class_and_kind`, the default);
 - **diffumask_style**: single objects only, each mask the soft map at one fixed threshold
   (`--diffumask-threshold`; by default the best single threshold that bench_attention_mask
   measured, read from its attention_mask.json), no editing, no selection;
@@ -24,7 +24,8 @@ The baselines, `freemask_singles` and `real` get as many images as `freemask` ac
 whole of Algorithm 1 with one part removed: the thesaurus (objects drawn uniformly), FOPA
 (boxes drawn uniformly among the valid ones), harmonization (copy-paste), active learning
 (α = 1: keep everything), and α ∈ {0.5, 0.9}; `global_selection` takes the paper's cut over
-all of a round's scores instead of class by class. Every entry, main table and ablation alike, is
+all of a round's scores instead, and `per_class_selection` the cut class by class with single
+objects and composed scenes ranked together. Every entry, main table and ablation alike, is
 the mean of `--seeds` trainings (training seeds 0, 1, …; the data stay the same), which is what
 says how far apart two figures must be to mean anything. `rounds` is
 the validation mIoU of each round's f_t in the `freemask` run; `selection_by_kind` counts, per
@@ -112,6 +113,7 @@ VARIANTS: dict[str, tuple[dict[str, str], dict[str, str]]] = {
     "alpha_0.5": ({}, {"alpha": "0.5"}),
     "alpha_0.9": ({}, {"alpha": "0.9"}),
     "global_selection": ({}, {"selection": "global"}),
+    "per_class_selection": ({}, {"selection": "per_class"}),
 }
 
 
@@ -353,7 +355,7 @@ def main() -> None:
                                          ["best_global_threshold"])
     torch.set_num_threads(2)
     torch.manual_seed(SEED)
-    run_overrides = {"alpha": "0.7", "selection": "per_class", "rounds": str(args.rounds),
+    run_overrides = {"alpha": "0.7", "selection": "per_class_and_kind", "rounds": str(args.rounds),
                      "initial_samples": str(args.initial), "samples_per_round": str(args.per_round),
                      "image_size": str(IMAGE_SIZE), "train_epochs": str(args.round_epochs)}
     started = time.perf_counter()

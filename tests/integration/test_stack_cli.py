@@ -86,9 +86,9 @@ def test_run_brings_everything_up_runs_algorithm_1_exports_and_shuts_down(tmp_pa
     for service in ("attention_mask", "thesaurus", "placement", "harmonization", "scoring", "coordinator"):
         assert f"{service} " in result.stdout
     assert f"run cli-run: completed, {ROUNDS} of {ROUNDS} rounds" in result.stdout, result.stdout
-    # the default selection, per_class: the range of the class cuts
+    # the default selection, per_class_and_kind: the range of the cuts of its groups (class and slot kind)
     rounds = re.findall(r"^round (\d): (\d+) requested, (\d+) scored, (\d+) dead-lettered, (\d+) kept at "
-                        r"the top of each class, S\(x\) >= ([01]\.\d{3}) to ([01]\.\d{3}) by class, "
+                        r"the top of each of \d+ groups, S\(x\) >= ([01]\.\d{3}) to ([01]\.\d{3}), "
                         r"segmenter cli-run/(\d) \(validation mIoU ([01]\.\d{3})\)$", result.stdout, re.MULTILINE)
     assert [int(r[0]) for r in rounds] == list(range(ROUNDS)), result.stdout
     kept = 0

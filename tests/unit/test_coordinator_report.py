@@ -342,9 +342,10 @@ def test_a_per_class_selection_shows_each_class_cut(store: MemoryStore, tmp_path
     record.settings = RunSettings(**{**record.settings.__dict__, "selection": "per_class"})
     record.rounds[0].threshold, record.rounds[0].class_thresholds = 0.25, {"car": 0.75, "cat": 0.25}
     page = Page(render_report(record, store, CONFIG))
-    assert page.rows[0][5] == "0.2500–0.7500 by class" and page.rows[1][5] == "0.6500"
+    assert page.rows[0][5] == "0.2500–0.7500 by group" and page.rows[1][5] == "0.6500"
     text = "".join(page.text)
-    assert "cut by class: car 0.7500, cat 0.2500." in text and "top α of each class" in text
+    assert "cut by group: car 0.7500, cat 0.2500." in text and "top α of each class" in text
+    assert "composed scenes apart" not in text  # per_class_and_kind's description
 
 
 def test_summary_lines_say_how_each_round_was_cut() -> None:
@@ -357,4 +358,4 @@ def test_summary_lines_say_how_each_round_was_cut() -> None:
                                     class_score_thresholds={"car": 0.75, "cat": 0.25})])
     _, global_cut, per_class = summary_lines(status)
     assert "3 kept at S(x) >= 0.500," in global_cut
-    assert "3 kept at the top of each class, S(x) >= 0.250 to 0.750 by class," in per_class
+    assert "3 kept at the top of each of 2 groups, S(x) >= 0.250 to 0.750," in per_class

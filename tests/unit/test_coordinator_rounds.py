@@ -146,28 +146,34 @@ def test_a_state_saved_with_the_rounds_since_dropped_segmenter_field_still_loads
     assert RunRecord.from_json(json.loads(json.dumps(saved))).to_json() == run_to_end(Pipeline()).record.to_json()
 
 
-def test_a_per_class_run_keeps_the_top_alpha_of_each_class_and_names_each_sample_its_class_cut() -> None:
+@pytest.mark.parametrize("selection", ["per_class", "per_class_and_kind"])
+def test_a_run_by_group_keeps_the_top_alpha_of_each_group_and_names_each_sample_its_group_cut(selection: str
+                                                                                               ) -> None:
     pipeline = Pipeline()
-    settings = RunSettings(**{**SETTINGS.__dict__, "samples_per_round": 20, "selection": "per_class"})
+    settings = RunSettings(**{**SETTINGS.__dict__, "samples_per_round": 20, "selection": selection})
     machine = run_to_end(pipeline, reload_every_event=True, settings=settings)
     record = machine.record
     assert record.phase == COMPLETED
     accepted = {a.sample.sample_id: a for a in pipeline.accepted}
     for round_record in record.rounds:
-        by_class: dict[str, list] = {}
+        by_group: dict[str, list] = {}
         for slot in round_record.slots:
             assert slot.class_name == slot.single["class_name"]  # known from the draw, before the single came
-            by_class.setdefault(slot.single["class_name"], []).append(slot)
-        assert set(round_record.class_thresholds) == set(by_class)
-        for cls, slots in by_class.items():
+            group = slot.class_name if selection == "per_class" else f"{slot.class_name}/{slot.kind}"
+            by_group.setdefault(group, []).append(slot)
+        assert set(round_record.class_thresholds) == set(by_group)
+        for group, slots in by_group.items():
             kept = [slot for slot in slots if slot.final_id in round_record.retained]
-            # each class keeps its best, about α of them (the cut is shared by within-class rank)
+            # each group keeps its best, about α of them (the cut is shared by within-group rank)
             assert sorted(slot.score for slot in kept) == sorted(slot.score for slot in slots)[-len(kept):]
             assert abs(len(kept) - 0.7 * len(slots)) <= 1
-            assert round_record.class_thresholds[cls] == min(slot.score for slot in kept)
+            assert round_record.class_thresholds[group] == min(slot.score for slot in kept)
             for slot in kept:
-                assert accepted[slot.final_id].score_threshold == pytest.approx(round_record.class_thresholds[cls])
+                assert accepted[slot.final_id].score_threshold == pytest.approx(round_record.class_thresholds[group])
         assert round_record.threshold == min(round_record.class_thresholds.values())
+    if selection == "per_class_and_kind":  # both kinds of slot were drawn, and each kept its share
+        kinds = {group.split("/")[1] for round_record in record.rounds for group in round_record.class_thresholds}
+        assert kinds == {"single", "composed"}
 
 
 class ScoredFirst(Pipeline):
@@ -184,13 +190,14 @@ class ScoredFirst(Pipeline):
         return events
 
 
-def test_a_per_class_round_ends_when_a_slot_is_scored_before_its_single_object_is_seen() -> None:
-    settings = RunSettings(**{**SETTINGS.__dict__, "selection": "per_class"})
+@pytest.mark.parametrize("selection", ["per_class", "per_class_and_kind"])
+def test_a_round_by_group_ends_when_a_slot_is_scored_before_its_single_object_is_seen(selection: str) -> None:
+    settings = RunSettings(**{**SETTINGS.__dict__, "selection": selection})
     record = run_to_end(ScoredFirst(), settings=settings).record
     assert record.phase == COMPLETED
     unseen = [slot for slot in record.rounds[1].slots if slot.kind == "single"]
     assert unseen and all(slot.single is None and slot.score is not None for slot in unseen)
-    assert set(record.rounds[1].class_thresholds) <= set(SETTINGS.classes)
+    assert {group.split("/")[0] for group in record.rounds[1].class_thresholds} <= set(SETTINGS.classes)
 
 
 def test_a_state_saved_before_the_selection_setting_finishes_with_the_global_cut() -> None:

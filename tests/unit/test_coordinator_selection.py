@@ -1,4 +1,4 @@
-"""The α cut of Algorithm 1 on hand-made scores: over all scores, and class by class."""
+"""The α cut of Algorithm 1 on hand-made scores: over all scores, by class, and by class and slot kind."""
 
 from __future__ import annotations
 
@@ -6,7 +6,16 @@ import random
 
 import pytest
 
-from freemask.coordinator.selection import GLOBAL, PER_CLASS, Selection, retained, score_threshold, select
+from freemask.coordinator.selection import (
+    GLOBAL,
+    PER_CLASS,
+    PER_CLASS_AND_KIND,
+    Selection,
+    group_of,
+    retained,
+    score_threshold,
+    select,
+)
 from freemask.shared.errors import InvalidInput
 
 TEN = {f"s-{i}": i / 10 for i in range(10)}  # 0.0 .. 0.9
@@ -58,13 +67,13 @@ CLASS_OF = {sample_id: "horse" if sample_id.startswith("h") else "cat" for sampl
 def test_a_global_cut_keeps_the_class_the_segmenter_knows() -> None:
     selection = select(SKEWED, CLASS_OF, 0.5, GLOBAL)
     assert sorted(selection.retained) == sorted(f"h-{i}" for i in range(10))
-    assert selection.threshold == pytest.approx(0.6) and selection.class_cuts == {}
+    assert selection.threshold == pytest.approx(0.6) and selection.group_cuts == {}
 
 
 def test_a_per_class_cut_keeps_the_top_alpha_of_each_class() -> None:
     selection = select(SKEWED, CLASS_OF, 0.5, PER_CLASS)
     assert selection.retained == [f"h-{i}" for i in range(9, 4, -1)] + [f"c-{i}" for i in range(9, 4, -1)]
-    assert selection.class_cuts == {"cat": pytest.approx(0.05), "horse": pytest.approx(0.65)}
+    assert selection.group_cuts == {"cat": pytest.approx(0.05), "horse": pytest.approx(0.65)}
     assert selection.threshold == pytest.approx(0.05)
 
 
@@ -91,7 +100,7 @@ def test_a_class_drawn_once_keeps_its_sample_at_the_usual_alpha() -> None:
 def test_per_class_keeps_ties_within_a_class_together() -> None:
     scores = {"a-1": 0.9, "a-2": 0.5, "a-3": 0.5, "a-4": 0.1}
     selection = select(scores, {sample_id: "a" for sample_id in scores}, 0.5, PER_CLASS)
-    assert selection.retained == ["a-1", "a-2", "a-3"] and selection.class_cuts == {"a": 0.5}
+    assert selection.retained == ["a-1", "a-2", "a-3"] and selection.group_cuts == {"a": 0.5}
 
 
 def test_per_class_arrival_order_does_not_change_the_result() -> None:
@@ -100,9 +109,37 @@ def test_per_class_arrival_order_does_not_change_the_result() -> None:
     assert select(dict(items), CLASS_OF, 0.7, PER_CLASS) == select(SKEWED, CLASS_OF, 0.7, PER_CLASS)
 
 
+
+# --- per-class-and-kind selection -----------------------------------------------------
+
+# One class, whose single objects f_t scores higher than its composed scenes, as it does for
+# scenes holding several objects.
+MIXED = {**{f"s-{i}": 0.5 + i / 100 for i in range(6)}, **{f"c-{i}": 0.2 + i / 100 for i in range(4)}}
+KIND_OF = {sample_id: "single" if sample_id.startswith("s") else "composed" for sample_id in MIXED}
+
+
+def test_a_sample_is_grouped_by_its_class_or_by_its_class_and_kind() -> None:
+    assert group_of(PER_CLASS, "cat", "composed") == "cat" == group_of(GLOBAL, "cat", "single")
+    assert group_of(PER_CLASS_AND_KIND, "cat", "composed") == "cat/composed"
+    assert group_of(PER_CLASS_AND_KIND, "cat", "single") == "cat/single"
+
+
+def test_ranked_apart_composed_scenes_keep_their_share_of_a_class() -> None:
+    by_class = select(MIXED, {sample_id: group_of(PER_CLASS, "cat", KIND_OF[sample_id]) for sample_id in MIXED},
+                      0.5, PER_CLASS)
+    assert sorted(by_class.retained) == sorted(f"s-{i}" for i in range(1, 6))  # no composed scene
+    groups = {sample_id: group_of(PER_CLASS_AND_KIND, "cat", KIND_OF[sample_id]) for sample_id in MIXED}
+    selection = select(MIXED, groups, 0.5, PER_CLASS_AND_KIND)
+    assert selection.retained == ["s-5", "s-4", "s-3", "c-3", "c-2"]
+    assert selection.group_cuts == {"cat/composed": pytest.approx(0.22), "cat/single": pytest.approx(0.53)}
+    assert selection.threshold == pytest.approx(0.22)
+
+
 def test_select_refuses_an_unknown_way_and_keeps_nothing_of_nothing() -> None:
     with pytest.raises(InvalidInput, match="unknown selection 'by_colour'"):
         select(SKEWED, CLASS_OF, 0.7, "by_colour")
     assert select({}, {}, 0.7, PER_CLASS) == Selection([], 0.0, {})
+    with pytest.raises(InvalidInput, match="unknown selection"):
+        select({}, {}, 0.7, "by_colour")
     with pytest.raises(InvalidInput, match="alpha must be in"):
         select(SKEWED, CLASS_OF, 0.0, PER_CLASS)
