@@ -8,7 +8,8 @@ Three ways to take the cut (`coordinator.selection`):
 - ``per_class``: each sample is ranked only against the samples of its group, here those
   drawn for its own class, and the same top-α cut is taken over those within-group ranks,
   so every group keeps about α·n of its n samples, rounded to the nearest (a lone sample
-  ranks in the middle of its group, not at its bottom). An early f_t knows a few classes
+  ranks in the middle of its group, not at its bottom), and the round ⌈α·n⌉ of its n
+  (more only where scores tie within a group). An early f_t knows a few classes
   well and scores the rest near 0; a global cut then keeps mostly the classes it already
   knows, and each round narrows D_{t+1} towards them.
 - ``per_class_and_kind``: the same, with single objects and composed scenes of a class in
@@ -101,9 +102,13 @@ def _within_groups(scores: Mapping[str, float], groups: Mapping[str, str], alpha
         values = ascending[groups[sample_id]]
         below, not_above = bisect.bisect_left(values, score), bisect.bisect_right(values, score)
         rank[sample_id] = (len(values) - not_above + (not_above - below) / 2) / len(values)
-    ranks = sorted(rank.values())
-    cut = ranks[math.ceil(alpha * len(ranks)) - 1]
-    return _best_first(scores, [sample_id for sample_id, value in rank.items() if value <= cut])
+    # Samples of different groups can share a rank (every lone sample ranks 1/2); among them the
+    # better score goes first. Kept together, they would make the round keep far more than α of
+    # its samples whenever most groups are small, which is the usual case under
+    # per_class_and_kind. Only samples equal in rank and score stand or fall together.
+    order = {sample_id: (value, -scores[sample_id]) for sample_id, value in rank.items()}
+    cut = sorted(order.values())[math.ceil(alpha * len(order)) - 1]
+    return _best_first(scores, [sample_id for sample_id, key in order.items() if key <= cut])
 
 
 def _best_first(scores: Mapping[str, float], ids: list[str]) -> list[str]:

@@ -97,6 +97,15 @@ def test_a_class_drawn_once_keeps_its_sample_at_the_usual_alpha() -> None:
     assert select(scores, classes, 0.4, PER_CLASS).retained == ["a-1", "a-2"]
 
 
+def test_lone_samples_of_many_classes_share_a_rank_and_the_better_scores_are_kept() -> None:
+    scores = {f"lone-{i}": i / 10 for i in range(10)}  # ten classes, one sample each: each ranks 1/2
+    classes = {sample_id: sample_id for sample_id in scores}
+    assert select(scores, classes, 0.5, PER_CLASS).retained == [f"lone-{i}" for i in range(9, 4, -1)]
+    tied = {**scores, "lone-8": 0.9}  # equal in rank and in score: kept together
+    assert select(tied, classes, 0.5, PER_CLASS).retained == ["lone-8", "lone-9", "lone-7", "lone-6", "lone-5"]
+    assert select(tied, classes, 0.1, PER_CLASS).retained == ["lone-8", "lone-9"]
+
+
 def test_per_class_keeps_ties_within_a_class_together() -> None:
     scores = {"a-1": 0.9, "a-2": 0.5, "a-3": 0.5, "a-4": 0.1}
     selection = select(scores, {sample_id: "a" for sample_id in scores}, 0.5, PER_CLASS)
