@@ -43,7 +43,7 @@ DESCRIPTIONS = {
 
 @dataclass(frozen=True)
 class Selection:
-    """A round's cut: the ids kept, best first, and the score each class had to reach."""
+    """A round's cut: the ids kept, best first, and the score each group had to reach."""
 
     retained: list[str]
     threshold: float  # global: the cut; otherwise the lowest of the group cuts (0 when nothing is kept)
