@@ -97,16 +97,15 @@ def _within_groups(scores: Mapping[str, float], groups: Mapping[str, str], alpha
     # plus half of those scoring the same (itself included), over the group's size. The i-th best
     # of n ranks (i - 1/2) / n, so a cut at α keeps about α·n of every group, and tied samples
     # share one rank, so they are kept or dropped together, as under the global cut.
-    rank = {}
-    for sample_id, score in scores.items():
-        values = ascending[groups[sample_id]]
-        below, not_above = bisect.bisect_left(values, score), bisect.bisect_right(values, score)
-        rank[sample_id] = (len(values) - not_above + (not_above - below) / 2) / len(values)
     # Samples of different groups can share a rank (every lone sample ranks 1/2); among them the
     # better score goes first. Kept together, they would make the round keep far more than α of
     # its samples whenever most groups are small, which is the usual case under
     # per_class_and_kind. Only samples equal in rank and score stand or fall together.
-    order = {sample_id: (value, -scores[sample_id]) for sample_id, value in rank.items()}
+    order = {}
+    for sample_id, score in scores.items():
+        values = ascending[groups[sample_id]]
+        below, not_above = bisect.bisect_left(values, score), bisect.bisect_right(values, score)
+        order[sample_id] = ((len(values) - not_above + (not_above - below) / 2) / len(values), -score)
     cut = sorted(order.values())[math.ceil(alpha * len(order)) - 1]
     return _best_first(scores, [sample_id for sample_id, key in order.items() if key <= cut])
 
