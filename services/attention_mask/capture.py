@@ -98,6 +98,9 @@ class AttentionStore:
         else:
             raise InvalidInput("token_indices must be a list of ints or one list of ints per sample")
         self.token_indices, self.token_mask = token_mask_for(groups)
+        # Read once, here: a host read of a tensor inside every cross-attention call would also
+        # split a torch.compile'd UNet into a graph per layer.
+        self._highest_token = int(self.token_indices.max())
         self._device_indices: dict[tuple[torch.device, int], torch.Tensor] = {}
         self.self_attention_resolutions = {self._as_resolution(r) for r in self_attention_resolutions}
         self.cross_attention_resolutions = (
@@ -150,10 +153,9 @@ class AttentionStore:
 
     def gather_indices(self, batch_size: int, sequence_length: int, device: torch.device) -> torch.Tensor:
         """The ``(batch, tokens)`` token positions to keep, checked against the prompt length."""
-        highest = int(self.token_indices.max())
-        if highest >= sequence_length:
+        if self._highest_token >= sequence_length:
             raise InvalidInput(
-                f"token index {highest} is out of range for a prompt encoding of {sequence_length} tokens"
+                f"token index {self._highest_token} is out of range for a prompt encoding of {sequence_length} tokens"
             )
         indices = self.token_indices
         if self._broadcast:
@@ -172,7 +174,9 @@ class AttentionStore:
     def add_cross(self, layer: str, resolution: Resolution, maps: torch.Tensor) -> None:
         """Add one layer-call's ``(batch, tokens, h, w)`` head-averaged maps."""
         self._accumulate(self.cross_sums, self.cross_calls, resolution, maps)
-        self.cross_layers.setdefault(resolution, set()).add(layer)
+        layers = self.cross_layers.setdefault(resolution, set())
+        if layer not in layers:  # from the second step on a lookup only, which torch.compile treats as a constant
+            layers.add(layer)
 
     def add_self(self, resolution: Resolution, affinity: torch.Tensor) -> None:
         """Add one layer-call's ``(batch, h·w, h·w)`` head-averaged self-attention."""

@@ -15,6 +15,13 @@ A call the graph cannot stand for runs eagerly: other shapes (the graph is recor
 for them), gradients, a host timestep, or any of the UNet's optional inputs (ControlNet
 residuals, attention masks, ...), none of which a text-to-image pass sends.
 
+With a compiled forward (``torch.compile`` of the UNet's, ``attention_mask.compile_unet``),
+the graph records the compiled step's kernels instead of the eager ones. The first call
+with new shapes still runs eagerly, so that what the capture processors allocate exists
+before tracing (the trace then holds only in-place additions, the same for every pass);
+the second runs the compiled forward unrecorded, which compiles it for these shapes and
+loads its kernels, neither of which may happen inside a recording; the third is recorded.
+
 Why replays are correct with capture on: every state a capture processor changes lives on
 the device, so a replay changes it as the eager step did; the store's step count is kept
 by a forward pre-hook, which runs on every call, replayed or not. A graph holds the
@@ -37,9 +44,14 @@ log = logging.getLogger("freemask.attention_mask.cuda_graphs")
 class GraphedStep:
     """The UNet's forward, replayed from a CUDA graph where it can be (see the module docstring)."""
 
-    def __init__(self, eager_forward: Callable[..., Any]) -> None:
+    def __init__(self, eager_forward: Callable[..., Any], compiled_forward: Callable[..., Any] | None = None
+                 ) -> None:
         self._eager_forward = eager_forward
+        # The forward the graph records, and how many calls at new shapes run before it is recorded.
+        self._recorded_forward = compiled_forward or eager_forward
+        self._warmups = 1 if compiled_forward is None else 2
         self._shapes: tuple[Any, ...] | None = None
+        self._calls_at_shapes = 0
         self._graph: torch.cuda.CUDAGraph | None = None
         self._inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._output: torch.Tensor | None = None
@@ -60,10 +72,13 @@ class GraphedStep:
                                        **optional)
         shapes = tuple((tensor.shape, tensor.dtype, tensor.device) for tensor in (sample, timestep,
                                                                                   encoder_hidden_states))
-        if shapes != self._shapes:  # new shapes: this call is the warm-up, the next one is recorded
+        if shapes != self._shapes:  # new shapes: warm up again, then record
             self.release()
             self._shapes = shapes
-            return self._eager_forward(sample, timestep, encoder_hidden_states, return_dict=False)
+        if self._calls_at_shapes < self._warmups:
+            self._calls_at_shapes += 1
+            forward = self._eager_forward if self._calls_at_shapes == 1 else self._recorded_forward
+            return forward(sample, timestep, encoder_hidden_states, return_dict=False)
         if self._graph is None:
             if not self._record(sample, timestep, encoder_hidden_states):
                 return self._eager_forward(sample, timestep, encoder_hidden_states, return_dict=False)
@@ -88,7 +103,7 @@ class GraphedStep:
             # thread_local: CUDA work that another thread of the service launches meanwhile
             # cannot spoil the recording.
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                output = self._eager_forward(*inputs, return_dict=False)[0]
+                output = self._recorded_forward(*inputs, return_dict=False)[0]
         except Exception as error:  # noqa: BLE001 - any failure to record means: run this block eagerly
             self.failure = f"{type(error).__name__}: {error}"
             log.warning("the UNet step could not be recorded as a CUDA graph; running it eagerly: %s", self.failure)
@@ -101,11 +116,15 @@ class GraphedStep:
         """Drop the graph and its memory pool; the next call warms up again."""
         self._graph = self._inputs = self._output = None
         self._shapes = None
+        self._calls_at_shapes = 0
 
 
 @contextmanager
-def graphed_unet(unet: torch.nn.Module) -> Iterator[GraphedStep | None]:
+def graphed_unet(unet: torch.nn.Module, compiled_forward: Callable[..., Any] | None = None
+                 ) -> Iterator[GraphedStep | None]:
     """Run `unet`'s steps from CUDA graphs for the block; yields the GraphedStep (None: not on a GPU).
+
+    `compiled_forward`: ``torch.compile`` of the UNet's own forward, recorded in its place.
 
     On a CPU this changes nothing. The UNet's own ``forward`` (or one an offloading hook put
     on the instance) is back in place on exit, also when the block raises.
@@ -114,7 +133,7 @@ def graphed_unet(unet: torch.nn.Module) -> Iterator[GraphedStep | None]:
         yield None
         return
     instance_forward = unet.__dict__.get("forward")
-    step = GraphedStep(unet.forward)
+    step = GraphedStep(unet.forward, compiled_forward)
     unet.forward = step  # an instance attribute: nn.Module.__call__ finds it before the class's method
     try:
         yield step

@@ -181,6 +181,8 @@ class MaskGenerator:
         # two passes at once (gRPC worker threads and the stage worker share this generator)
         # would write into each other's stores: passes run one at a time.
         self._unet_lock = threading.Lock()
+        # Compiled lazily, at the first pass that records its steps (see step_graphs).
+        self._compiled_unet_forward: Any = None
         self.refine_config = RefineConfig(beta=config.refine_beta, iterations=config.refine_iterations,
                                           cut=config.refine_cut,
                                           reference_threshold=config.refine_reference_threshold,
@@ -262,8 +264,19 @@ class MaskGenerator:
         return store.self_attention_means()[grid].float()
 
     def step_graphs(self) -> AbstractContextManager[object]:
-        """Where the config asks for it, the denoising steps of the block replay from CUDA graphs."""
-        return graphed_unet(self.pipe.unet) if self.config.cuda_graphs else nullcontext()
+        """Where the config asks for it, the denoising steps of the block replay from CUDA graphs.
+
+        With `compile_unet`, the graphs hold the torch.compile'd UNet's kernels. Compiled with
+        static shapes: a dynamic batch would not survive the capture processors, whose
+        arithmetic depends on it (the conditional half, the self-attention head groups).
+        """
+        if not self.config.cuda_graphs:
+            return nullcontext()
+        if self.config.compile_unet and self._compiled_unet_forward is None:
+            # 1x1 convolutions as matrix products: SD 1.5's transformer blocks project in and out with them.
+            self._compiled_unet_forward = torch.compile(self.pipe.unet.forward, dynamic=False,
+                                                        options={"conv_1x1_as_mm": True})
+        return graphed_unet(self.pipe.unet, self._compiled_unet_forward)
 
     def _check_size(self, height: int, width: int) -> None:
         """The UNet halves its grid three times, so the latent side must divide by 8."""

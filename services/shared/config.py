@@ -248,6 +248,10 @@ class AttentionMaskConfig(_Frozen):
     # On a GPU, replay each denoising step from a CUDA graph (attention_mask/cuda_graphs.py):
     # at small batches an eager step is bound by its kernel launches. No effect on a CPU.
     cuda_graphs: bool = True
+    # With cuda_graphs, record the torch.compile'd UNet (inductor: fused norms, activations and
+    # layouts) instead of the eager one. Each new batch size pays a compile (about a minute at
+    # SD 1.5's size), and more than torch._dynamo's recompile limit (8) run eagerly. No effect on a CPU.
+    compile_unet: bool = False
     # Where the random walk's affinity comes from: "learned", an AffinityNet head on the
     # generated image (`affinity_weights`, unset = the head shipped for the small
     # generator, trained on the reference world), or "self_attention", the UNet's own
@@ -279,9 +283,11 @@ class AttentionMaskConfig(_Frozen):
     max_mask_fraction: float | None = Field(0.4, gt=0.0, le=1.0)
 
     @model_validator(mode="after")
-    def _threshold_search_is_not_circular(self) -> AttentionMaskConfig:
+    def _settings_agree(self) -> AttentionMaskConfig:
         if self.refine_cut == "refined" and self.refine_reference_threshold is not None:
             raise ValueError(CIRCULAR_SEARCH)
+        if self.compile_unet and not self.cuda_graphs:
+            raise ValueError("compile_unet compiles the step that cuda_graphs records: set cuda_graphs too")
         return self
 
 

@@ -20,8 +20,11 @@ weights. Measured, at 512 x 512, with classifier-free guidance:
   of it, over the card's dense peak for the dtype (target >= 0.40 at b >= 8);
 - FOPA pairs/s and RAIN images/s: the shipped torch models on the same card, batch 64;
 - with `--channels-last`, the UNet and VAE in channels-last memory format;
-- with `--compile`, the 50-step latency and the largest batch again with the UNet under
-  `torch.compile` (`compiled`; an error there is recorded, not fatal).
+- with `--compile`, `compiled`: the same figures at `--compile-batches` (default: 1 and the
+  largest), and the 50-step image, for `attention_mask.compile_unet`, whose graphs record the
+  torch.compile'd UNet; with the first call's seconds (the compile), how far its outputs are
+  from the uncompiled graphs', and torch._dynamo's graph and graph-break counts. An error
+  there is recorded, not fatal.
 
 Writes tests/benchmarks/results/gpu.json (not with --smoke, unless --out is given).
 """
@@ -64,11 +67,11 @@ MODES = ("cuda_graphs", "eager")
 PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12}
 
 
-def timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[float, Any]:
-    """Median seconds of `repeats` calls, after one warm-up call, and the last call's result."""
-    result = fn()
+def timed(fn: Callable[[], Any], device: torch.device, repeats: int, first_call: bool = False) -> tuple[Any, ...]:
+    """Median seconds of `repeats` calls, after one warm-up call, and the last call's result;
+    with `first_call`, also the warm-up's seconds."""
     seconds = []
-    for _ in range(repeats):
+    for _ in range(repeats + 1):
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -76,7 +79,9 @@ def timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[fl
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - start)
-    return sorted(seconds)[len(seconds) // 2], result
+    warm_up, timed_seconds = seconds[0], sorted(seconds[1:])
+    median = timed_seconds[len(timed_seconds) // 2]
+    return (median, result, warm_up) if first_call else (median, result)
 
 
 def output_difference(eager: list[GeneratedObject], graphed: list[GeneratedObject]) -> dict[str, float]:
@@ -110,31 +115,56 @@ def small_model_rates(device: torch.device, dtype: torch.dtype, batch: int, repe
     return {"fopa_pairs_per_s": round(batch / fopa_s, 1), "rain_images_per_s": round(batch / rain_s, 1)}
 
 
-def compiled_rates(pipe: Any, generator: MaskGenerator, device: torch.device, side: int, steps: int, batch: int,
-                   repeats: int) -> dict[str, Any]:
-    """The same pipeline with its UNet under torch.compile: 50-step latency at batch 1 and rates at `batch`."""
-    eager_unet = pipe.unet
-    pipe.unet = torch.compile(eager_unet)
+def compiled_rates(pipe: Any, generator: MaskGenerator, device: torch.device, side: int, steps: int,
+                   batches: list[int], repeats: int, uncompiled: dict[int, list[GeneratedObject]],
+                   flops_per_image: dict[int, float], peak: float | None, on_batch: Callable[[dict[str, Any]], None]
+                   ) -> dict[str, Any]:
+    """The service's `compile_unet` path: its graphs record the torch.compile'd UNet.
+
+    At each of `batches`: images/s with capture and without, the first call's seconds (it
+    compiles the step for those shapes), how far its outputs are from the uncompiled graphs'
+    (`uncompiled`), and the FLOP fraction without capture; at batch 1, the 50-step image.
+    `on_batch` gets the figures so far after each batch, so a run cut short keeps them.
+    """
+    from torch._dynamo.utils import counters
+
+    figures: dict[str, Any] = {"images_per_s": {}, "plain_images_per_s": {}, "capture_overhead_by_batch": {},
+                               "first_call_s": {}, "plain_first_call_s": {}, "vs_uncompiled": {},
+                               "flops_fraction": {}}
     try:
-        single = [generator.prompt_for(PROMPT, "dog", seed=SEED, num_inference_steps=50)]
-        prompts = [generator.prompt_for(PROMPT, "dog", seed=SEED + i) for i in range(batch)]
+        for batch in batches:
+            prompts = [generator.prompt_for(PROMPT, "dog", seed=SEED + i) for i in range(batch)]
 
-        def plain(count: int, step_count: int) -> object:
-            seeds = [torch.Generator(device).manual_seed(SEED + i) for i in range(count)]
-            return pipe([PROMPT] * count, height=side, width=side, num_inference_steps=step_count,
-                        guidance_scale=GUIDANCE, generator=seeds, output_type="pt").images
+            def plain() -> object:
+                seeds = [torch.Generator(device).manual_seed(p.seed) for p in prompts]
+                with generator.step_graphs():
+                    return pipe([PROMPT] * batch, height=side, width=side, num_inference_steps=steps,
+                                guidance_scale=GUIDANCE, generator=seeds, output_type="pt").images
 
-        return {
-            "latency_50_steps_s": round(timed(lambda: generator.generate(single), device, repeats)[0], 4),
-            "plain_latency_50_steps_s": round(timed(lambda: plain(1, 50), device, repeats)[0], 4),
-            "batch": batch,
-            "images_per_s": round(batch / timed(lambda: generator.generate(prompts), device, repeats)[0], 3),
-            "plain_images_per_s": round(batch / timed(lambda: plain(batch, steps), device, repeats)[0], 3),
-        }
-    except Exception as error:  # a benchmark of an optional mode: record why it failed, keep the eager figures
-        return {"error": f"{type(error).__name__}: {error}"[:2000]}
-    finally:
-        pipe.unet = eager_unet
+            captured_s, outputs, first_s = timed(lambda: generator.generate(prompts), device, repeats,
+                                                 first_call=True)
+            plain_s, _, plain_first_s = timed(plain, device, repeats, first_call=True)
+            figures["images_per_s"][batch] = round(batch / captured_s, 3)
+            figures["plain_images_per_s"][batch] = round(batch / plain_s, 3)
+            figures["capture_overhead_by_batch"][batch] = round(captured_s / plain_s, 3)
+            figures["first_call_s"][batch], figures["plain_first_call_s"][batch] = round(first_s, 1), round(
+                plain_first_s, 1)
+            if batch in uncompiled:
+                figures["vs_uncompiled"][batch] = output_difference(uncompiled[batch], outputs)
+            if peak and batch in flops_per_image:
+                figures["flops_fraction"][batch] = round(flops_per_image[batch] * batch / plain_s / peak, 3)
+            figures["dynamo"] = {name: dict(counters[name]) for name in ("stats", "graph_break") if counters[name]}
+            print(f"compiled, batch {batch}: {figures['images_per_s'][batch]} images/s with capture, "
+                  f"{figures['plain_images_per_s'][batch]} without; first calls {first_s:.0f} s and "
+                  f"{plain_first_s:.0f} s; vs uncompiled {figures['vs_uncompiled'].get(batch)}", flush=True)
+            if batch == 1:  # the shapes just compiled
+                single = [generator.prompt_for(PROMPT, "dog", seed=SEED, num_inference_steps=50)]
+                figures["latency_50_steps_s"] = round(timed(lambda: generator.generate(single), device, repeats)[0],
+                                                      4)
+            on_batch(figures)
+    except Exception as error:  # a benchmark of an optional mode: record why it failed, keep the other figures
+        figures["error"] = f"{type(error).__name__}: {error}"[:2000]
+    return figures
 
 
 def main() -> None:
@@ -144,7 +174,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="denoising steps of the throughput runs")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--smoke", action="store_true", help="the tiny layout on CPU in float32: checks the script")
-    parser.add_argument("--compile", action="store_true", help="also time the UNet under torch.compile")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time attention_mask.compile_unet (graphs of the torch.compile'd UNet)")
+    parser.add_argument("--compile-batches", type=int, nargs="+",
+                        help="batches of the --compile figures (default: 1 and the largest; each compiles twice)")
     parser.add_argument("--profile", action="store_true",
                         help="print torch.profiler's busiest operators of one captured pass at the largest batch")
     parser.add_argument("--channels-last", action="store_true",
@@ -181,6 +214,7 @@ def main() -> None:
     peak = peak_flops(device)
     rates: dict[str, dict[str, dict[int, float]]] = {mode: {"plain": {}, "captured": {}} for mode in MODES}
     flops_fraction, flops_per_image, capture_only_overhead, graphs_vs_eager = {}, {}, {}, {}
+    uncompiled_outputs: dict[int, list[GeneratedObject]] = {}
     dog = list(class_token_positions(pipe.tokenizer, PROMPT, "dog"))
     for batch in args.batches:
         prompts = [generator.prompt_for(PROMPT, "dog", seed=SEED + i) for i in range(batch)]
@@ -204,6 +238,7 @@ def main() -> None:
         capture_only_s, _ = timed(capture_only, device, args.repeats)
         capture_only_overhead[batch] = round(rates["cuda_graphs"]["plain"][batch] * capture_only_s / batch, 3)
         graphs_vs_eager[batch] = output_difference(outputs["eager"], outputs["cuda_graphs"])
+        uncompiled_outputs[batch] = outputs["cuda_graphs"]
         with FlopCounterMode(display=False) as counter:  # counted eagerly: a replayed graph dispatches no ops
             plain("eager")
         flops = counter.get_total_flops()
@@ -247,11 +282,17 @@ def main() -> None:
     }
     out = args.out or (None if args.smoke else RESULTS)
     write_result(result, out)
-    if args.compile:  # written again with it: a compile that runs out of time leaves the eager figures on disk
-        result["compiled"] = compiled_rates(pipe, generators["eager"], device, side, args.steps, max(args.batches),
-                                            args.repeats)
-        result["bench_seconds"] = round(time.perf_counter() - started, 1)
-        write_result(result, out)
+    if args.compile:  # written after each batch: a compile that runs out of time leaves the figures before it
+        compiled = MaskGenerator(pipe, config.model_copy(update={"compile_unet": True}), generator.version)
+
+        def keep(figures: dict[str, Any]) -> None:
+            result["compiled"] = figures
+            result["bench_seconds"] = round(time.perf_counter() - started, 1)
+            write_result(result, out)
+
+        keep(compiled_rates(pipe, compiled, device, side, args.steps,
+                            args.compile_batches or sorted({1, max(args.batches)}), args.repeats,
+                            uncompiled_outputs, flops_per_image, peak, keep))
     print(json.dumps(result, indent=2))
     if args.profile:  # eagerly: the operator table needs each op dispatched, which a replayed graph is not
         batch = max(args.batches)

@@ -51,12 +51,16 @@ def test_the_evaluation_benchmark_writes_every_key_the_issue_names(tmp_path: Pat
 
 
 def test_the_gpu_benchmark_runs_its_tiny_layout_on_cpu(tmp_path: Path) -> None:
-    run_benchmark("bench_gpu.py", "--smoke", "--batches", "1", "2", "--steps", "2", "--repeats", "1",
+    run_benchmark("bench_gpu.py", "--smoke", "--batches", "1", "2", "--steps", "2", "--repeats", "1", "--compile",
                   "--out", str(tmp_path), timeout=600)
     result = json.loads((tmp_path / "gpu.json").read_text())
     for key in ("device", "capture_overhead", "images_per_s", "flops_fraction", "commit", "config", "seed"):
         assert key in result, key
     assert set(result["images_per_s"]) == {"1", "2"} and result["gflops_per_image"]["2"] > 0
+    # On a CPU compile_unet changes nothing (no graphs to record): the section's wiring only.
+    compiled = result["compiled"]
+    assert "error" not in compiled and set(compiled["images_per_s"]) == {"1", "2"}
+    assert compiled["vs_uncompiled"]["2"]["mask_agreement"] == 1.0 and compiled["latency_50_steps_s"] > 0
 
 
 @pytest.mark.stack

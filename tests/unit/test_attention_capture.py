@@ -206,6 +206,39 @@ def test_maps_are_labelled_by_resolution_and_counted_per_layer_and_step(unet: UN
     assert torch.allclose(affinity.sum(dim=-1), torch.ones(1, 64), atol=1e-5)
 
 
+def test_a_compiled_unet_traces_capture_in_one_graph_that_later_passes_reuse(unet: UNet2DConditionModel) -> None:
+    """`attention_mask.compile_unet` records the torch.compile'd forward: a graph break in the
+    processors would split it into pieces, and a guard on a store's own objects would
+    recompile every pass. Traced here with dynamo's eager backend (what inductor is handed)."""
+    from torch._dynamo.utils import counters
+
+    sample, text = inputs(4, seed=5)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(unet.forward, backend="eager", dynamic=False, fullgraph=True)
+
+    def one_pass(forward: object) -> AttentionStore:
+        # As the graphed step runs it: the pass's first step eagerly (it allocates the sums), the rest through `forward`.
+        with torch.no_grad(), capture_attention(unet, [[1, 2], [3]], self_attention_resolutions=(8,),
+                                                classifier_free_guidance=True) as store:
+            for step, timestep in enumerate((900, 500, 100)):
+                if step == 1:
+                    unet.forward = forward
+                unet(sample, torch.tensor(timestep), encoder_hidden_states=text, return_dict=False)
+            del unet.forward
+        return store
+
+    eager = one_pass(unet.forward)
+    for _ in range(2):  # a new store, new processors, the same compiled graph
+        store = one_pass(compiled)
+        assert store.steps == 3 and store.cross_counts == eager.cross_counts and store.self_counts == eager.self_counts
+        for resolution, level in eager.cross_attention_means().items():
+            torch.testing.assert_close(store.cross_attention_means()[resolution], level)
+        torch.testing.assert_close(store.self_attention_means()[(8, 8)], eager.self_attention_means()[(8, 8)])
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    torch._dynamo.reset()
+
+
 def test_only_the_conditional_half_is_captured_under_guidance(unet: UNet2DConditionModel) -> None:
     sample, conditional = inputs(1, seed=3)
     _, unconditional = inputs(1, seed=4)

@@ -3,7 +3,9 @@
 On a CPU the context must change nothing, and a step that cannot be recorded must run
 eagerly and say why. Where a GPU is present (not in CI; run on a lent GPU machine), a
 tiny SD-layout pipeline checks that replayed steps give the eager steps' pixels, maps and
-masks, and fill the attention store alike: the same sums, the same layer-call counts.
+masks, and fill the attention store alike: the same sums, the same layer-call counts; and
+that graphs of the torch.compile'd UNet (`compile_unet`) give the same output to within
+the compiler's rounding.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from pydantic import ValidationError
 
 from freemask.attention_mask.capture import capture_attention
 from freemask.attention_mask.cuda_graphs import GraphedStep, graphed_unet
@@ -54,6 +57,11 @@ def test_on_a_cpu_the_context_changes_nothing(pipe: StableDiffusionPipeline) -> 
     with graphed_unet(pipe.unet) as step:
         assert step is None
         assert "forward" not in pipe.unet.__dict__
+
+
+def test_compiling_without_graphs_is_refused() -> None:
+    with pytest.raises(ValidationError, match="set cuda_graphs too"):
+        AttentionMaskConfig(compile_unet=True, cuda_graphs=False)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU-only machine cannot record a CUDA graph")
@@ -104,3 +112,22 @@ def test_generation_with_graphs_matches_generation_without(cuda_pipe: StableDiff
         assert np.abs(eager.image.astype(int) - graphed.image.astype(int)).max() <= 1
         np.testing.assert_allclose(graphed.soft_map, eager.soft_map, atol=1e-4)
         assert (graphed.mask == eager.mask).mean() > 0.99
+
+
+@GPU
+def test_graphs_of_the_compiled_unet_match_the_uncompiled_graphs(cuda_pipe: StableDiffusionPipeline) -> None:
+    steps = 5
+    config = AttentionMaskConfig(affinity="self_attention", num_inference_steps=steps, device="cuda",
+                                 guidance_scale=7.5)
+    uncompiled = MaskGenerator(cuda_pipe, config, "tiny-sd")
+    compiled = MaskGenerator(cuda_pipe, config.model_copy(update={"compile_unet": True}), "tiny-sd")
+    prompts = [uncompiled.prompt_for(PROMPT, "dog", seed=seed) for seed in (0, 1)]
+    expected = uncompiled.generate(prompts)
+    for _ in range(2):  # the second pass reuses the compiled step
+        with compiled.step_graphs() as step:
+            cuda_pipe(["a dog"] * 2, num_inference_steps=steps, output_type="pt")
+        assert step is not None and step.failure is None and step.captures == 1 and step.replays == steps - 2
+        for eager, graphed in zip(expected, compiled.generate(prompts)):
+            assert np.abs(eager.image.astype(int) - graphed.image.astype(int)).max() <= 2
+            np.testing.assert_allclose(graphed.soft_map, eager.soft_map, atol=1e-3)
+            assert (graphed.mask == eager.mask).mean() > 0.99
