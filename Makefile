@@ -47,7 +47,7 @@ bench-sweep: $(INSTALLED) $(PROTO_STAMP)
 ## bench-gpu: on a machine with an NVIDIA GPU, the SD-1.5-sized attention-mask path, FOPA and RAIN (results/gpu.json),
 ## and Triton's batching gain with FOPA on the GPU (results/placement_gpu.json)
 bench-gpu: $(INSTALLED) $(PROTO_STAMP)
-	$(PY) tests/benchmarks/bench_gpu.py
+	$(PY) tests/benchmarks/bench_gpu.py --compile
 	$(PY) tests/benchmarks/bench_placement.py --target embedded-gpu
 
 ## models: retrain the shipped small models from scratch on 2 CPU cores (seeded, logged next to the weights)

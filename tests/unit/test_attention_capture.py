@@ -218,7 +218,7 @@ def test_a_compiled_unet_traces_capture_in_one_graph_that_later_passes_reuse(une
     compiled = torch.compile(unet.forward, backend="eager", dynamic=False, fullgraph=True)
 
     def one_pass(forward: object) -> AttentionStore:
-        # As the graphed step runs it: the pass's first step eagerly (it allocates the sums), the rest through `forward`.
+        # As the graphed step runs it: the first step eagerly (it allocates the sums), the rest through `forward`.
         with torch.no_grad(), capture_attention(unet, [[1, 2], [3]], self_attention_resolutions=(8,),
                                                 classifier_free_guidance=True) as store:
             for step, timestep in enumerate((900, 500, 100)):

@@ -77,28 +77,38 @@ def test_a_step_that_cannot_be_recorded_runs_eagerly_and_says_why(pipe: StableDi
 
 
 @GPU
-def test_replayed_steps_fill_the_store_as_eager_steps_do(cuda_pipe: StableDiffusionPipeline) -> None:
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager-step", "compiled-step"])
+def test_replayed_steps_fill_the_store_as_eager_steps_do(cuda_pipe: StableDiffusionPipeline, compiled: bool) -> None:
     unet, steps = cuda_pipe.unet, 4
     sample, text = unet_inputs(cuda_pipe, 2, "cuda")
     timesteps = torch.tensor([900, 600, 300, 10], device="cuda")
+    # The compiled step fuses and reorders float32 arithmetic: equal to rounding, not to the bit.
+    tolerance = {"atol": 1e-4, "rtol": 1e-3} if compiled else {}
+    # Its convolutions also run in another layout, in TF32 as eager ones do (cuDNN's default), with
+    # other algorithms: the predicted noise moved by up to 8.6e-4 on an H200.
+    noise_tolerance = {"atol": 2e-3, "rtol": 1e-2} if compiled else {}
     stores, outputs = [], []
     for graphs in (False, True):
         with torch.no_grad(), capture_attention(unet, [3], self_attention_resolutions=(4,)) as store:
-            with graphed_unet(unet) if graphs else nullcontext() as step:
+            forward = torch.compile(unet.forward, dynamic=False) if graphs and compiled else None
+            with graphed_unet(unet, forward) if graphs else nullcontext() as step:
                 noise = [unet(sample, timesteps[i], encoder_hidden_states=text, return_dict=False)[0]
                          for i in range(steps)]
         stores.append(store)
         outputs.append(noise)
     eager, graphed = stores
-    assert step is not None and step.failure is None and step.captures == 1 and step.replays == steps - 1
+    warmups = 2 if compiled else 1  # a compiled step also runs once unrecorded, to compile
+    assert step is not None and step.failure is None and step.captures == 1
+    assert step.replays == steps - warmups
     assert "forward" not in unet.__dict__
     assert graphed.steps == eager.steps == steps
     assert graphed.cross_counts == eager.cross_counts and graphed.self_counts == eager.self_counts
     for resolution, level in eager.cross_attention_means().items():
-        torch.testing.assert_close(graphed.cross_attention_means()[resolution], level)
-    torch.testing.assert_close(graphed.self_attention_means()[(4, 4)], eager.self_attention_means()[(4, 4)])
+        torch.testing.assert_close(graphed.cross_attention_means()[resolution], level, **tolerance)
+    torch.testing.assert_close(graphed.self_attention_means()[(4, 4)], eager.self_attention_means()[(4, 4)],
+                               **tolerance)
     for replayed, expected in zip(*reversed(outputs)):
-        torch.testing.assert_close(replayed, expected)
+        torch.testing.assert_close(replayed, expected, **noise_tolerance)
 
 
 @GPU
@@ -115,7 +125,11 @@ def test_generation_with_graphs_matches_generation_without(cuda_pipe: StableDiff
 
 
 @GPU
-def test_graphs_of_the_compiled_unet_match_the_uncompiled_graphs(cuda_pipe: StableDiffusionPipeline) -> None:
+def test_generation_with_graphs_of_the_compiled_unet_matches_generation_without(
+        cuda_pipe: StableDiffusionPipeline) -> None:
+    """Pixels and soft maps to within rounding. Masks are not compared: on random weights the
+    random walk turns a 1e-5 relative change of the affinity into a different mask
+    (README, GPU section); the store test above compares the affinity itself."""
     steps = 5
     config = AttentionMaskConfig(affinity="self_attention", num_inference_steps=steps, device="cuda",
                                  guidance_scale=7.5)
@@ -124,10 +138,6 @@ def test_graphs_of_the_compiled_unet_match_the_uncompiled_graphs(cuda_pipe: Stab
     prompts = [uncompiled.prompt_for(PROMPT, "dog", seed=seed) for seed in (0, 1)]
     expected = uncompiled.generate(prompts)
     for _ in range(2):  # the second pass reuses the compiled step
-        with compiled.step_graphs() as step:
-            cuda_pipe(["a dog"] * 2, num_inference_steps=steps, output_type="pt")
-        assert step is not None and step.failure is None and step.captures == 1 and step.replays == steps - 2
         for eager, graphed in zip(expected, compiled.generate(prompts)):
             assert np.abs(eager.image.astype(int) - graphed.image.astype(int)).max() <= 2
             np.testing.assert_allclose(graphed.soft_map, eager.soft_map, atol=1e-3)
-            assert (graphed.mask == eager.mask).mean() > 0.99
