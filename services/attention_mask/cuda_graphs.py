@@ -32,6 +32,7 @@ for one ``with`` block, and the caller holds the UNet for that block.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -77,8 +78,14 @@ class GraphedStep:
             self._shapes = shapes
         if self._calls_at_shapes < self._warmups:
             self._calls_at_shapes += 1
-            forward = self._eager_forward if self._calls_at_shapes == 1 else self._recorded_forward
-            return forward(sample, timestep, encoder_hidden_states, return_dict=False)
+            if self._calls_at_shapes == 1:
+                return self._eager_forward(sample, timestep, encoder_hidden_states, return_dict=False)
+            # The compiled forward's first call at these shapes compiles them: a pause worth naming in the log.
+            started = time.perf_counter()
+            output = self._recorded_forward(sample, timestep, encoder_hidden_states, return_dict=False)
+            log.info("UNet step compiled for latents of shape %s in %.1f s", tuple(sample.shape),
+                     time.perf_counter() - started)
+            return output
         if self._graph is None:
             if not self._record(sample, timestep, encoder_hidden_states):
                 return self._eager_forward(sample, timestep, encoder_hidden_states, return_dict=False)

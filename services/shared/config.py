@@ -249,8 +249,8 @@ class AttentionMaskConfig(_Frozen):
     # at small batches an eager step is bound by its kernel launches. No effect on a CPU.
     cuda_graphs: bool = True
     # With cuda_graphs, record the torch.compile'd UNet (inductor: fused norms, activations and
-    # layouts) instead of the eager one. Each new batch size pays a compile (about a minute at
-    # SD 1.5's size), and more than torch._dynamo's recompile limit (8) run eagerly. No effect on a CPU.
+    # layouts) instead of the eager one. Each new batch size pays a compile (about 50 s at SD 1.5's
+    # size on an H200), and past torch._dynamo's recompile limit (8) steps run eagerly. No effect on a CPU.
     compile_unet: bool = False
     # Where the random walk's affinity comes from: "learned", an AffinityNet head on the
     # generated image (`affinity_weights`, unset = the head shipped for the small

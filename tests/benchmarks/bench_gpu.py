@@ -171,8 +171,11 @@ def compiled_rates(pipe: Any, generator: MaskGenerator, device: torch.device, si
                 plain_first_s, 1)
             if batch in uncompiled:
                 figures["vs_uncompiled"][batch] = output_difference(uncompiled[batch], outputs)
-            if peak and batch in flops_per_image:
-                figures["flops_fraction"][batch] = round(flops_per_image[batch] * batch / plain_s / peak, 3)
+            # FLOPs grow linearly with the batch: a batch not counted uncompiled takes the per-image
+            # count of the largest one that was.
+            per_image = flops_per_image.get(batch, flops_per_image[max(flops_per_image)]) if flops_per_image else 0
+            if peak and per_image:
+                figures["flops_fraction"][batch] = round(per_image * batch / plain_s / peak, 3)
             figures["dynamo"] = {name: dict(counters[name]) for name in ("stats", "graph_break") if counters[name]}
             print(f"compiled, batch {batch}: {figures['images_per_s'][batch]} images/s with capture, "
                   f"{figures['plain_images_per_s'][batch]} without; first calls {first_s:.0f} s and "
@@ -205,6 +208,7 @@ def main() -> None:
     parser.add_argument("--commit", help="the commit measured, where the tree has no git metadata")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    compile_batches = (args.compile_batches or sorted({1, max(args.batches)})) if args.compile else []
     if args.smoke:
         device, dtype, shape = torch.device("cpu"), torch.float32, TINY
     elif torch.cuda.is_available():
@@ -224,8 +228,9 @@ def main() -> None:
     # The SD settings of charts/freemask/ci/gpu-production.yaml: self-attention affinity, a short walk,
     # the attention map cut where it matches the walked map at 0.8.
     config = AttentionMaskConfig(num_inference_steps=args.steps, guidance_scale=GUIDANCE,
-                                 max_batch=max(args.batches), device=device.type, affinity="self_attention",
-                                 refine_iterations=8, refine_cut="attention", refine_reference_threshold=0.8)
+                                 max_batch=max(args.batches + compile_batches), device=device.type,
+                                 affinity="self_attention", refine_iterations=8, refine_cut="attention",
+                                 refine_reference_threshold=0.8)
     generators = {mode: MaskGenerator(pipe, config.model_copy(update={"cuda_graphs": mode == "cuda_graphs"}),
                                       "random-" + ("tiny" if args.smoke else "sd15"))
                   for mode in MODES}
@@ -302,6 +307,7 @@ def main() -> None:
         "seed": SEED,
         "config": {"layout": "tiny" if args.smoke else "sd15", "image_side": side, "dtype": str(dtype),
                    "steps": args.steps, "guidance_scale": GUIDANCE, "batches": args.batches,
+                   "compile_batches": compile_batches,
                    "repeats": args.repeats, "torch": torch.__version__, "channels_last": args.channels_last,
                    "unet_parameters": sum(p.numel() for p in pipe.unet.parameters())},
     }
@@ -316,7 +322,7 @@ def main() -> None:
             write_result(result, out)
 
         keep(compiled_rates(pipe, compiled, device, side, args.steps,
-                            args.compile_batches or sorted({1, max(args.batches)}), args.repeats,
+                            compile_batches, args.repeats,
                             uncompiled_outputs, flops_per_image, peak, keep))
     print(json.dumps(result, indent=2))
     if args.profile:  # eagerly: the operator table needs each op dispatched, which a replayed graph is not
