@@ -25,11 +25,14 @@ whole of Algorithm 1 with one part removed: the thesaurus (objects drawn uniform
 (boxes drawn uniformly among the valid ones), harmonization (copy-paste), active learning
 (α = 1: keep everything), and α ∈ {0.5, 0.9}; `global_selection` takes the paper's cut over
 all of a round's scores instead, and `per_class_selection` the cut class by class with single
-objects and composed scenes ranked together. Every entry, main table and ablation alike, is
-the mean of `--seeds` trainings (training seeds 0, 1, …; the data stay the same), which is what
-says how far apart two figures must be to mean anything. `rounds` is
-the validation mIoU of each round's f_t in the `freemask` run; `selection_by_kind` counts, per
-variant, round and slot kind (single object or composed scene), the samples scored and kept.
+objects and composed scenes ranked together. `random_selection` is the control for the score
+itself: each group keeps as many samples as the full run's cut keeps, drawn at random (seeded)
+instead of by S(x), so it differs from `freemask` by which samples it keeps and not how many.
+Every entry, main table and ablation alike, is the mean of `--seeds` trainings (training
+seeds 0, 1, …; the data stay the same), which is what says how far apart two figures must
+be to mean anything. `rounds` is the validation mIoU of each round's f_t in the `freemask`
+run; `selection_by_kind` counts, per variant, round and slot kind (single object or composed
+scene), the samples scored and kept.
 
 Every run uses the same run seed, so the single objects are the same prompts and seeds in
 every variant, and so are the composition plans (the thesaurus draws from the seed alone):
@@ -51,13 +54,17 @@ import json
 import math
 import multiprocessing
 import os
+import random
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+import zlib
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -67,6 +74,7 @@ sys.path.insert(0, str(HERE.parent / "integration"))
 
 from freemask.attention_mask.generation import GeneratedObject, MaskGenerator, ObjectPrompt  # noqa: E402
 from freemask.attention_mask.service import GenerateStage, SingleObjectWriter  # noqa: E402
+from freemask.coordinator import rounds as run_rounds  # noqa: E402
 from freemask.coordinator.report import miou_svg  # noqa: E402
 from freemask.coordinator.rounds import (  # noqa: E402
     COMPLETED,
@@ -76,6 +84,7 @@ from freemask.coordinator.rounds import (  # noqa: E402
     Train,
     labelled_pair,
 )
+from freemask.coordinator.selection import Selection, select  # noqa: E402
 from freemask.harmonization.composite import paste  # noqa: E402
 from freemask.scoring.data import LabelledPair, write_reference_split  # noqa: E402
 from freemask.scoring.models import SegmenterStore, model_version  # noqa: E402
@@ -114,7 +123,16 @@ VARIANTS: dict[str, tuple[dict[str, str], dict[str, str]]] = {
     "alpha_0.9": ({}, {"alpha": "0.9"}),
     "global_selection": ({}, {"selection": "global"}),
     "per_class_selection": ({}, {"selection": "per_class"}),
+    "random_selection": ({}, {}),
 }
+RANDOM_SELECTION = "random_selection"
+
+
+def random_cut(scores: Mapping[str, float], groups: Mapping[str, str], alpha: float, how: str) -> Selection:
+    """The round's cut over seeded random values in place of S(x): the same groups and counts."""
+    draws = {sample_id: random.Random(zlib.crc32(f"{SEED}/{sample_id}".encode())).random()
+             for sample_id in scores}
+    return select(draws, groups, alpha, how)
 
 
 def as_id(prefix: str, name: str) -> str:
@@ -321,8 +339,11 @@ def run_variant(name: str, env: dict[str, str], generator: MemoGenerator, evalua
         return miou
 
     started = time.perf_counter()
+    # The control swaps the cut the run machine calls, for this run only.
+    control = mock.patch.object(run_rounds, "select", random_cut) if name == RANDOM_SELECTION else nullcontext()
     try:
-        machine = platform.run(run_id, SEED, run_overrides, train)
+        with control:
+            machine = platform.run(run_id, SEED, run_overrides, train)
     finally:
         platform.close()
     record = machine.record

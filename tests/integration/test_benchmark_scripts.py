@@ -25,6 +25,7 @@ def run_benchmark(script: str, *args: str, timeout: float) -> None:
 def test_the_evaluation_benchmark_writes_every_key_the_issue_names(tmp_path: Path) -> None:
     run_benchmark("bench_evaluation.py", "--initial", "6", "--per-round", "6", "--rounds", "2", "--round-epochs", "1",
                   "--steps", "1", "--seeds", "2", "--val", "8", "--occlusion-scenes", "2", "--variants", "without_fopa",
+                  "random_selection",
                   "--out", str(tmp_path), timeout=600)
     result = json.loads((tmp_path / "evaluation.json").read_text())
     for key in ("miou_real", "miou_freemask", "ratio", "miou_diffumask_style", "miou_dataset_diffusion_style",
@@ -33,7 +34,9 @@ def test_the_evaluation_benchmark_writes_every_key_the_issue_names(tmp_path: Pat
     # the refined-singles entry trains on the baselines' very images, as many as Free-Mask kept
     assert result["table"]["freemask_singles"]["images"] == result["table"]["diffumask_style"]["images"] \
         == result["table"]["freemask"]["images"]
-    assert set(result["ablation"]) == {"full", "without_fopa", "alpha_0.7"}
+    assert set(result["ablation"]) == {"full", "without_fopa", "random_selection", "alpha_0.7"}
+    # the control keeps as many samples of each round and kind as the S(x) cut does
+    assert result["selection_by_kind"]["random_selection"] == result["selection_by_kind"]["freemask"]
     # every entry, the ablation's too, trains once per seed; its figure is their mean
     assert len(result["ratio_per_seed"]) == 2
     for name in ("real", "freemask", "without_fopa"):
