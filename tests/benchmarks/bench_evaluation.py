@@ -26,8 +26,8 @@ whole of Algorithm 1 with one part removed: the thesaurus (objects drawn uniform
 (α = 1: keep everything), and α ∈ {0.5, 0.9}; `global_selection` takes the paper's cut over
 all of a round's scores instead, and `per_class_selection` the cut class by class with single
 objects and composed scenes ranked together. `random_selection` is the control for the score
-itself: each group keeps as many samples as the full run's cut keeps, drawn at random (seeded)
-instead of by S(x), so it differs from `freemask` by which samples it keeps and not how many.
+itself: the same cut (same groups, ⌈α·n⌉ kept per round) over seeded random values instead of
+S(x), so it differs from `freemask` by which samples it keeps and not how many.
 Every entry, main table and ablation alike, is the mean of `--seeds` trainings (training
 seeds 0, 1, …; the data stay the same), which is what says how far apart two figures must
 be to mean anything. `rounds` is the validation mIoU of each round's f_t in the `freemask`
