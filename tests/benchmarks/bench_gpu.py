@@ -50,7 +50,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "integration"))
 
 from freemask.attention_mask.capture import capture_attention  # noqa: E402
-from freemask.attention_mask.generation import GeneratedObject, MaskGenerator, class_token_positions  # noqa: E402
+from freemask.attention_mask.generation import (  # noqa: E402
+    GeneratedObject,
+    MaskGenerator,
+    ObjectPrompt,
+    class_token_positions,
+)
 from freemask.harmonization.rain import load_rain  # noqa: E402
 from freemask.placement.model import FopaHeatmap, load_fopa  # noqa: E402
 from freemask.shared.config import AttentionMaskConfig  # noqa: E402
@@ -86,6 +91,22 @@ def timed(fn: Callable[[], Any], device: torch.device, repeats: int, first_call:
     warm_up, timed_seconds = seconds[0], sorted(seconds[1:])
     median = timed_seconds[len(timed_seconds) // 2]
     return (median, result, warm_up) if first_call else (median, result)
+
+
+def plain_pass(generator: MaskGenerator, prompts: list[ObjectPrompt], steps: int) -> object:
+    """The same pipeline call as `generator.generate(prompts)` makes, with diffusers' own processors
+    (no capture), its steps launched as the generator's config says."""
+    pipe, side = generator.pipe, prompts[0].height
+    seeds = [torch.Generator(pipe.unet.device).manual_seed(p.seed) for p in prompts]
+    with generator.step_graphs():
+        return pipe([PROMPT] * len(prompts), height=side, width=side, num_inference_steps=steps,
+                    guidance_scale=GUIDANCE, generator=seeds, output_type="pt").images
+
+
+def latency_50_steps(generator: MaskGenerator, device: torch.device, repeats: int) -> float:
+    """Seconds for one image of 50 steps at batch 1, with capture."""
+    single = [generator.prompt_for(PROMPT, "dog", seed=SEED, num_inference_steps=50)]
+    return round(timed(lambda: generator.generate(single), device, repeats)[0], 4)
 
 
 class PerturbedAffinity(MaskGenerator):
@@ -135,10 +156,9 @@ def small_model_rates(device: torch.device, dtype: torch.dtype, batch: int, repe
     return {"fopa_pairs_per_s": round(batch / fopa_s, 1), "rain_images_per_s": round(batch / rain_s, 1)}
 
 
-def compiled_rates(pipe: Any, generator: MaskGenerator, device: torch.device, side: int, steps: int,
-                   batches: list[int], repeats: int, uncompiled: dict[int, list[GeneratedObject]],
-                   flops_per_image: dict[int, float], peak: float | None, on_batch: Callable[[dict[str, Any]], None]
-                   ) -> dict[str, Any]:
+def compiled_rates(generator: MaskGenerator, device: torch.device, steps: int, batches: list[int], repeats: int,
+                   uncompiled: dict[int, list[GeneratedObject]], flops_per_image: dict[int, float],
+                   peak: float | None, on_batch: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """The service's `compile_unet` path: its graphs record the torch.compile'd UNet.
 
     At each of `batches`: images/s with capture and without, the first call's seconds (it
@@ -154,16 +174,10 @@ def compiled_rates(pipe: Any, generator: MaskGenerator, device: torch.device, si
     try:
         for batch in batches:
             prompts = [generator.prompt_for(PROMPT, "dog", seed=SEED + i) for i in range(batch)]
-
-            def plain() -> object:
-                seeds = [torch.Generator(device).manual_seed(p.seed) for p in prompts]
-                with generator.step_graphs():
-                    return pipe([PROMPT] * batch, height=side, width=side, num_inference_steps=steps,
-                                guidance_scale=GUIDANCE, generator=seeds, output_type="pt").images
-
             captured_s, outputs, first_s = timed(lambda: generator.generate(prompts), device, repeats,
                                                  first_call=True)
-            plain_s, _, plain_first_s = timed(plain, device, repeats, first_call=True)
+            plain_s, _, plain_first_s = timed(lambda: plain_pass(generator, prompts, steps), device, repeats,
+                                              first_call=True)
             figures["images_per_s"][batch] = round(batch / captured_s, 3)
             figures["plain_images_per_s"][batch] = round(batch / plain_s, 3)
             figures["capture_overhead_by_batch"][batch] = round(captured_s / plain_s, 3)
@@ -173,17 +187,15 @@ def compiled_rates(pipe: Any, generator: MaskGenerator, device: torch.device, si
                 figures["vs_uncompiled"][batch] = output_difference(uncompiled[batch], outputs)
             # FLOPs grow linearly with the batch: a batch not counted uncompiled takes the per-image
             # count of the largest one that was.
-            per_image = flops_per_image.get(batch, flops_per_image[max(flops_per_image)]) if flops_per_image else 0
-            if peak and per_image:
+            per_image = flops_per_image.get(batch, flops_per_image[max(flops_per_image)])
+            if peak:
                 figures["flops_fraction"][batch] = round(per_image * batch / plain_s / peak, 3)
             figures["dynamo"] = {name: dict(counters[name]) for name in ("stats", "graph_break") if counters[name]}
             print(f"compiled, batch {batch}: {figures['images_per_s'][batch]} images/s with capture, "
                   f"{figures['plain_images_per_s'][batch]} without; first calls {first_s:.0f} s and "
                   f"{plain_first_s:.0f} s; vs uncompiled {figures['vs_uncompiled'].get(batch)}", flush=True)
             if batch == 1:  # the shapes just compiled
-                single = [generator.prompt_for(PROMPT, "dog", seed=SEED, num_inference_steps=50)]
-                figures["latency_50_steps_s"] = round(timed(lambda: generator.generate(single), device, repeats)[0],
-                                                      4)
+                figures["latency_50_steps_s"] = latency_50_steps(generator, device, repeats)
             on_batch(figures)
     except Exception as error:  # a benchmark of an optional mode: record why it failed, keep the other figures
         figures["error"] = f"{type(error).__name__}: {error}"[:2000]
@@ -247,10 +259,7 @@ def main() -> None:
         prompts = [generator.prompt_for(PROMPT, "dog", seed=SEED + i) for i in range(batch)]
 
         def plain(mode: str) -> object:
-            seeds = [torch.Generator(device).manual_seed(p.seed) for p in prompts]
-            with generators[mode].step_graphs():
-                return pipe([PROMPT] * batch, height=side, width=side, num_inference_steps=args.steps,
-                            guidance_scale=GUIDANCE, generator=seeds, output_type="pt").images
+            return plain_pass(generators[mode], prompts, args.steps)
 
         def capture_only() -> object:
             with capture_attention(pipe.unet, [dog] * batch, classifier_free_guidance=True,
@@ -281,9 +290,7 @@ def main() -> None:
                 for mode in MODES}
     rounded = {mode: {kind: {b: round(rate, 3) for b, rate in by_batch.items()} for kind, by_batch in kinds.items()}
                for mode, kinds in rates.items()}
-    single = [generator.prompt_for(PROMPT, "dog", seed=SEED, num_inference_steps=50)]
-    latency = {mode: round(timed(lambda: generators[mode].generate(single), device, args.repeats)[0], 4)
-               for mode in MODES}
+    latency = {mode: latency_50_steps(generators[mode], device, args.repeats) for mode in MODES}
     small = small_model_rates(device, dtype, 64, args.repeats)
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke run)",
@@ -321,9 +328,8 @@ def main() -> None:
             result["bench_seconds"] = round(time.perf_counter() - started, 1)
             write_result(result, out)
 
-        keep(compiled_rates(pipe, compiled, device, side, args.steps,
-                            compile_batches, args.repeats,
-                            uncompiled_outputs, flops_per_image, peak, keep))
+        keep(compiled_rates(compiled, device, args.steps, compile_batches, args.repeats, uncompiled_outputs,
+                            flops_per_image, peak, keep))
     print(json.dumps(result, indent=2))
     if args.profile:  # eagerly: the operator table needs each op dispatched, which a replayed graph is not
         batch = max(args.batches)
