@@ -30,9 +30,16 @@ itself: the same cut (same groups, ⌈α·n⌉ kept per round) over seeded rando
 S(x), so it differs from `freemask` by which samples it keeps and not how many.
 Every entry, main table and ablation alike, is the mean of `--seeds` trainings (training
 seeds 0, 1, …; the data stay the same), which is what says how far apart two figures must
-be to mean anything. `rounds` is the validation mIoU of each round's f_t in the `freemask`
-run; `selection_by_kind` counts, per variant, round and slot kind (single object or composed
-scene), the samples scored and kept.
+be to mean anything; the headline pair, `real` and `freemask`, gets `--headline-seeds` of them
+(as many by default), and `ratio_standard_error` says how far the ratio of their means may be
+off. `rounds` is the validation mIoU of each round's f_t in the `freemask` run;
+`selection_by_kind` counts, per variant, round and slot kind (single object or composed scene),
+the samples scored and kept.
+
+    .venv/bin/python tests/benchmarks/bench_evaluation.py --variants --headline-seeds 10 \
+        --out tests/benchmarks/results/evaluation_main_table
+
+(`make bench-main-table`) measures the main table alone, the headline pair trained ten times.
 
 Every run uses the same run seed, so the single objects are the same prompts and seeds in
 every variant, and so are the composition plans (the thesaurus draws from the seed alone):
@@ -126,6 +133,7 @@ VARIANTS: dict[str, tuple[dict[str, str], dict[str, str]]] = {
     "random_selection": ({}, {}),
 }
 RANDOM_SELECTION = "random_selection"
+HEADLINE = (FREEMASK, "real")  # the entries whose ratio is the headline figure
 
 
 def random_cut(scores: Mapping[str, float], groups: Mapping[str, str], alpha: float, how: str) -> Selection:
@@ -193,13 +201,13 @@ def _final_in_worker(env: dict[str, str], val_pairs: list[LabelledPair], name: s
 
 
 def table_entries(env: dict[str, str], val_pairs: list[LabelledPair], datasets: dict[str, list[LabelledPair]],
-                  steps: int, seeds: int) -> dict[str, dict[str, object]]:
-    """Every dataset's entry: `seeds` trainings (training seeds 0, 1, …), their mean mIoU and
+                  steps: int, seeds: Mapping[str, int]) -> dict[str, dict[str, object]]:
+    """Every dataset's entry: `seeds[name]` trainings (training seeds 0, 1, …), their mean mIoU and
     per-class IoU, and each seed's mIoU. The trainings run two at a time on one thread each: this
     segmenter's small operations keep two threads only two-thirds busy."""
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {name: [pool.submit(_final_in_worker, env, val_pairs, name, pairs, steps, seed)
-                          for seed in range(seeds)] for name, pairs in datasets.items()}
+                          for seed in range(seeds[name])] for name, pairs in datasets.items()}
         results = {name: [future.result() for future in runs] for name, runs in futures.items()}
     table = {}
     for name, runs in results.items():
@@ -209,6 +217,18 @@ def table_entries(env: dict[str, str], val_pairs: list[LabelledPair], datasets: 
             "miou_per_seed": [round(run.mean_iou, 4) for run in runs], "images": len(datasets[name]),
             "class_iou": {cls: round(statistics.mean(run.class_iou[cls] for run in runs), 4) for cls in classes}}
     return table
+
+
+def ratio_standard_error(numerator: Sequence[float], denominator: Sequence[float]) -> float | None:
+    """The standard error of mean(numerator) / mean(denominator) by the delta method, the two sets of
+    trainings taken as independent (they share seeds, not data); None under two of either."""
+    if len(numerator) < 2 or len(denominator) < 2 or not statistics.mean(denominator):
+        return None
+    mean_numerator, mean_denominator = statistics.mean(numerator), statistics.mean(denominator)
+    ratio = mean_numerator / mean_denominator
+    variance = (statistics.variance(numerator) / len(numerator)
+                + ratio ** 2 * statistics.variance(denominator) / len(denominator))
+    return math.sqrt(variance) / mean_denominator
 
 
 def accepted_pairs(machine: RunMachine) -> list[LabelledPair]:
@@ -362,6 +382,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600,
                         help="optimiser steps of every table entry's segmenter (100 epochs of 84 images)")
     parser.add_argument("--seeds", type=int, default=3, help="trainings, with seeds 0, 1, ..., of each entry")
+    parser.add_argument("--headline-seeds", type=int, default=None,
+                        help="trainings of the real and freemask entries, whose ratio is the headline "
+                             "(default: --seeds)")
     parser.add_argument("--val", type=int, default=200, help="reference validation scenes")
     parser.add_argument("--occlusion-scenes", type=int, default=40,
                         help="scenes with occlusion for the label-accuracy comparison (and as many to tune on)")
@@ -371,6 +394,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    if args.headline_seeds is None:
+        args.headline_seeds = args.seeds
     if args.diffumask_threshold is None:
         args.diffumask_threshold = float(json.loads((RESULTS / "attention_mask.json").read_text(encoding="utf-8"))
                                          ["best_global_threshold"])
@@ -409,7 +434,8 @@ def main() -> None:
             datasets["dataset_diffusion_style"] = fixed_threshold_pairs(
                 store, singles, DATASET_DIFFUSION_THRESHOLD, "dataset-diffusion")
             datasets[FREEMASK_SINGLES] = [labelled_pair(single) for single in singles]
-            table = table_entries(env, val_pairs, datasets, args.steps, args.seeds)
+            seeds = {name: args.headline_seeds if name in HEADLINE else args.seeds for name in datasets}
+            table = table_entries(env, val_pairs, datasets, args.steps, seeds)
             rounds = [r.validation_mean_iou for r in machines[FREEMASK].record.rounds]
         finally:
             stack.down(progress=print)
@@ -421,6 +447,8 @@ def main() -> None:
         "ratio": round(miou[FREEMASK] / miou["real"], 3) if miou["real"] else None,
         "ratio_per_seed": [round(fm / real, 3) if real else None for fm, real in
                            zip(table[FREEMASK]["miou_per_seed"], table["real"]["miou_per_seed"])],
+        "ratio_standard_error": round(error, 3) if (error := ratio_standard_error(
+            table[FREEMASK]["miou_per_seed"], table["real"]["miou_per_seed"])) is not None else None,
         "miou_diffumask_style": miou["diffumask_style"],
         "miou_dataset_diffusion_style": miou["dataset_diffusion_style"],
         "miou_freemask_singles": miou[FREEMASK_SINGLES],
@@ -437,6 +465,7 @@ def main() -> None:
         "commit": commit or None,
         "seed": SEED,
         "config": {"run_overrides": run_overrides, "steps": args.steps, "training_seeds": args.seeds,
+                   "headline_training_seeds": args.headline_seeds,
                    "validation_scenes": args.val,
                    "diffumask_threshold": args.diffumask_threshold,
                    "dataset_diffusion_threshold": DATASET_DIFFUSION_THRESHOLD,

@@ -6,6 +6,7 @@ themselves belong to `make bench`, never to a pass/fail test."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -24,9 +25,8 @@ def run_benchmark(script: str, *args: str, timeout: float) -> None:
 @pytest.mark.stack
 def test_the_evaluation_benchmark_writes_every_key_the_issue_names(tmp_path: Path) -> None:
     run_benchmark("bench_evaluation.py", "--initial", "6", "--per-round", "6", "--rounds", "2", "--round-epochs", "1",
-                  "--steps", "1", "--seeds", "2", "--val", "8", "--occlusion-scenes", "2", "--variants", "without_fopa",
-                  "random_selection",
-                  "--out", str(tmp_path), timeout=600)
+                  "--steps", "1", "--seeds", "2", "--headline-seeds", "3", "--val", "8", "--occlusion-scenes", "2",
+                  "--variants", "without_fopa", "random_selection", "--out", str(tmp_path), timeout=600)
     result = json.loads((tmp_path / "evaluation.json").read_text())
     for key in ("miou_real", "miou_freemask", "ratio", "miou_diffumask_style", "miou_dataset_diffusion_style",
                 "miou_freemask_singles", "ablation", "rounds", "occlusion_label_accuracy", "commit", "config", "seed"):
@@ -35,15 +35,20 @@ def test_the_evaluation_benchmark_writes_every_key_the_issue_names(tmp_path: Pat
     assert result["table"]["freemask_singles"]["images"] == result["table"]["diffumask_style"]["images"] \
         == result["table"]["freemask"]["images"]
     assert set(result["ablation"]) == {"full", "without_fopa", "random_selection", "alpha_0.7"}
-    # the control keeps as many samples each round as the S(x) cut does
-    kept = {name: [sum(per_kind) for per_kind in zip(*(kinds[kind]["kept"] for kind in ("single", "composed")))]
-            for name, kinds in result["selection_by_kind"].items()}
-    assert kept["random_selection"] == kept["freemask"]
-    # every entry, the ablation's too, trains once per seed; its figure is their mean
-    assert len(result["ratio_per_seed"]) == 2
-    for name in ("real", "freemask", "without_fopa"):
+    # the control keeps ⌈α·n⌉ of each round's n scored samples, as the S(x) cut does where no two scores
+    # tie (at this toy size f_t often scores samples alike, and tied samples are kept together)
+    per_round = {name: {count: [sum(per_kind) for per_kind in zip(*(kinds[kind][count] for kind in kinds))]
+                        for count in ("scored", "kept")} for name, kinds in result["selection_by_kind"].items()}
+    control = per_round["random_selection"]
+    assert control["scored"] == per_round["freemask"]["scored"]
+    assert control["kept"] == [math.ceil(0.7 * scored) for scored in control["scored"]]
+    # every entry, the ablation's too, trains once per seed, the headline pair once per headline seed;
+    # its figure is their mean
+    assert len(result["ratio_per_seed"]) == 3 and result["config"]["headline_training_seeds"] == 3
+    for name, seeds in (("real", 3), ("freemask", 3), ("without_fopa", 2), ("diffumask_style", 2)):
         runs = result["table"][name]["miou_per_seed"]
-        assert len(runs) == 2 and result["table"][name]["miou"] == pytest.approx(sum(runs) / 2, abs=1e-4)
+        assert len(runs) == seeds and result["table"][name]["miou"] == pytest.approx(sum(runs) / seeds, abs=1e-4)
+    assert "ratio_standard_error" in result
     assert result["ablation"]["full"] == result["table"]["freemask"]["miou"]
     assert result["ablation"]["without_fopa"] == result["table"]["without_fopa"]["miou"]
     for name in ("freemask", "without_fopa"):  # every accepted sample is a kept single or composed scene
