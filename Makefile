@@ -44,7 +44,7 @@ bench: $(INSTALLED) $(PROTO_STAMP) $(TRITON_FOPA)
 bench-sweep: $(INSTALLED) $(PROTO_STAMP)
 	$(PY) tests/benchmarks/bench_generator.py --sampling-sweep
 
-## bench-main-table: the main table alone, real and Free-Mask trained ten times each (40 minutes on 2 cores;
+## bench-main-table: the main table alone, real and Free-Mask trained ten times each (43 minutes on 2 cores;
 ## results/evaluation_main_table/), kept out of `bench` for the same reason
 bench-main-table: $(INSTALLED) $(PROTO_STAMP) $(TRITON_FOPA)
 	$(PY) tests/benchmarks/bench_evaluation.py --variants --headline-seeds 10 --out tests/benchmarks/results/evaluation_main_table
