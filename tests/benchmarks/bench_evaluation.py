@@ -222,9 +222,11 @@ def table_entries(env: dict[str, str], val_pairs: list[LabelledPair], datasets: 
 def ratio_standard_error(numerator: Sequence[float], denominator: Sequence[float]) -> float | None:
     """The standard error of mean(numerator) / mean(denominator) by the delta method, the two sets of
     trainings taken as independent (they share seeds, not data); None under two of either."""
-    if len(numerator) < 2 or len(denominator) < 2 or not statistics.mean(denominator):
+    if len(numerator) < 2 or len(denominator) < 2:
         return None
     mean_numerator, mean_denominator = statistics.mean(numerator), statistics.mean(denominator)
+    if not mean_denominator:
+        return None
     ratio = mean_numerator / mean_denominator
     variance = (statistics.variance(numerator) / len(numerator)
                 + ratio ** 2 * statistics.variance(denominator) / len(denominator))
@@ -440,6 +442,7 @@ def main() -> None:
         finally:
             stack.down(progress=print)
     miou = {name: entry["miou"] for name, entry in table.items()}
+    headline_error = ratio_standard_error(table[FREEMASK]["miou_per_seed"], table["real"]["miou_per_seed"])
     commit = git_commit()
     result = {
         "miou_real": miou["real"],
@@ -447,8 +450,7 @@ def main() -> None:
         "ratio": round(miou[FREEMASK] / miou["real"], 3) if miou["real"] else None,
         "ratio_per_seed": [round(fm / real, 3) if real else None for fm, real in
                            zip(table[FREEMASK]["miou_per_seed"], table["real"]["miou_per_seed"])],
-        "ratio_standard_error": round(error, 3) if (error := ratio_standard_error(
-            table[FREEMASK]["miou_per_seed"], table["real"]["miou_per_seed"])) is not None else None,
+        "ratio_standard_error": round(headline_error, 3) if headline_error is not None else None,
         "miou_diffumask_style": miou["diffumask_style"],
         "miou_dataset_diffusion_style": miou["dataset_diffusion_style"],
         "miou_freemask_singles": miou[FREEMASK_SINGLES],
