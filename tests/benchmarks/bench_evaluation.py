@@ -36,10 +36,10 @@ off. `rounds` is the validation mIoU of each round's f_t in the `freemask` run;
 `selection_by_kind` counts, per variant, round and slot kind (single object or composed scene),
 the samples scored and kept.
 
-    .venv/bin/python tests/benchmarks/bench_evaluation.py --variants --headline-seeds 10 \
-        --out tests/benchmarks/results/evaluation_main_table
+    .venv/bin/python tests/benchmarks/bench_evaluation.py --headline-seeds 10
 
-(`make bench-main-table`) measures the main table alone, the headline pair trained ten times.
+(`make bench-headline`) trains the headline pair ten times each; it wrote the committed results.
+`--variants` with no names measures the main table alone, with no ablation.
 
 Every run uses the same run seed, so the single objects are the same prompts and seeds in
 every variant, and so are the composition plans (the thesaurus draws from the seed alone):
