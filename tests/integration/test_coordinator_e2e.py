@@ -62,6 +62,9 @@ def services(config: FreemaskConfig, env: dict[str, str],
         stop_services([p for name, p in running.items() if name != "log_dir"])
 
 
+# The run's own deadline must be the one that speaks: the suite-wide pytest timeout (300 s) is shorter, and it
+# would cut a slow machine's run short with a stack dump instead of the run's status.
+@pytest.mark.timeout(RUN_TIMEOUT_S + 180)
 def test_a_run_completes_both_rounds_with_exactly_once_acceptance_across_a_coordinator_kill(
         config: FreemaskConfig, env: dict[str, str], services: dict) -> None:
     run_id = f"e2e-{uuid.uuid4().hex[:8]}"
