@@ -14,8 +14,8 @@ resized back to each image's own size, so maps keep their pixels one to one.
 Semantic maps come from the queries as in Mask2Former's semantic inference:
 per pixel, argmax over classes of Σ_q softmax(class_q) · sigmoid(mask_q).
 
-Label maps hold class ids 0 (background) … C, 255 = ignore. Mask2Former's loss has no
-ignore label, so ignored pixels are simply left out of every class's target mask.
+Label maps hold class ids 0 (background) … C, 255 = ignore; the loss gives ignored pixels no
+weight (mask_loss.py).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, ResNetConfig, SwinConfig
 
+from freemask.scoring.mask_loss import Mask2FormerWeights, mask2former_loss
 from freemask.shared.errors import InvalidInput
-from freemask.world.names import IGNORE_ID
 
 PRESETS = ("tiny", "r50", "swin-b")
 _STAGES = ["stage1", "stage2", "stage3", "stage4"]
@@ -48,7 +48,7 @@ def model_config(preset: str, num_labels: int, input_size: int) -> Mask2FormerCo
         return Mask2FormerConfig(
             backbone_config=backbone, num_labels=num_labels, num_queries=16, hidden_dim=64, mask_feature_size=64,
             feature_size=64, encoder_layers=2, decoder_layers=3, num_attention_heads=4, dim_feedforward=128,
-            encoder_feedforward_dim=128, train_num_points=1024, use_pretrained_backbone=False)
+            encoder_feedforward_dim=128, use_pretrained_backbone=False)
     if preset == "r50":
         backbone = ResNetConfig(embedding_size=64, hidden_sizes=[256, 512, 1024, 2048], depths=[3, 4, 6, 3],
                                 layer_type="bottleneck", out_features=_STAGES)
@@ -131,16 +131,14 @@ class Segmenter:
         return torch.stack(resized).long().to(self.device)
 
     def loss(self, batch: Batch) -> torch.Tensor:
-        """Mask2Former's total loss (Hungarian-matched class, mask and dice terms over all layers)."""
-        mask_labels, class_labels = [], []
-        for label in batch.labels:
-            ids = [int(c) for c in torch.unique(label) if int(c) != IGNORE_ID]
-            if not ids:
-                raise InvalidInput("a training label map has no labelled pixel")
-            mask_labels.append(torch.stack([(label == c).float() for c in ids]))
-            class_labels.append(torch.tensor(ids, device=self.device))
-        output = self.model(pixel_values=batch.pixels, mask_labels=mask_labels, class_labels=class_labels)
-        return output.loss
+        """Mask2Former's total loss over every decoder layer: Hungarian-matched class, mask and dice
+        terms, dense on the mask grid (mask_loss.py), ignored pixels left out."""
+        output = self.model(pixel_values=batch.pixels, output_auxiliary_logits=True)
+        layers = [*output.auxiliary_logits, {"masks_queries_logits": output.masks_queries_logits,
+                                             "class_queries_logits": output.class_queries_logits}]
+        return mask2former_loss([layer["masks_queries_logits"] for layer in layers],
+                                [layer["class_queries_logits"] for layer in layers], batch.labels,
+                                Mask2FormerWeights.of(self.model.config))
 
     @torch.no_grad()
     def predict(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:

@@ -167,7 +167,7 @@ class SegmenterTrainer:
             batch = self._batch(segmenter, data, spec.seed, epoch, batch_index)
             for group in optimiser.param_groups:
                 group["lr"] = cosine_rate(self._settings.learning_rate, step, total_steps)
-            # Mask2Former's loss samples points with the global RNG: seeding it per step makes
+            # The backbone's stochastic depth draws from the global RNG: seeding it per step makes
             # a resumed job take exactly the steps an uninterrupted one would have taken.
             with torch.random.fork_rng(devices=[self._device] if self._device.type == "cuda" else []):
                 torch.manual_seed(int(np.random.default_rng([spec.seed, step]).integers(2**62)))
