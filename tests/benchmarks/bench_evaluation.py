@@ -23,22 +23,27 @@ larger dataset gets more variety, not more training:
 The baselines, `freemask_singles` and `real` get as many images as `freemask` accepted. The ablation reruns the
 whole of Algorithm 1 with one part removed: the thesaurus (objects drawn uniformly), FOPA
 (boxes drawn uniformly among the valid ones), harmonization (copy-paste), active learning
-(α = 1: keep everything), and α ∈ {0.5, 0.9}; `global_selection` takes the paper's cut over
-all of a round's scores instead, and `per_class_selection` the cut class by class with single
-objects and composed scenes ranked together. `random_selection` is the control for the score
-itself: the same cut (same groups, ⌈α·n⌉ kept per round) over seeded random values instead of
-S(x), so it differs from `freemask` by which samples it keeps and not how many.
+(α = 1: keep everything), and α ∈ {0.5, 0.9}. With `--selection-controls`, three other cuts run
+too: `global_selection` takes the paper's cut over all of a round's scores, `per_class_selection`
+the cut class by class with single objects and composed scenes ranked together, and
+`random_selection` is the control for the score itself: the same cut (same groups, ⌈α·n⌉ kept
+per round) over seeded random values instead of S(x), so it differs from `freemask` by which
+samples it keeps and not how many.
 Every entry, main table and ablation alike, is the mean of `--seeds` trainings (training
 seeds 0, 1, …; the data stay the same), which is what says how far apart two figures must
 be to mean anything; the headline pair, `real` and `freemask`, gets `--headline-seeds` of them
 (as many by default), and `ratio_standard_error` says how far the ratio of their means may be
-off. `rounds` is the validation mIoU of each round's f_t in the `freemask` run;
-`selection_by_kind` counts, per variant, round and slot kind (single object or composed scene),
-the samples scored and kept.
+off. `ablation_difference` gives, per variant, Free-Mask's mIoU minus the variant's over the
+training seeds both have, with its standard error. `rounds` is the validation mIoU of each
+round's f_t in the `freemask` run; `selection_by_kind` counts, per variant, round and slot kind
+(single object or composed scene), the samples scored and kept.
 
-    .venv/bin/python tests/benchmarks/bench_evaluation.py --headline-seeds 10
+`make bench` runs it with the defaults (the six ablation variants, three trainings of every
+entry), to fit the suite's hour on 2 cores;
 
-(`make bench-headline`) trains the headline pair ten times each; it wrote the committed results.
+    .venv/bin/python tests/benchmarks/bench_evaluation.py --headline-seeds 10 --selection-controls
+
+(`make bench-headline`) adds the controls and trains the headline pair ten times each.
 `--variants` with no names measures the main table alone, with no ablation.
 
 Every run uses the same run seed, so the single objects are the same prompts and seeds in
@@ -68,7 +73,7 @@ import tempfile
 import time
 import zlib
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 from unittest import mock
@@ -133,6 +138,11 @@ VARIANTS: dict[str, tuple[dict[str, str], dict[str, str]]] = {
     "random_selection": ({}, {}),
 }
 RANDOM_SELECTION = "random_selection"
+# The issue's ablation (the paper's Table 5), which `make bench` runs; the three cuts that are not
+# Free-Mask's own are controls for how it selects, run with --selection-controls
+ABLATION = ("without_thesaurus", "without_fopa", "without_harmonization", "without_active_learning", "alpha_0.5",
+            "alpha_0.9")
+SELECTION_CONTROLS = ("global_selection", "per_class_selection", RANDOM_SELECTION)
 HEADLINE = (FREEMASK, "real")  # the entries whose ratio is the headline figure
 
 
@@ -200,23 +210,37 @@ def _final_in_worker(env: dict[str, str], val_pairs: list[LabelledPair], name: s
     return Evaluation(config, ObjectStore(config.store), val_pairs).final(name, pairs, steps, seed)
 
 
-def table_entries(env: dict[str, str], val_pairs: list[LabelledPair], datasets: dict[str, list[LabelledPair]],
-                  steps: int, seeds: Mapping[str, int]) -> dict[str, dict[str, object]]:
-    """Every dataset's entry: `seeds[name]` trainings (training seeds 0, 1, …), their mean mIoU and
-    per-class IoU, and each seed's mIoU. The trainings run two at a time on one thread each: this
-    segmenter's small operations keep two threads only two-thirds busy."""
-    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {name: [pool.submit(_final_in_worker, env, val_pairs, name, pairs, steps, seed)
-                          for seed in range(seeds[name])] for name, pairs in datasets.items()}
-        results = {name: [future.result() for future in runs] for name, runs in futures.items()}
-    table = {}
-    for name, runs in results.items():
-        classes = sorted(runs[0].class_iou)
-        table[name] = {
-            "miou": round(statistics.mean(run.mean_iou for run in runs), 4),
-            "miou_per_seed": [round(run.mean_iou, 4) for run in runs], "images": len(datasets[name]),
-            "class_iou": {cls: round(statistics.mean(run.class_iou[cls] for run in runs), 4) for cls in classes}}
-    return table
+class Trainings:
+    """The table's trainings, each entry's `seeds` of them (training seeds 0, 1, …), in two worker
+    processes on one thread each: this segmenter's small operations keep two threads only two-thirds
+    busy. An entry is submitted as soon as its data exist, so the main table trains while the
+    ablation's runs go on and the cores the runs leave idle are used."""
+
+    def __init__(self, env: dict[str, str], val_pairs: list[LabelledPair], steps: int) -> None:
+        self._pool = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"))
+        self._env, self._val_pairs, self._steps = env, val_pairs, steps
+        self._futures: dict[str, list[Future]] = {}
+        self._images: dict[str, int] = {}
+
+    def submit(self, name: str, pairs: list[LabelledPair], seeds: int) -> None:
+        self._images[name] = len(pairs)
+        self._futures[name] = [self._pool.submit(_final_in_worker, self._env, self._val_pairs, name, pairs,
+                                                 self._steps, seed) for seed in range(seeds)]
+
+    def table(self) -> dict[str, dict[str, object]]:
+        """Every entry, once its trainings are done: the mean mIoU and per-class IoU, and each seed's mIoU."""
+        table = {}
+        for name, futures in self._futures.items():
+            runs = [future.result() for future in futures]
+            classes = sorted(runs[0].class_iou)
+            table[name] = {
+                "miou": round(statistics.mean(run.mean_iou for run in runs), 4),
+                "miou_per_seed": [round(run.mean_iou, 4) for run in runs], "images": self._images[name],
+                "class_iou": {cls: round(statistics.mean(run.class_iou[cls] for run in runs), 4) for cls in classes}}
+        return table
+
+    def close(self) -> None:
+        self._pool.shutdown(cancel_futures=True)
 
 
 def ratio_standard_error(numerator: Sequence[float], denominator: Sequence[float]) -> float | None:
@@ -233,11 +257,43 @@ def ratio_standard_error(numerator: Sequence[float], denominator: Sequence[float
     return math.sqrt(variance) / mean_denominator
 
 
+def ablation_differences(table: Mapping[str, Mapping[str, object]], variants: Sequence[str]
+                         ) -> dict[str, dict[str, float | int | None]]:
+    """Per variant, Free-Mask's mIoU minus the variant's, each the mean over the training seeds both
+    have (0 … n-1: the same seeds, so the same initial weights and batches), and the standard error of
+    that difference, the two sets of trainings taken as independent; None under two seeds."""
+    differences = {}
+    for name in variants:
+        theirs = table[name]["miou_per_seed"]
+        ours = table[FREEMASK]["miou_per_seed"][:len(theirs)]
+        error = (math.sqrt(statistics.variance(ours) / len(ours) + statistics.variance(theirs) / len(theirs))
+                 if len(theirs) >= 2 else None)
+        differences[name] = {"difference": round(statistics.mean(ours) - statistics.mean(theirs), 4),
+                             "standard_error": round(error, 4) if error is not None else None,
+                             "freemask_same_seeds": round(statistics.mean(ours), 4), "seeds": len(theirs)}
+    return differences
+
+
 def accepted_pairs(machine: RunMachine) -> list[LabelledPair]:
     """The run's output: every accepted sample's image and label, in slot order."""
     accepted = set(machine.record.accepted)
     return [labelled_pair(slot.sample) for current in machine.record.rounds for slot in current.slots
             if slot.final_id in accepted]
+
+
+def main_table_datasets(store: ObjectStore, machine: RunMachine, diffumask_threshold: float
+                        ) -> dict[str, list[LabelledPair]]:
+    """Free-Mask's accepted samples, and as many real scenes, and as many of the run's single objects
+    for the baselines and for Free-Mask singles."""
+    datasets = {FREEMASK: accepted_pairs(machine)}
+    count = len(datasets[FREEMASK])
+    datasets["real"] = write_reference_split(store, "train", IMAGE_SIZE, count)[0]
+    singles = singles_of(machine)[:count]
+    datasets["diffumask_style"] = fixed_threshold_pairs(store, singles, diffumask_threshold, "diffumask")
+    datasets["dataset_diffusion_style"] = fixed_threshold_pairs(store, singles, DATASET_DIFFUSION_THRESHOLD,
+                                                                "dataset-diffusion")
+    datasets[FREEMASK_SINGLES] = [labelled_pair(single) for single in singles]
+    return datasets
 
 
 def selection_by_kind(machine: RunMachine) -> dict[str, dict[str, list[int]]]:
@@ -381,8 +437,8 @@ def main() -> None:
     parser.add_argument("--per-round", type=int, default=48, help="|D'_t|: slots per round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of Algorithm 1")
     parser.add_argument("--round-epochs", type=int, default=60, help="epochs of each round's f_t")
-    parser.add_argument("--steps", type=int, default=600,
-                        help="optimiser steps of every table entry's segmenter (100 epochs of 84 images)")
+    parser.add_argument("--steps", type=int, default=300,
+                        help="optimiser steps of every table entry's segmenter (50 epochs of 84 images)")
     parser.add_argument("--seeds", type=int, default=3, help="trainings, with seeds 0, 1, ..., of each entry")
     parser.add_argument("--headline-seeds", type=int, default=None,
                         help="trainings of the real and freemask entries, whose ratio is the headline "
@@ -393,7 +449,10 @@ def main() -> None:
     parser.add_argument("--diffumask-threshold", type=float, default=None,
                         help="the DiffuMask-style baseline's one threshold (default: best_global_threshold of "
                              "results/attention_mask.json, measured with the same generator)")
-    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="*", default=list(ABLATION), choices=list(ABLATION),
+                        help="the ablation's variants (default: all six); none measures the main table alone")
+    parser.add_argument("--selection-controls", action="store_true",
+                        help=f"also run {', '.join(SELECTION_CONTROLS)}: other cuts than Free-Mask's")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.headline_seeds is None:
@@ -425,19 +484,20 @@ def main() -> None:
             generator = MemoGenerator(MaskGenerator.from_config(config.attention_mask))
             occlusion = occlusion_accuracy(generator, args.occlusion_scenes)
             print(f"occlusion: {json.dumps(occlusion)}", flush=True)
-            machines = {name: run_variant(name, {**env, **VARIANTS[name][0]}, generator, evaluation,
-                                          {**run_overrides, **VARIANTS[name][1]}, args.round_epochs)
-                        for name in dict.fromkeys([FREEMASK, *args.variants])}
-            datasets = {name: accepted_pairs(machine) for name, machine in machines.items()}
-            count = len(datasets[FREEMASK])
-            datasets["real"] = write_reference_split(store, "train", IMAGE_SIZE, count)[0]
-            singles = singles_of(machines[FREEMASK])[:count]
-            datasets["diffumask_style"] = fixed_threshold_pairs(store, singles, args.diffumask_threshold, "diffumask")
-            datasets["dataset_diffusion_style"] = fixed_threshold_pairs(
-                store, singles, DATASET_DIFFUSION_THRESHOLD, "dataset-diffusion")
-            datasets[FREEMASK_SINGLES] = [labelled_pair(single) for single in singles]
-            seeds = {name: args.headline_seeds if name in HEADLINE else args.seeds for name in datasets}
-            table = table_entries(env, val_pairs, datasets, args.steps, seeds)
+            trainings = Trainings(env, val_pairs, args.steps)
+            try:
+                machines = {}
+                for name in dict.fromkeys([FREEMASK, *args.variants,
+                                           *(SELECTION_CONTROLS if args.selection_controls else ())]):
+                    machines[name] = run_variant(name, {**env, **VARIANTS[name][0]}, generator, evaluation,
+                                                 {**run_overrides, **VARIANTS[name][1]}, args.round_epochs)
+                    datasets = (main_table_datasets(store, machines[name], args.diffumask_threshold)
+                                if name == FREEMASK else {name: accepted_pairs(machines[name])})
+                    for entry, pairs in datasets.items():
+                        trainings.submit(entry, pairs, args.headline_seeds if entry in HEADLINE else args.seeds)
+                table = trainings.table()
+            finally:
+                trainings.close()
             rounds = [r.validation_mean_iou for r in machines[FREEMASK].record.rounds]
         finally:
             stack.down(progress=print)
@@ -456,6 +516,7 @@ def main() -> None:
         "miou_freemask_singles": miou[FREEMASK_SINGLES],
         "ablation": {"full": miou[FREEMASK], **{name: miou[name] for name in machines if name != FREEMASK},
                      "alpha_0.7": miou[FREEMASK]},
+        "ablation_difference": ablation_differences(table, [name for name in machines if name != FREEMASK]),
         "rounds": [round(value, 4) if value is not None else None for value in rounds],
         "selection_by_kind": {name: selection_by_kind(machine) for name, machine in machines.items()},
         "occlusion_label_accuracy": {method: occlusion[method]["occluded"]
@@ -467,7 +528,7 @@ def main() -> None:
         "commit": commit or None,
         "seed": SEED,
         "config": {"run_overrides": run_overrides, "steps": args.steps, "training_seeds": args.seeds,
-                   "headline_training_seeds": args.headline_seeds,
+                   "headline_training_seeds": args.headline_seeds, "variants": list(machines),
                    "validation_scenes": args.val,
                    "diffumask_threshold": args.diffumask_threshold,
                    "dataset_diffusion_threshold": DATASET_DIFFUSION_THRESHOLD,

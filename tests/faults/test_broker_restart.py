@@ -39,6 +39,7 @@ from bus_helpers import request, unique_topics
 from conftest import PrivateStack
 from e2e_run import (
     FINISHED,
+    RUN_TIMEOUT_S,
     STAGE_INPUTS,
     Platform,
     RunPlan,
@@ -52,13 +53,13 @@ from e2e_run import (
     read_topic,
     redeliveries,
     run_status,
+    run_timeout,
     start_run,
 )
 
 pytestmark = pytest.mark.stack
 
 PLAN = RunPlan()
-RUN_TIMEOUT_S = 420.0
 # Longer than a group session (bus.session_timeout_ms, 3 s): every member's session has expired
 # by the time the broker is back, as after any real outage.
 OUTAGE_S = 10.0
@@ -160,7 +161,7 @@ class BrokerOutage:
 
 # SIGKILL: a crash, the outage starts at once, with batches in hand. SIGTERM: Tansu's orderly stop,
 # which goes on serving for about 5 s before it exits.
-@pytest.mark.timeout(RUN_TIMEOUT_S + 180)
+@run_timeout
 @pytest.mark.parametrize("stop_signal", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
 def test_a_run_completes_across_a_broker_restart_while_stages_are_busy(
         private_stack: PrivateStack, tmp_path: Path, stop_signal: signal.Signals) -> None:

@@ -27,6 +27,7 @@ from freemask.v1 import coordinator_pb2
 
 from conftest import PrivateStack
 from e2e_run import (
+    RUN_TIMEOUT_S,
     STAGE_INPUTS,
     Platform,
     RunPlan,
@@ -37,13 +38,13 @@ from e2e_run import (
     phase_of,
     platform_env,
     redeliveries,
+    run_timeout,
     start_run,
 )
 
 pytestmark = pytest.mark.stack
 
 PLAN = RunPlan()
-RUN_TIMEOUT_S = 420.0
 
 
 # The stages whose outputs become each stage's input (through the coordinator for thesaurus and
@@ -132,7 +133,7 @@ class StageKiller:
         self.restarts[stage] = self._pool.submit(self._platform.restart, stage)
 
 
-@pytest.mark.timeout(RUN_TIMEOUT_S + 180)
+@run_timeout
 def test_a_run_completes_with_every_stage_killed_once_while_it_has_work(private_stack: PrivateStack,
                                                                         tmp_path: Path) -> None:
     stack = private_stack.up(("seaweedfs", "tansu", "tritonserver"))

@@ -31,12 +31,11 @@ from freemask.shared.stack import EmbeddedStack
 from freemask.shared.store import ObjectStore
 from freemask.v1 import coordinator_pb2, samples_pb2
 
-from e2e_run import accepted_of, coordinator_call, platform_env, run_status
+from e2e_run import RUN_TIMEOUT_S, accepted_of, coordinator_call, platform_env, run_status, run_timeout
 
 pytestmark = pytest.mark.stack
 
 ROUNDS, INITIAL, PER_ROUND, ALPHA = 2, 6, 10, 0.7
-RUN_TIMEOUT_S = 420.0
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +63,7 @@ def services(config: FreemaskConfig, env: dict[str, str],
 
 # The run's own deadline must be the one that speaks: the suite-wide pytest timeout (300 s) is shorter, and it
 # would cut a slow machine's run short with a stack dump instead of the run's status.
-@pytest.mark.timeout(RUN_TIMEOUT_S + 180)
+@run_timeout
 def test_a_run_completes_both_rounds_with_exactly_once_acceptance_across_a_coordinator_kill(
         config: FreemaskConfig, env: dict[str, str], services: dict) -> None:
     run_id = f"e2e-{uuid.uuid4().hex[:8]}"
