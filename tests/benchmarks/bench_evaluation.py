@@ -39,7 +39,7 @@ round's f_t in the `freemask` run; `selection_by_kind` counts, per variant, roun
 (single object or composed scene), the samples scored and kept.
 
 `make bench` runs it with the defaults (the six ablation variants, three trainings of every
-entry), to fit the suite's hour on 2 cores;
+entry);
 
     .venv/bin/python tests/benchmarks/bench_evaluation.py --headline-seeds 10 --selection-controls
 
@@ -73,7 +73,7 @@ import tempfile
 import time
 import zlib
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 from unittest import mock
@@ -210,37 +210,23 @@ def _final_in_worker(env: dict[str, str], val_pairs: list[LabelledPair], name: s
     return Evaluation(config, ObjectStore(config.store), val_pairs).final(name, pairs, steps, seed)
 
 
-class Trainings:
-    """The table's trainings, each entry's `seeds` of them (training seeds 0, 1, …), in two worker
-    processes on one thread each: this segmenter's small operations keep two threads only two-thirds
-    busy. An entry is submitted as soon as its data exist, so the main table trains while the
-    ablation's runs go on and the cores the runs leave idle are used."""
-
-    def __init__(self, env: dict[str, str], val_pairs: list[LabelledPair], steps: int) -> None:
-        self._pool = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"))
-        self._env, self._val_pairs, self._steps = env, val_pairs, steps
-        self._futures: dict[str, list[Future]] = {}
-        self._images: dict[str, int] = {}
-
-    def submit(self, name: str, pairs: list[LabelledPair], seeds: int) -> None:
-        self._images[name] = len(pairs)
-        self._futures[name] = [self._pool.submit(_final_in_worker, self._env, self._val_pairs, name, pairs,
-                                                 self._steps, seed) for seed in range(seeds)]
-
-    def table(self) -> dict[str, dict[str, object]]:
-        """Every entry, once its trainings are done: the mean mIoU and per-class IoU, and each seed's mIoU."""
-        table = {}
-        for name, futures in self._futures.items():
-            runs = [future.result() for future in futures]
-            classes = sorted(runs[0].class_iou)
-            table[name] = {
-                "miou": round(statistics.mean(run.mean_iou for run in runs), 4),
-                "miou_per_seed": [round(run.mean_iou, 4) for run in runs], "images": self._images[name],
-                "class_iou": {cls: round(statistics.mean(run.class_iou[cls] for run in runs), 4) for cls in classes}}
-        return table
-
-    def close(self) -> None:
-        self._pool.shutdown(cancel_futures=True)
+def table_entries(env: dict[str, str], val_pairs: list[LabelledPair], datasets: dict[str, list[LabelledPair]],
+                  steps: int, seeds: Mapping[str, int]) -> dict[str, dict[str, object]]:
+    """Every dataset's entry: `seeds[name]` trainings (training seeds 0, 1, …), their mean mIoU and
+    per-class IoU, and each seed's mIoU. The trainings run two at a time on one thread each: this
+    segmenter's small operations keep two threads only two-thirds busy."""
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {name: [pool.submit(_final_in_worker, env, val_pairs, name, pairs, steps, seed)
+                          for seed in range(seeds[name])] for name, pairs in datasets.items()}
+        results = {name: [future.result() for future in runs] for name, runs in futures.items()}
+    table = {}
+    for name, runs in results.items():
+        classes = sorted(runs[0].class_iou)
+        table[name] = {
+            "miou": round(statistics.mean(run.mean_iou for run in runs), 4),
+            "miou_per_seed": [round(run.mean_iou, 4) for run in runs], "images": len(datasets[name]),
+            "class_iou": {cls: round(statistics.mean(run.class_iou[cls] for run in runs), 4) for cls in classes}}
+    return table
 
 
 def ratio_standard_error(numerator: Sequence[float], denominator: Sequence[float]) -> float | None:
@@ -437,8 +423,8 @@ def main() -> None:
     parser.add_argument("--per-round", type=int, default=48, help="|D'_t|: slots per round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of Algorithm 1")
     parser.add_argument("--round-epochs", type=int, default=60, help="epochs of each round's f_t")
-    parser.add_argument("--steps", type=int, default=300,
-                        help="optimiser steps of every table entry's segmenter (50 epochs of 84 images)")
+    parser.add_argument("--steps", type=int, default=600,
+                        help="optimiser steps of every table entry's segmenter (100 epochs of 84 images)")
     parser.add_argument("--seeds", type=int, default=3, help="trainings, with seeds 0, 1, ..., of each entry")
     parser.add_argument("--headline-seeds", type=int, default=None,
                         help="trainings of the real and freemask entries, whose ratio is the headline "
@@ -449,8 +435,9 @@ def main() -> None:
     parser.add_argument("--diffumask-threshold", type=float, default=None,
                         help="the DiffuMask-style baseline's one threshold (default: best_global_threshold of "
                              "results/attention_mask.json, measured with the same generator)")
-    parser.add_argument("--variants", nargs="*", default=list(ABLATION), choices=list(ABLATION),
-                        help="the ablation's variants (default: all six); none measures the main table alone")
+    parser.add_argument("--variants", nargs="*", default=list(ABLATION), choices=[v for v in VARIANTS if v != FREEMASK],
+                        help="the variants to run beside Free-Mask (default: the ablation's six); none measures "
+                             "the main table alone")
     parser.add_argument("--selection-controls", action="store_true",
                         help=f"also run {', '.join(SELECTION_CONTROLS)}: other cuts than Free-Mask's")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -484,20 +471,14 @@ def main() -> None:
             generator = MemoGenerator(MaskGenerator.from_config(config.attention_mask))
             occlusion = occlusion_accuracy(generator, args.occlusion_scenes)
             print(f"occlusion: {json.dumps(occlusion)}", flush=True)
-            trainings = Trainings(env, val_pairs, args.steps)
-            try:
-                machines = {}
-                for name in dict.fromkeys([FREEMASK, *args.variants,
-                                           *(SELECTION_CONTROLS if args.selection_controls else ())]):
-                    machines[name] = run_variant(name, {**env, **VARIANTS[name][0]}, generator, evaluation,
-                                                 {**run_overrides, **VARIANTS[name][1]}, args.round_epochs)
-                    datasets = (main_table_datasets(store, machines[name], args.diffumask_threshold)
-                                if name == FREEMASK else {name: accepted_pairs(machines[name])})
-                    for entry, pairs in datasets.items():
-                        trainings.submit(entry, pairs, args.headline_seeds if entry in HEADLINE else args.seeds)
-                table = trainings.table()
-            finally:
-                trainings.close()
+            machines = {name: run_variant(name, {**env, **VARIANTS[name][0]}, generator, evaluation,
+                                          {**run_overrides, **VARIANTS[name][1]}, args.round_epochs)
+                        for name in dict.fromkeys([FREEMASK, *args.variants,
+                                                   *(SELECTION_CONTROLS if args.selection_controls else ())])}
+            datasets = {**main_table_datasets(store, machines[FREEMASK], args.diffumask_threshold),
+                        **{name: accepted_pairs(machine) for name, machine in machines.items() if name != FREEMASK}}
+            seeds = {name: args.headline_seeds if name in HEADLINE else args.seeds for name in datasets}
+            table = table_entries(env, val_pairs, datasets, args.steps, seeds)
             rounds = [r.validation_mean_iou for r in machines[FREEMASK].record.rounds]
         finally:
             stack.down(progress=print)

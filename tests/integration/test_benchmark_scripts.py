@@ -51,6 +51,11 @@ def test_the_evaluation_benchmark_writes_every_key_the_issue_names(tmp_path: Pat
     assert "ratio_standard_error" in result
     assert result["ablation"]["full"] == result["table"]["freemask"]["miou"]
     assert result["ablation"]["without_fopa"] == result["table"]["without_fopa"]["miou"]
+    # the paired difference is taken over the seeds both entries have: Free-Mask's first two here
+    difference = result["ablation_difference"]["without_fopa"]
+    assert difference["seeds"] == 2 and difference["standard_error"] is not None
+    assert difference["difference"] == pytest.approx(
+        sum(result["table"]["freemask"]["miou_per_seed"][:2]) / 2 - result["table"]["without_fopa"]["miou"], abs=2e-4)
     for name in ("freemask", "without_fopa"):  # every accepted sample is a kept single or composed scene
         kinds = result["selection_by_kind"][name]
         assert sum(sum(kinds[kind]["kept"]) for kind in ("single", "composed")) == result["table"][name]["images"]
