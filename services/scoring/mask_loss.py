@@ -8,9 +8,9 @@ losses are summed with the config's class, mask and dice weights.
 Why not `transformers`' own loss: it compares masks at randomly sampled points (Mask2Former's
 memory saving for large masks) and loops over the images of a batch in Python, once per layer.
 For the tiny preset at 32 px, whose mask grid is 16 × 16, that is 3 × 1,024 points drawn to judge
-256 cells, and on a CPU that loop was a large part of each training step. Here every pixel of the grid counts, the
-costs of all layers and images come from a few batched products, and only the assignment itself
-(a few queries against a few classes per image) runs per image.
+256 cells, and on a CPU that loop was a large part of each training step. Here every cell of the
+grid counts, the costs of all layers and images come from a few batched products, and only the
+assignment itself (a few queries against a few classes per image) runs per image.
 
 Targets are brought to the grid by area averaging, so a cell on a boundary gets a soft target
 and no sub-cell detail is lost to sampling. Pixels labelled 255 (ignore) weigh nothing, in the

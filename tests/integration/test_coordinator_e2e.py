@@ -61,8 +61,6 @@ def services(config: FreemaskConfig, env: dict[str, str],
         stop_services([p for name, p in running.items() if name != "log_dir"])
 
 
-# The run's own deadline must be the one that speaks: the suite-wide pytest timeout (300 s) is shorter, and it
-# would cut a slow machine's run short with a stack dump instead of the run's status.
 @run_timeout
 def test_a_run_completes_both_rounds_with_exactly_once_acceptance_across_a_coordinator_kill(
         config: FreemaskConfig, env: dict[str, str], services: dict) -> None:
