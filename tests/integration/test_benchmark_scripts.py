@@ -93,7 +93,7 @@ def test_the_placement_gpu_mode_runs_on_cpu(tmp_path: Path) -> None:
 @pytest.mark.parametrize("sweep", [False, True], ids=["default", "sampling-sweep"])
 def test_the_generator_benchmark_judges_with_a_no_object_answer(tmp_path: Path, sweep: bool) -> None:
     run_benchmark("bench_generator.py", "--per-class", "1", "--steps", "2", "--judge-images", "300",
-                  "--judge-minutes", "0.05", "--out", str(tmp_path), *(["--sampling-sweep"] if sweep else []),
+                  "--judge-steps", "20", "--out", str(tmp_path), *(["--sampling-sweep"] if sweep else []),
                   timeout=600)
     result = json.loads((tmp_path / ("generator_sampling.json" if sweep else "generator.json")).read_text())
     for key in ("judge_empty_accuracy", "commit", "config", "seed"):
