@@ -243,11 +243,11 @@ def capture_overhead(gen: MaskGenerator, batch: int, steps: int, repeats: int) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", type=Path, default=None, help="diffusers folder (default: shipped generator)")
-    parser.add_argument("--tune-scenes", type=int, default=160)
+    parser.add_argument("--tune-scenes", type=int, default=96)
     parser.add_argument("--val-scenes", type=int, default=228, help="single-object validation scenes")
     parser.add_argument("--per-class", type=int, default=8, help="generated images per class")
     parser.add_argument("--steps", type=int, default=25, help="denoising steps of generated images")
-    parser.add_argument("--segmenter-steps", type=int, default=300,
+    parser.add_argument("--segmenter-steps", type=int, default=700,
                         help="optimiser steps of 32 scenes of the reference segmenter")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()

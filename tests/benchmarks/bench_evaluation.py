@@ -4,8 +4,8 @@
 
 Every figure is the mIoU, on the reference world's validation scenes, of the same segmenter
 (scoring config: the tiny Mask2Former at 32 px) trained with the same recipe (`--steps`
-optimiser steps of 16 images, rounded to whole epochs, cosine decay from `--learning-rate`) on
-one dataset, so that a larger dataset gets more variety, not more training:
+optimiser steps of 16 images, rounded to whole epochs) on one dataset, so that a
+larger dataset gets more variety, not more training:
 
 - **real**: rendered scenes of the train split with their exact label maps;
 - **freemask**: the accepted samples of a whole Free-Mask run (`--rounds` rounds of
@@ -31,20 +31,19 @@ per round) over seeded random values instead of S(x), so it differs from `freema
 samples it keeps and not how many.
 Every entry, main table and ablation alike, is the mean of `--seeds` trainings (training
 seeds 0, 1, …; the data stay the same), which is what says how far apart two figures must
-be to mean anything; the headline pair, `real` and `freemask`, gets `--headline-seeds` of them,
-and `ratio_standard_error` says how far the ratio of their means may be off.
-`ablation_difference` gives, per variant, Free-Mask's mIoU minus the variant's over the
+be to mean anything; the headline pair, `real` and `freemask`, gets `--headline-seeds` of them
+(as many by default), and `ratio_standard_error` says how far the ratio of their means may be
+off. `ablation_difference` gives, per variant, Free-Mask's mIoU minus the variant's over the
 training seeds both have, with its standard error. `rounds` is the validation mIoU of each
 round's f_t in the `freemask` run; `selection_by_kind` counts, per variant, round and slot kind
 (single object or composed scene), the samples scored and kept.
 
-`make bench` runs it with the defaults (the six ablation variants; three trainings of the
-headline pair, two of every other entry: what lets the benchmark suite fit an hour on 2 cores);
+`make bench` runs it with the defaults (the six ablation variants, three trainings of every
+entry);
 
-    .venv/bin/python tests/benchmarks/bench_evaluation.py --headline-seeds 10 --seeds 3 --selection-controls
+    .venv/bin/python tests/benchmarks/bench_evaluation.py --headline-seeds 10 --selection-controls
 
-(`make bench-headline`) adds the controls, trains every other entry three times and the headline
-pair ten times.
+(`make bench-headline`) adds the controls and trains the headline pair ten times each.
 `--variants` with no names measures the main table alone, with no ablation.
 
 Every run uses the same run seed, so the single objects are the same prompts and seeds in
@@ -196,7 +195,8 @@ class Evaluation:
     def train(self, run_id: str, round_index: int, pairs: Sequence[LabelledPair], epochs: int,
               init_from=None) -> float:
         """One round's f_t. Every variant's f_0 learns the same single objects (under its own keys) from
-        the same seed, so it is the same model: the first is trained, and copied for the others."""
+        the same seed with the same settings, so it is the same model: the first is trained, and copied
+        for the others."""
         reused = (self._data_digest(pairs), epochs) if init_from is None else None
         if reused in self._from_scratch:
             source, miou = self._from_scratch[reused]
@@ -448,15 +448,12 @@ def main() -> None:
     parser.add_argument("--per-round", type=int, default=48, help="|D'_t|: slots per round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of Algorithm 1")
     parser.add_argument("--round-epochs", type=int, default=60, help="epochs of each round's f_t")
-    parser.add_argument("--steps", type=int, default=400,
-                        help="optimiser steps of every table entry's segmenter (67 epochs of 84 images)")
-    parser.add_argument("--learning-rate", type=float, default=2e-3,
-                        help="peak learning rate of the table entries' trainings (the runs' f_t keep the "
-                             "scoring config's)")
-    parser.add_argument("--seeds", type=int, default=2,
-                        help="trainings, with seeds 0, 1, ..., of each entry but the headline pair")
-    parser.add_argument("--headline-seeds", type=int, default=3,
-                        help="trainings of the real and freemask entries, whose ratio is the headline")
+    parser.add_argument("--steps", type=int, default=600,
+                        help="optimiser steps of every table entry's segmenter (100 epochs of 84 images)")
+    parser.add_argument("--seeds", type=int, default=3, help="trainings, with seeds 0, 1, ..., of each entry")
+    parser.add_argument("--headline-seeds", type=int, default=None,
+                        help="trainings of the real and freemask entries, whose ratio is the headline "
+                             "(default: --seeds)")
     parser.add_argument("--val", type=int, default=200, help="reference validation scenes")
     parser.add_argument("--occlusion-scenes", type=int, default=40,
                         help="scenes with occlusion for the label-accuracy comparison (and as many to tune on)")
@@ -470,6 +467,8 @@ def main() -> None:
                         help=f"also run {', '.join(SELECTION_CONTROLS)}: other cuts than Free-Mask's")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    if args.headline_seeds is None:
+        args.headline_seeds = args.seeds
     if args.diffumask_threshold is None:
         args.diffumask_threshold = float(json.loads((RESULTS / "attention_mask.json").read_text(encoding="utf-8"))
                                          ["best_global_threshold"])
@@ -504,8 +503,7 @@ def main() -> None:
             datasets = {**main_table_datasets(store, machines[FREEMASK], args.diffumask_threshold),
                         **{name: accepted_pairs(machine) for name, machine in machines.items() if name != FREEMASK}}
             seeds = {name: args.headline_seeds if name in HEADLINE else args.seeds for name in datasets}
-            table = table_entries({**env, "FREEMASK_SCORING__LEARNING_RATE": str(args.learning_rate)}, val_pairs,
-                                  datasets, args.steps, seeds)
+            table = table_entries(env, val_pairs, datasets, args.steps, seeds)
             rounds = [r.validation_mean_iou for r in machines[FREEMASK].record.rounds]
         finally:
             stack.down(progress=print)
@@ -535,8 +533,7 @@ def main() -> None:
         "bench_seconds": round(time.perf_counter() - started, 1),
         "commit": commit or None,
         "seed": SEED,
-        "config": {"run_overrides": run_overrides, "steps": args.steps, "learning_rate": args.learning_rate,
-                   "training_seeds": args.seeds,
+        "config": {"run_overrides": run_overrides, "steps": args.steps, "training_seeds": args.seeds,
                    "headline_training_seeds": args.headline_seeds, "variants": list(machines),
                    "validation_scenes": args.val,
                    "diffumask_threshold": args.diffumask_threshold,

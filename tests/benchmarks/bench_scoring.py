@@ -1,6 +1,6 @@
 """Scoring benchmark: the segmenter trained on rendered ground truth, and how fast it scores.
 
-    .venv/bin/python tests/benchmarks/bench_scoring.py [--train 1000] [--val 500] [--epochs 8]
+    .venv/bin/python tests/benchmarks/bench_scoring.py [--train 1000] [--val 500] [--epochs 12]
 
 1. **The "real data" reference.** Reference-world training scenes and their exact
    label maps are written to a private SeaweedFS store with a JSONL manifest, and the
@@ -88,8 +88,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--train", type=int, default=1000, help="training scenes (rendered ground truth)")
     parser.add_argument("--val", type=int, default=500, help="validation scenes")
-    parser.add_argument("--epochs", type=int, default=8,
-                        help="passes over the training scenes (about 30 s each of 1,000 scenes on 2 CPU cores)")
+    parser.add_argument("--epochs", type=int, default=12,
+                        help="passes over the training scenes (about 13 minutes on 2 CPU cores)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
