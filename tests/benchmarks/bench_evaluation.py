@@ -51,7 +51,8 @@ every variant, and so are the composition plans (the thesaurus draws from the se
 variants differ by the part they change and by what that changes downstream. Each object is
 generated once and its result reused (the generator is deterministic
 per prompt, which is what makes a redelivered request rewrite the same bytes), and written
-under each variant's own keys. The stages run in this process with their own handlers
+under each variant's own keys. So every variant's f_0 learns the same bytes from the same seed:
+it is trained once and copied (`Evaluation.train`). The stages run in this process with their own handlers
 (in_process.py) against a private SeaweedFS and tritonserver: no broker is needed to
 compare datasets, and bench_pipeline measures what the bus costs.
 
