@@ -198,17 +198,17 @@ class Evaluation:
         """One round's f_t. Every variant's f_0 learns the same single objects (under its own keys) from
         the same seed with the same settings, so it is the same model: the first is trained, and copied
         for the others."""
-        reused = (self._data_digest(pairs), epochs) if init_from is None else None
-        if reused in self._from_scratch:
-            source, miou = self._from_scratch[reused]
+        from_scratch_key = (self._data_digest(pairs), epochs) if init_from is None else None
+        if from_scratch_key in self._from_scratch:
+            source, miou = self._from_scratch[from_scratch_key]
             loaded = self.models.load(source, self.class_names)
             self.models.save(run_id, round_index, loaded.segmenter, loaded.manifest["training"])
             return miou
         self.trainer.run(TrainSpec(run_id, round_index, tuple(pairs), epochs=epochs, seed=SEED, init_from=init_from))
         version = model_version(run_id, round_index)
         miou = self.scorer.evaluate(self.val_pairs, version).mean_iou
-        if reused is not None:
-            self._from_scratch[reused] = (version, miou)
+        if from_scratch_key is not None:
+            self._from_scratch[from_scratch_key] = (version, miou)
         return miou
 
     def _data_digest(self, pairs: Sequence[LabelledPair]) -> str:
