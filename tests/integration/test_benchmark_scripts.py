@@ -26,7 +26,7 @@ def run_benchmark(script: str, *args: str, timeout: float) -> None:
 def test_the_evaluation_benchmark_writes_every_key_the_issue_names(tmp_path: Path) -> None:
     run_benchmark("bench_evaluation.py", "--initial", "6", "--per-round", "6", "--rounds", "2", "--round-epochs", "1",
                   "--steps", "1", "--seeds", "2", "--headline-seeds", "3", "--val", "8", "--occlusion-scenes", "2",
-                  "--variants", "without_fopa", "random_selection", "--out", str(tmp_path), timeout=600)
+                  "--variants", "without_fopa", "random_selection", "--singles", "--out", str(tmp_path), timeout=600)
     result = json.loads((tmp_path / "evaluation.json").read_text())
     for key in ("miou_real", "miou_freemask", "ratio", "miou_diffumask_style", "miou_dataset_diffusion_style",
                 "miou_freemask_singles", "ablation", "rounds", "occlusion_label_accuracy", "commit", "config", "seed"):
