@@ -13,7 +13,7 @@ FOPA_WEIGHTS := $(wildcard services/placement/weights/fopa/*)
 FOPA_SOURCES := $(addprefix services/placement/,export.py triton_repo.py triton_model.py model.py geometry.py)
 TRITON_FOPA := deploy/triton/models/fopa/config.pbtxt
 
-.PHONY: run test faults protos bench bench-sweep bench-headline bench-gpu models clean stack-up stack-down triton-production images chart
+.PHONY: run test faults protos bench bench-sweep bench-headline bench-gpu bench-instruments models clean stack-up stack-down triton-production images chart
 
 ## run: install, bring up the embedded stack and every service, run the main job, shut down
 run: $(INSTALLED) $(PROTO_STAMP) $(TRITON_FOPA)
@@ -55,6 +55,12 @@ bench-headline: $(INSTALLED) $(PROTO_STAMP) $(TRITON_FOPA)
 bench-gpu: $(INSTALLED) $(PROTO_STAMP)
 	$(PY) tests/benchmarks/bench_gpu.py --compile
 	$(PY) tests/benchmarks/bench_placement.py --target embedded-gpu
+
+## bench-instruments: retrain the benchmarks' shipped judge and oracle segmenter (seeded; 6 minutes on 2 cores), after
+## a change to their code or to the world's rendering (tests/unit/test_benchmark_instruments.py says when)
+bench-instruments: $(INSTALLED) $(PROTO_STAMP)
+	$(PY) tests/benchmarks/bench_generator.py --ship-judge
+	$(PY) tests/benchmarks/bench_attention_mask.py --ship-oracle
 
 ## models: retrain the shipped small models from scratch on 2 CPU cores (seeded, logged next to the weights)
 models: $(INSTALLED) $(PROTO_STAMP)

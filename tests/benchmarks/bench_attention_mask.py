@@ -11,10 +11,13 @@
    affinity, eq. 23 threshold search, blob removal). The affinity source (the
    learned head or the self-attention), the knobs of (c), the layer weighting and
    the timestep are chosen on train-split scenes, never on validation.
-2. **Masks of generated images.** A small segmenter is trained here on
-   rendered scenes and their exact labels; on images the service generates,
-   the IoU between its mask and the segmenter's is reported, beside the
-   segmenter's own IoU on rendered validation scenes (its ceiling).
+2. **Masks of generated images.** A small segmenter, trained on rendered
+   scenes and their exact labels (shipped as instruments/attention_oracle.safetensors,
+   and trained in the run instead where that file no longer matches this code
+   and world; see instruments.py; --ship-oracle rewrites it), outlines the
+   object of each image the service generates. The IoU between the service's
+   mask and the segmenter's is reported, beside the segmenter's own IoU on
+   rendered validation scenes (its ceiling).
 3. **Capture overhead.** The same batch generated with and without capture,
    interleaved; the ratio of median times.
 
@@ -45,10 +48,12 @@ from freemask.world import CLASS_NOUNS, DRAWABLE_CLASSES, allowed_backgrounds, d
 from freemask.world.scene import Scene
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared results_files
+from instruments import Recipe, obtain, ship  # noqa: E402
 from results_files import git_commit, write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SEED = 0
+ORACLE_SCENES = 4000  # train-split scenes the oracle segmenter learns from
 PLACES = {"sky": "in the sky", "sea": "on the sea", "road": "on the road", "grass": "on the grass",
           "field": "in a field", "room": "in a room", "rail": "on the railway"}
 
@@ -179,8 +184,17 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def train_segmenter(size: int, image_size: int, steps: int) -> tuple[Segmenter, float]:
-    """Trained on train-split scenes; returns it and its mean object IoU on validation single-object scenes."""
+def oracle_recipe(size: int, image_size: int, steps: int) -> Recipe:
+    """The oracle segmenter's training, for telling whether the shipped one is what these settings train."""
+    return Recipe("attention_oracle", {"train_scenes": size, "image_size": image_size, "steps": steps, "seed": SEED,
+                                       "classes": list(DRAWABLE_CLASSES)},
+                  (Segmenter, train_oracle, to_tensor),
+                  lambda: [array for i in range(16) for scene in [dataset("train", i, image_size)]
+                           for array in (scene.image, scene.label)])
+
+
+def train_oracle(size: int, image_size: int, steps: int) -> Segmenter:
+    """Trained on train-split scenes and their exact labels."""
     scenes = [dataset("train", i, image_size) for i in range(size)]
     x = to_tensor(np.stack([s.image for s in scenes]))
     y = torch.from_numpy(np.stack([s.label for s in scenes]).astype(np.int64))
@@ -195,12 +209,16 @@ def train_segmenter(size: int, image_size: int, steps: int) -> tuple[Segmenter, 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    net.eval()
+    return net.eval()
+
+
+def oracle_val_iou(net: Segmenter, image_size: int) -> float:
+    """Its mean object IoU on validation single-object scenes: the ceiling of its agreement with any mask."""
     val = single_object_scenes("val", 200, image_size)
     pred = segment(net, np.stack([s.image for s in val]))
     scores = [iou(p == DRAWABLE_CLASSES.index(s.objects[0].cls) + 1,
                   s.label == DRAWABLE_CLASSES.index(s.objects[0].cls) + 1, s.label != 255) for p, s in zip(pred, val)]
-    return net, float(np.mean(scores))
+    return float(np.mean(scores))
 
 
 @torch.no_grad()
@@ -250,15 +268,21 @@ def main() -> None:
     parser.add_argument("--segmenter-steps", type=int, default=700,
                         help="optimiser steps of 32 scenes of the reference segmenter")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--ship-oracle", action="store_true",
+                        help="train the oracle segmenter and write it under instruments/ for later runs, then stop")
     args = parser.parse_args()
     torch.set_num_threads(2)
     started = time.perf_counter()
     base = AttentionMaskConfig(weights=args.weights, device="cpu")
     learned = MaskGenerator.from_config(base)
+    size = learned.native_size
+    recipe = oracle_recipe(ORACLE_SCENES, size, args.segmenter_steps)
+    if args.ship_oracle:
+        print(f"wrote {ship(recipe, lambda: train_oracle(ORACLE_SCENES, size, args.segmenter_steps))}")
+        return
     generators = {"learned": learned,
                   "self_attention": MaskGenerator(learned.pipe, base.model_copy(update={"affinity": "self_attention"}),
                                                   learned.version)}
-    size = learned.native_size
 
     best = tune(generators, single_object_scenes("train", args.tune_scenes, size), [25, 50, 100, 250])
     gen = generators[best["affinity"]]
@@ -270,7 +294,8 @@ def main() -> None:
     measured = val.scores(val.soft(weights), chosen)
     print(f"validation: {json.dumps(measured)}", file=sys.stderr, flush=True)
 
-    net, oracle_val_iou = train_segmenter(4000, size, args.segmenter_steps)
+    net, oracle_source = obtain(recipe, lambda: Segmenter(len(DRAWABLE_CLASSES)),
+                                lambda: train_oracle(ORACLE_SCENES, size, args.segmenter_steps))
     tuned = gen.reconfigured(refine_beta=best["beta"], refine_iterations=best["iterations"], refine_cut=best["cut"],
                              refine_reference_threshold=best["reference_threshold"])
     generated = generated_vs_oracle(tuned, net, args.per_class, args.steps)
@@ -287,8 +312,9 @@ def main() -> None:
         "refined_threshold_mean": round(measured["refined_threshold_mean"], 3),
         "refine_seconds_per_mask": round(measured["refine_seconds_per_mask"], 4),
         "val_scenes": len(val.scenes),
-        "oracle_segmenter_val_iou": round(oracle_val_iou, 4),
+        "oracle_segmenter_val_iou": round(oracle_val_iou(net, size), 4),
         "oracle_segmenter_steps": args.segmenter_steps,
+        "oracle_segmenter": oracle_source,
         **{k: round(v, 4) if isinstance(v, float) else v for k, v in generated.items()
            if k != "iou_generated_vs_oracle"},
         **{k: round(v, 3) for k, v in overhead.items() if k != "capture_overhead"},

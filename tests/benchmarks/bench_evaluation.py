@@ -542,6 +542,7 @@ def main() -> None:
         "seed": SEED,
         "config": {"run_overrides": run_overrides, "steps": args.steps, "training_seeds": args.seeds,
                    "headline_training_seeds": args.headline_seeds, "variants": list(machines),
+                   "selection_controls": args.selection_controls, "singles": args.singles,
                    "validation_scenes": args.val,
                    "diffumask_threshold": args.diffumask_threshold,
                    "dataset_diffusion_threshold": DATASET_DIFFUSION_THRESHOLD,

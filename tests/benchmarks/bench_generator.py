@@ -2,9 +2,11 @@
 
     .venv/bin/python tests/benchmarks/bench_generator.py [--weights DIR] [--per-class 12] [--sampling-sweep]
 
-A small CNN is trained here, in the same run, on rendered single-object world
-scenes to name the object's class and the background, and on rendered empty
-backgrounds, for which its answer is "no object". It then labels images
+A small CNN, the judge, is trained on rendered single-object world scenes to
+name the object's class and the background, and on rendered empty backgrounds,
+for which its answer is "no object" (shipped as instruments/generator_judge.safetensors,
+and trained in the run instead where that file no longer matches this code and
+world; see instruments.py; --ship-judge rewrites it). It then labels images
 the shipped generator draws from "a photo of a {class} {place}" prompts:
 recognisability of class c is the fraction of c's images it labels c;
 background accuracy is the fraction whose background it labels as prompted.
@@ -54,6 +56,7 @@ from freemask.world import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared results_files
+from instruments import Recipe, obtain, ship  # noqa: E402
 from results_files import git_commit, write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -132,7 +135,16 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def train_judge(size: int, image_size: int, steps: int, seed: int) -> tuple[Judge, dict[str, float]]:
+def judge_recipe(size: int, image_size: int, steps: int, seed: int) -> Recipe:
+    """The judge's training, for telling whether the shipped judge is the one these settings train."""
+    return Recipe("generator_judge", {"train_images": size, "image_size": image_size, "steps": steps, "seed": seed,
+                                      "classes": list(JUDGE_CLASSES), "backgrounds": list(DRAWABLE_BACKGROUNDS),
+                                      "seed_tag": JUDGE_SEED_TAG, "empty_every": EMPTY_EVERY},
+                  (Judge, train_judge, render_pool_single, _render_single, empty_scene, to_tensor),
+                  lambda: _render_single((seed, 0, 32, image_size))[:1])
+
+
+def train_judge(size: int, image_size: int, steps: int, seed: int) -> Judge:
     images, classes, backgrounds = render_pool_single(size, image_size, seed)
     x = to_tensor(images)
     yc = torch.tensor([JUDGE_CLASSES.index(c) for c in classes])
@@ -152,9 +164,12 @@ def train_judge(size: int, image_size: int, steps: int, seed: int) -> tuple[Judg
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    judge.eval()
-    # Held-out check on the fixed validation split (single-object scenes only), and on
-    # empty backgrounds drawn apart from the training ones.
+    return judge.eval()
+
+
+def judge_accuracy(judge: Judge, image_size: int, seed: int) -> dict[str, float]:
+    """Held-out check on the fixed validation split (single-object scenes only), and on
+    empty backgrounds drawn apart from the training ones."""
     val = [dataset("val", i, image_size) for i in range(500)]
     val = [s for s in val if len(s.objects) == 1]
     pc, pb = predict(judge, np.stack([s.image for s in val]))
@@ -163,9 +178,9 @@ def train_judge(size: int, image_size: int, steps: int, seed: int) -> tuple[Judg
     empty_rngs = (np.random.default_rng([JUDGE_SEED_TAG, seed, EMPTY_VAL_TAG, i]) for i in range(VAL_EMPTY_SCENES))
     empty = np.stack([render_scene(empty_scene(rng, image_size)).image for rng in empty_rngs])
     acc_empty = float(np.mean(predict(judge, empty)[0] == JUDGE_CLASSES.index(NO_OBJECT)))
-    return judge, {"judge_val_class_accuracy": round(acc_c, 4), "judge_val_background_accuracy": round(acc_b, 4),
-                   "judge_val_scenes": len(val), "judge_empty_accuracy": round(acc_empty, 4),
-                   "judge_empty_scenes": VAL_EMPTY_SCENES, "judge_steps": steps, "judge_train_images": size}
+    return {"judge_val_class_accuracy": round(acc_c, 4), "judge_val_background_accuracy": round(acc_b, 4),
+            "judge_val_scenes": len(val), "judge_empty_accuracy": round(acc_empty, 4),
+            "judge_empty_scenes": VAL_EMPTY_SCENES}
 
 
 @torch.no_grad()
@@ -253,6 +268,8 @@ def main() -> None:
     parser.add_argument("--judge-images", type=int, default=8000)
     parser.add_argument("--judge-steps", type=int, default=1000, help="the judge's optimiser steps of 64 images")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--ship-judge", action="store_true",
+                        help="train the judge and write it under instruments/ for later runs, then stop")
     parser.add_argument("--sampling-sweep", action="store_true",
                         help="judge every (guidance, eta) of SAMPLING_SWEEP instead; writes generator_sampling.json")
     args = parser.parse_args()
@@ -261,8 +278,15 @@ def main() -> None:
     pipe = FreeMaskTextToImagePipeline.from_pretrained(args.weights)
     pipe.set_progress_bar_config(disable=True)
     size = pipe.default_size
-    judge, judge_stats = train_judge(args.judge_images, size, args.judge_steps, SEED)
-    print(f"judge trained: {judge_stats}", file=sys.stderr)
+    recipe = judge_recipe(args.judge_images, size, args.judge_steps, SEED)
+    if args.ship_judge:
+        print(f"wrote {ship(recipe, lambda: train_judge(args.judge_images, size, args.judge_steps, SEED))}")
+        return
+    judge, judge_source = obtain(recipe, lambda: Judge(len(JUDGE_CLASSES), len(DRAWABLE_BACKGROUNDS)),
+                                 lambda: train_judge(args.judge_images, size, args.judge_steps, SEED))
+    judge_stats = {**judge_accuracy(judge, size, SEED), "judge_steps": args.judge_steps,
+                   "judge_train_images": args.judge_images, "judge": judge_source}
+    print(f"judge: {judge_stats}", file=sys.stderr)
 
     jobs = prompts_for(args.per_class)
     weights = args.weights.relative_to(Path.cwd()) if args.weights.is_relative_to(Path.cwd()) else args.weights

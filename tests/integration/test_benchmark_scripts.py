@@ -45,6 +45,7 @@ def test_the_evaluation_benchmark_writes_every_key_the_issue_names(tmp_path: Pat
     # every entry, the ablation's too, trains once per seed, the headline pair once per headline seed;
     # its figure is their mean
     assert len(result["ratio_per_seed"]) == 3 and result["config"]["headline_training_seeds"] == 3
+    assert result["config"]["singles"] is True and result["config"]["selection_controls"] is False
     for name, seeds in (("real", 3), ("freemask", 3), ("without_fopa", 2), ("diffumask_style", 2)):
         runs = result["table"][name]["miou_per_seed"]
         assert len(runs) == seeds and result["table"][name]["miou"] == pytest.approx(sum(runs) / seeds, abs=1e-4)
@@ -98,6 +99,8 @@ def test_the_generator_benchmark_judges_with_a_no_object_answer(tmp_path: Path, 
     result = json.loads((tmp_path / ("generator_sampling.json" if sweep else "generator.json")).read_text())
     for key in ("judge_empty_accuracy", "commit", "config", "seed"):
         assert key in result, key
+    # the shipped judge is the default recipe's (8,000 images, 1,000 steps), so this one trains in the run
+    assert result["judge"]["source"] == "trained in this run" and "another recipe" in result["judge"]["why"]
     verdicts = result["settings"] if sweep else [result]
     assert len(verdicts) == (6 if sweep else 1)
     for verdict in verdicts:

@@ -1,0 +1,100 @@
+"""The benchmarks' measuring instruments: small nets trained on rendered scenes, shipped beside the benchmarks.
+
+The generator benchmark's judge and the attention-mask benchmark's oracle segmenter are trained from a
+step count and a seed, so every training of one gives the same weights. Training them again in every
+run cost about six of `make bench`'s minutes on 2 cores, so each ships as safetensors under
+`instruments/`, and `make bench-instruments` retrains and rewrites them.
+
+A shipped file is used only while it is what the benchmark would train now. Its metadata holds a
+fingerprint of the recipe: the training settings, the source of the code that trains it (model
+class, data, loop) and the first training inputs as the world renders them today. Change any of
+these and the benchmark trains the instrument in its own run instead, and its results file says so
+and why (`tests/unit/test_benchmark_instruments.py` fails until the files are rewritten). Either
+way, the benchmark measures the instrument's own accuracy on held-out scenes in every run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from results_files import HERE, git_commit
+
+INSTRUMENTS = HERE / "instruments"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one instrument is trained: enough to tell whether a shipped file still is that instrument."""
+
+    name: str  # the file's stem under instruments/
+    settings: dict[str, Any]  # sizes, steps, seed: JSON values
+    code: tuple[Any, ...]  # the functions and classes whose source shapes the weights
+    sample: Callable[[], Sequence[np.ndarray]]  # the first training inputs, as rendered today
+
+    @property
+    def path(self) -> Path:
+        return INSTRUMENTS / f"{self.name}.safetensors"
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(json.dumps(self.settings, sort_keys=True).encode())
+        for obj in self.code:
+            digest.update(inspect.getsource(obj).encode())
+        for array in self.sample():
+            digest.update(np.ascontiguousarray(array).tobytes())
+        return "sha256-" + digest.hexdigest()[:16]
+
+
+def shipped_metadata(recipe: Recipe) -> dict[str, str] | None:
+    """The shipped file's metadata, or None where there is no file."""
+    if not recipe.path.exists():
+        return None
+    with open(recipe.path, "rb") as handle:
+        header_size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(header_size))
+    return header.get("__metadata__", {})
+
+
+def obtain(recipe: Recipe, build: Callable[[], nn.Module], train: Callable[[], nn.Module]
+           ) -> tuple[nn.Module, dict[str, Any]]:
+    """The instrument in eval mode, and where it came from: the shipped file when it is current, else trained now."""
+    fingerprint = recipe.fingerprint()
+    metadata = shipped_metadata(recipe)
+    if metadata is None:
+        reason = f"{recipe.path.name} is not there"
+    elif metadata.get("fingerprint") != fingerprint:
+        reason = (f"{recipe.path.name} was trained from another recipe ({metadata.get('fingerprint')}, "
+                  f"now {fingerprint}); `make bench-instruments` rewrites it")
+    else:
+        model = build()
+        model.load_state_dict(load_file(recipe.path))
+        where = recipe.path.relative_to(HERE) if recipe.path.is_relative_to(HERE) else recipe.path
+        return model.eval(), {"source": "shipped", "file": str(where), "fingerprint": fingerprint,
+                              "head_when_trained": metadata.get("commit")}
+    print(f"{recipe.name}: training it in this run, since {reason}", file=sys.stderr, flush=True)
+    return train().eval(), {"source": "trained in this run", "why": reason, "fingerprint": fingerprint}
+
+
+def ship(recipe: Recipe, train: Callable[[], nn.Module]) -> Path:
+    """Trains the instrument and writes it under instruments/ with its recipe's fingerprint."""
+    started = time.perf_counter()
+    model = train()
+    INSTRUMENTS.mkdir(exist_ok=True)
+    state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+    save_file(state, recipe.path, metadata={
+        "fingerprint": recipe.fingerprint(), "settings": json.dumps(recipe.settings, sort_keys=True),
+        "commit": git_commit() or "unknown", "torch": torch.__version__,
+        "train_seconds": f"{time.perf_counter() - started:.1f}"})
+    return recipe.path
