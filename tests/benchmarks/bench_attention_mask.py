@@ -27,6 +27,7 @@ Writes tests/benchmarks/results/attention_mask.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import sys
@@ -189,8 +190,10 @@ def oracle_recipe(size: int, image_size: int, steps: int) -> Recipe:
     return Recipe("attention_oracle", {"train_scenes": size, "image_size": image_size, "steps": steps, "seed": SEED,
                                        "classes": list(DRAWABLE_CLASSES)},
                   (Segmenter, train_oracle, to_tensor),
-                  lambda: [array for i in range(16) for scene in [dataset("train", i, image_size)]
-                           for array in (scene.image, scene.label)])
+                  sample=lambda: [array for i in range(16) for scene in [dataset("train", i, image_size)]
+                                  for array in (scene.image, scene.label)],
+                  build=lambda: Segmenter(len(DRAWABLE_CLASSES)),
+                  train=functools.partial(train_oracle, size, image_size, steps))
 
 
 def train_oracle(size: int, image_size: int, steps: int) -> Segmenter:
@@ -278,7 +281,7 @@ def main() -> None:
     size = learned.native_size
     recipe = oracle_recipe(ORACLE_SCENES, size, args.segmenter_steps)
     if args.ship_oracle:
-        print(f"wrote {ship(recipe, lambda: train_oracle(ORACLE_SCENES, size, args.segmenter_steps))}")
+        print(f"wrote {ship(recipe)}")
         return
     generators = {"learned": learned,
                   "self_attention": MaskGenerator(learned.pipe, base.model_copy(update={"affinity": "self_attention"}),
@@ -294,8 +297,7 @@ def main() -> None:
     measured = val.scores(val.soft(weights), chosen)
     print(f"validation: {json.dumps(measured)}", file=sys.stderr, flush=True)
 
-    net, oracle_source = obtain(recipe, lambda: Segmenter(len(DRAWABLE_CLASSES)),
-                                lambda: train_oracle(ORACLE_SCENES, size, args.segmenter_steps))
+    net, oracle_source = obtain(recipe)
     tuned = gen.reconfigured(refine_beta=best["beta"], refine_iterations=best["iterations"], refine_cut=best["cut"],
                              refine_reference_threshold=best["reference_threshold"])
     generated = generated_vs_oracle(tuned, net, args.per_class, args.steps)

@@ -27,6 +27,7 @@ tests/benchmarks/results/generator_sampling.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing
 import re
@@ -141,7 +142,9 @@ def judge_recipe(size: int, image_size: int, steps: int, seed: int) -> Recipe:
                                       "classes": list(JUDGE_CLASSES), "backgrounds": list(DRAWABLE_BACKGROUNDS),
                                       "seed_tag": JUDGE_SEED_TAG, "empty_every": EMPTY_EVERY},
                   (Judge, train_judge, render_pool_single, _render_single, empty_scene, to_tensor),
-                  lambda: _render_single((seed, 0, 32, image_size))[:1])
+                  sample=lambda: _render_single((seed, 0, 32, image_size))[:1],
+                  build=lambda: Judge(len(JUDGE_CLASSES), len(DRAWABLE_BACKGROUNDS)),
+                  train=functools.partial(train_judge, size, image_size, steps, seed))
 
 
 def train_judge(size: int, image_size: int, steps: int, seed: int) -> Judge:
@@ -280,10 +283,9 @@ def main() -> None:
     size = pipe.default_size
     recipe = judge_recipe(args.judge_images, size, args.judge_steps, SEED)
     if args.ship_judge:
-        print(f"wrote {ship(recipe, lambda: train_judge(args.judge_images, size, args.judge_steps, SEED))}")
+        print(f"wrote {ship(recipe)}")
         return
-    judge, judge_source = obtain(recipe, lambda: Judge(len(JUDGE_CLASSES), len(DRAWABLE_BACKGROUNDS)),
-                                 lambda: train_judge(args.judge_images, size, args.judge_steps, SEED))
+    judge, judge_source = obtain(recipe)
     judge_stats = {**judge_accuracy(judge, size, SEED), "judge_steps": args.judge_steps,
                    "judge_train_images": args.judge_images, "judge": judge_source}
     print(f"judge: {judge_stats}", file=sys.stderr)

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -43,10 +44,12 @@ class Recipe:
     settings: dict[str, Any]  # sizes, steps, seed: JSON values
     code: tuple[Any, ...]  # the functions and classes whose source shapes the weights
     sample: Callable[[], Sequence[np.ndarray]]  # the first training inputs, as rendered today
+    build: Callable[[], nn.Module]  # the untrained net, to load the file into
+    train: Callable[[], nn.Module]  # trains it from scratch with `settings`
 
     @property
     def path(self) -> Path:
-        return INSTRUMENTS / f"{self.name}.safetensors"
+        return instrument_path(self.name)
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256(json.dumps(self.settings, sort_keys=True).encode())
@@ -57,40 +60,42 @@ class Recipe:
         return "sha256-" + digest.hexdigest()[:16]
 
 
-def shipped_metadata(recipe: Recipe) -> dict[str, str] | None:
+def instrument_path(name: str) -> Path:
+    return INSTRUMENTS / f"{name}.safetensors"
+
+
+def shipped_metadata(name: str) -> dict[str, str] | None:
     """The shipped file's metadata, or None where there is no file."""
-    if not recipe.path.exists():
+    path = instrument_path(name)
+    if not path.exists():
         return None
-    with open(recipe.path, "rb") as handle:
-        header_size = int.from_bytes(handle.read(8), "little")
-        header = json.loads(handle.read(header_size))
-    return header.get("__metadata__", {})
+    with safe_open(path, "pt") as handle:
+        return handle.metadata() or {}
 
 
-def obtain(recipe: Recipe, build: Callable[[], nn.Module], train: Callable[[], nn.Module]
-           ) -> tuple[nn.Module, dict[str, Any]]:
+def obtain(recipe: Recipe) -> tuple[nn.Module, dict[str, Any]]:
     """The instrument in eval mode, and where it came from: the shipped file when it is current, else trained now."""
     fingerprint = recipe.fingerprint()
-    metadata = shipped_metadata(recipe)
+    metadata = shipped_metadata(recipe.name)
     if metadata is None:
         reason = f"{recipe.path.name} is not there"
     elif metadata.get("fingerprint") != fingerprint:
         reason = (f"{recipe.path.name} was trained from another recipe ({metadata.get('fingerprint')}, "
                   f"now {fingerprint}); `make bench-instruments` rewrites it")
     else:
-        model = build()
+        model = recipe.build()
         model.load_state_dict(load_file(recipe.path))
         where = recipe.path.relative_to(HERE) if recipe.path.is_relative_to(HERE) else recipe.path
         return model.eval(), {"source": "shipped", "file": str(where), "fingerprint": fingerprint,
                               "head_when_trained": metadata.get("commit")}
     print(f"{recipe.name}: training it in this run, since {reason}", file=sys.stderr, flush=True)
-    return train().eval(), {"source": "trained in this run", "why": reason, "fingerprint": fingerprint}
+    return recipe.train().eval(), {"source": "trained in this run", "why": reason, "fingerprint": fingerprint}
 
 
-def ship(recipe: Recipe, train: Callable[[], nn.Module]) -> Path:
+def ship(recipe: Recipe) -> Path:
     """Trains the instrument and writes it under instruments/ with its recipe's fingerprint."""
     started = time.perf_counter()
-    model = train()
+    model = recipe.train()
     INSTRUMENTS.mkdir(exist_ok=True)
     state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
     save_file(state, recipe.path, metadata={

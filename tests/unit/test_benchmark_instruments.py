@@ -19,15 +19,10 @@ from bench_generator import judge_recipe  # noqa: E402
 from instruments import Recipe, obtain, ship, shipped_metadata  # noqa: E402
 
 
-def _stored_settings(recipe_name: str) -> dict:
-    metadata = shipped_metadata(Recipe(recipe_name, {}, (), lambda: []))
-    assert metadata is not None, f"instruments/{recipe_name}.safetensors is missing: run `make bench-instruments`"
-    return metadata
-
-
 @pytest.mark.parametrize("name", ["generator_judge", "attention_oracle"])
 def test_each_shipped_instrument_is_what_today_s_code_and_world_train(name: str) -> None:
-    metadata = _stored_settings(name)
+    metadata = shipped_metadata(name)
+    assert metadata is not None, f"instruments/{name}.safetensors is missing: run `make bench-instruments`"
     settings = json.loads(metadata["settings"])
     if name == "generator_judge":
         recipe = judge_recipe(settings["train_images"], settings["image_size"], settings["steps"], settings["seed"])
@@ -43,29 +38,27 @@ def _toy(seed: int) -> nn.Module:
     return nn.Linear(3, 2)
 
 
-def _toy_recipe(steps: int) -> Recipe:
-    def sample() -> list[np.ndarray]:
-        return [np.arange(6, dtype=np.uint8)]
-    return Recipe("toy", {"steps": steps}, (_toy,), sample)
-
-
 def test_a_current_file_is_loaded_and_any_change_of_recipe_trains_in_the_run(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(instruments, "INSTRUMENTS", tmp_path)
     trained = []
 
-    def train(seed: int) -> nn.Module:
-        trained.append(seed)
-        return _toy(seed)
+    def recipe(steps: int, training_seed: int) -> Recipe:
+        """A toy instrument whose `steps` setting is its recipe; each training is told apart by its seed."""
+        def train() -> nn.Module:
+            trained.append(training_seed)
+            return _toy(training_seed)
+        return Recipe("toy", {"steps": steps}, (_toy,), lambda: [np.arange(6, dtype=np.uint8)],
+                      build=lambda: _toy(99), train=train)
 
-    model, source = obtain(_toy_recipe(1), lambda: _toy(99), lambda: train(0))
+    model, source = obtain(recipe(1, 0))
     assert source["source"] == "trained in this run" and "not there" in source["why"] and trained == [0]
 
-    ship(_toy_recipe(1), lambda: train(1))
-    model, source = obtain(_toy_recipe(1), lambda: _toy(99), lambda: train(2))
-    assert source["source"] == "shipped" and source["fingerprint"] == _toy_recipe(1).fingerprint()
+    ship(recipe(1, 1))
+    model, source = obtain(recipe(1, 2))
+    assert source["source"] == "shipped" and source["fingerprint"] == recipe(1, 2).fingerprint()
     assert trained == [0, 1] and not model.training
     assert torch.equal(model.weight, _toy(1).weight)  # the shipped weights, not the freshly built ones
 
-    model, source = obtain(_toy_recipe(2), lambda: _toy(99), lambda: train(3))
+    model, source = obtain(recipe(2, 3))
     assert source["source"] == "trained in this run" and "another recipe" in source["why"]
     assert trained == [0, 1, 3] and torch.equal(model.weight, _toy(3).weight)
