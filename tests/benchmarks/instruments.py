@@ -1,8 +1,8 @@
 """The benchmarks' measuring instruments: small nets trained on rendered scenes, shipped beside the benchmarks.
 
 The generator benchmark's judge and the attention-mask benchmark's oracle segmenter are trained from a
-step count and a seed, so every training of one gives the same weights. Training them again in every
-run cost about six of `make bench`'s minutes on 2 cores, so each ships as safetensors under
+step count and a seed, so every training of one gives the same weights. Training them again cost
+about five minutes of every `make bench` pass on 2 cores, so each ships as safetensors under
 `instruments/`, and `make bench-instruments` retrains and rewrites them.
 
 A shipped file is used only while it is what the benchmark would train now. Its metadata holds a
@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -98,8 +99,11 @@ def ship(recipe: Recipe) -> Path:
     model = recipe.train()
     INSTRUMENTS.mkdir(exist_ok=True)
     state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
-    save_file(state, recipe.path, metadata={
+    # written beside it, then renamed: an interrupted write never leaves a half file under the shipped name
+    partial = recipe.path.with_suffix(".partial")
+    save_file(state, partial, metadata={
         "fingerprint": recipe.fingerprint(), "settings": json.dumps(recipe.settings, sort_keys=True),
         "commit": git_commit() or "unknown", "torch": torch.__version__,
         "train_seconds": f"{time.perf_counter() - started:.1f}"})
+    os.replace(partial, recipe.path)
     return recipe.path

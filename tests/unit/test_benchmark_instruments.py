@@ -54,6 +54,7 @@ def test_a_current_file_is_loaded_and_any_change_of_recipe_trains_in_the_run(tmp
     assert source["source"] == "trained in this run" and "not there" in source["why"] and trained == [0]
 
     ship(recipe(1, 1))
+    assert [path.name for path in tmp_path.iterdir()] == ["toy.safetensors"]  # no partial file left beside it
     model, source = obtain(recipe(1, 2))
     assert source["source"] == "shipped" and source["fingerprint"] == recipe(1, 2).fingerprint()
     assert trained == [0, 1] and not model.training
