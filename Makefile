@@ -56,7 +56,7 @@ bench-gpu: $(INSTALLED) $(PROTO_STAMP)
 	$(PY) tests/benchmarks/bench_gpu.py --compile
 	$(PY) tests/benchmarks/bench_placement.py --target embedded-gpu
 
-## bench-instruments: retrain the benchmarks' shipped judge and oracle segmenter (seeded; 6 minutes on 2 cores), after
+## bench-instruments: retrain the benchmarks' shipped judge and oracle segmenter (seeded; 5 minutes on 2 cores), after
 ## a change to their code or to the world's rendering (tests/unit/test_benchmark_instruments.py says when)
 bench-instruments: $(INSTALLED) $(PROTO_STAMP)
 	$(PY) tests/benchmarks/bench_generator.py --ship-judge
