@@ -39,7 +39,7 @@ bench: $(INSTALLED) $(PROTO_STAMP) $(TRITON_FOPA)
 	$(PY) tests/benchmarks/bench_pipeline.py
 	$(PY) tests/benchmarks/bench_evaluation.py
 
-## bench-sweep: the generator's sampling study (guidance x eta, 19 minutes on 2 cores; results/generator_sampling.json),
+## bench-sweep: the generator's sampling study (guidance x eta, 12 minutes on 2 cores; results/generator_sampling.json),
 ## kept out of `bench` so that the suite fits an hour on 2 cores
 bench-sweep: $(INSTALLED) $(PROTO_STAMP)
 	$(PY) tests/benchmarks/bench_generator.py --sampling-sweep
